@@ -1,0 +1,1 @@
+"""The `slimkit` command line (typer). Technique packages add subcommands via `<pkg>/cli.py`."""

@@ -1,0 +1,54 @@
+"""Helpers shared by CLI commands: resolving model and data references, printing, errors.
+
+Technique packages add their own subcommands in `slimkit/<pkg>/cli.py` with a function
+`register(app: typer.Typer)`; `slimkit.cli.main` discovers them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from rich.console import Console
+
+from slimkit.core.task import Task
+from slimkit.errors import ModelError
+
+console = Console()
+
+
+def load_task(ref: str) -> Task:
+    """`digits`, `mnist:DIR`, `npz:FILE`, `imagefolder:DIR`."""
+    from slimkit.data import resolve
+
+    return resolve(ref)
+
+
+def load_model(ref: str, *, weights: str | None = None, task: Task | None = None) -> nn.Module:
+    """A model reference: `zoo:NAME`, a saved slimkit artifact (file path), or
+    `package.module:factory` together with `weights` (a safetensors file)."""
+    from slimkit import zoo
+    from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
+
+    if ref.startswith("zoo:"):
+        name = ref[4:]
+        model = zoo.for_task(name, task) if task is not None and name in zoo.ZOO else zoo.build(name)
+        if weights:
+            load_weights(model, read_tensors(weights), origin=weights)
+        return model
+    path = Path(ref)
+    if path.suffix in (".safetensors", ".slim") or path.exists():
+        if weights:
+            raise ModelError("--weights goes with a factory reference (package.module:function), not a saved model")
+        return load(path)
+    if ":" in ref:
+        if not weights:
+            raise ModelError(f"factory reference {ref!r} needs --weights FILE.safetensors")
+        return load_factory_weights(ref, weights)
+    raise ModelError(f"cannot resolve model {ref!r}: use zoo:NAME, a saved .safetensors model, "
+                     "or package.module:factory with --weights")
+
+
+def print_json(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))

@@ -1,0 +1,190 @@
+"""`slimkit` CLI entry point: core commands plus every technique package's `cli.register(app)`.
+
+Any `SlimkitError` is printed as one line (`error: ...`) without a traceback, exit code 2.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slimkit.cli.common import console, load_model, load_task
+from slimkit.errors import SlimkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slimkit: make PyTorch models smaller and faster, and measure what it cost.")
+
+ModelArg = typer.Argument(..., help="zoo:NAME, a saved .safetensors/.slim model, or package.module:factory")
+DataOpt = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR")
+WeightsOpt = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model")
+
+
+@app.command()
+def train(
+    model: str = ModelArg,
+    data: str = DataOpt,
+    weights: Optional[str] = WeightsOpt,
+    epochs: int = typer.Option(20, help="training epochs"),
+    lr: float = typer.Option(2e-3, help="learning rate"),
+    optimizer: str = typer.Option("adam", help="adam | adamw | sgd"),
+    patience: Optional[int] = typer.Option(None, help="early-stopping patience in epochs (off by default)"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    out: Path = typer.Option(Path("slimkit-out/model.safetensors"), "--out", "-o", help="where to save the trained model"),
+) -> None:
+    """Train a model on a data set and save it (safetensors + manifest)."""
+    from slimkit.core.artifact import save
+    from slimkit.core.trainer import TrainConfig, fit
+    from slimkit.evaluate.metrics import predict, topk_accuracy
+
+    task = load_task(data)
+    net = load_model(model, weights=weights, task=task)
+    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
+    result = fit(net, task, cfg)
+    acc = topk_accuracy(*predict(result.model, task, "test"))["top1"]
+    save(result.model, out)
+    console.print(f"test accuracy {100 * acc:.2f}%  saved {out} ({out.stat().st_size:,} bytes)")
+
+
+@app.command()
+def evaluate(
+    model: str = ModelArg,
+    data: str = DataOpt,
+    weights: Optional[str] = WeightsOpt,
+    runtime: list[str] = typer.Option(["torch", "ort"], help="runtimes to time: torch, ort"),
+    threads: int = typer.Option(1, help="threads for latency"),
+    batch_size: list[int] = typer.Option([1, 64], help="batch sizes for latency"),
+    split: str = typer.Option("test", help="data split to score"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON"),
+) -> None:
+    """Accuracy, parameters, MACs, bytes on disk and latency of a model."""
+    from slimkit.core.io import write_text
+    from slimkit.evaluate import evaluate as run_evaluate
+
+    task = load_task(data)
+    net = load_model(model, weights=weights, task=task)
+    artifact = model if Path(model).is_file() else None
+    metrics = run_evaluate(net, task, split=split, artifact=artifact, runtimes=runtime, threads=threads,
+                           batch_sizes=batch_size)
+    console.print(f"[bold]{model}[/bold] on {task.name} ({split})")
+    console.print(str(metrics), markup=False, highlight=False)
+    if json_out:
+        import json
+
+        write_text(json_out, json.dumps(metrics.to_dict(), indent=2))
+
+
+@app.command("list")
+def list_(
+    layers: Optional[str] = typer.Option(None, "--layers", help="print the layers of this model reference"),
+) -> None:
+    """Techniques, zoo models and data sets (from the registries)."""
+    from rich.table import Table
+
+    from slimkit import zoo
+    from slimkit.core import registry
+    from slimkit.data import DATASETS
+
+    if layers:
+        net = load_model(layers)
+        for name, module in net.named_modules():
+            if name and not list(module.children()):
+                n = sum(p.numel() for p in module.parameters(recurse=False))
+                console.print(f"{name:<40} {type(module).__name__:<24} {n:>10,}", markup=False, highlight=False)
+        return
+    t = Table(title="techniques")
+    for col in ("name", "family", "config", "summary"):
+        t.add_column(col)
+    for tech in registry.techniques():
+        t.add_row(tech.name, tech.family, tech.config_cls.__name__, tech.summary)
+    console.print(t)
+    z = Table(title="zoo models (zoo:NAME)")
+    z.add_column("name")
+    z.add_column("summary")
+    for entry in zoo.ZOO.values():
+        z.add_row(entry.name, entry.summary)
+    console.print(z)
+    d = Table(title="data sets (--data)")
+    d.add_column("reference")
+    d.add_column("summary")
+    for ref, summary in DATASETS.items():
+        d.add_row(ref, summary)
+    console.print(d)
+
+
+@app.command()
+def env() -> None:
+    """Versions, threads and devices: what a bug report needs."""
+    import platform
+
+    import torch
+
+    import slimkit
+
+    rows = {"slimkit": slimkit.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch threads": torch.get_num_threads(),
+            "cuda available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        rows["cuda device"] = torch.cuda.get_device_name(0)
+    for pkg in ("onnx", "onnxruntime", "torchao", "torch_pruning", "tensorly", "optuna", "safetensors"):
+        try:
+            rows[pkg] = importlib.import_module(pkg).__version__
+        except Exception:  # optional or broken install: report, do not fail
+            rows[pkg] = "not installed"
+    for k, v in rows.items():
+        console.print(f"{k:<16} {v}", markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="output folder"),
+    epochs: int = typer.Option(30, help="epochs for the baseline LeNet-5"),
+    only: Optional[list[str]] = typer.Option(None, help="run only these techniques"),
+) -> None:
+    """Train LeNet-5 on digits, run every registered technique, write report.html and result.json."""
+    from slimkit.pipeline.demo import run_demo
+
+    result = run_demo(out, epochs=epochs, only=only)
+    console.print(f"wrote {out / 'report.html'} and {out / 'result.json'} ({len(result['stages'])} stages)")
+
+
+def _register_technique_commands() -> None:
+    import slimkit
+
+    for info in pkgutil.iter_modules(slimkit.__path__):
+        if info.ispkg and importlib.util.find_spec(f"slimkit.{info.name}.cli") is not None and info.name != "cli":
+            module = importlib.import_module(f"slimkit.{info.name}.cli")
+            if hasattr(module, "register"):
+                module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _register_technique_commands()
+        app(args=argv, standalone_mode=False)
+    except SlimkitError as err:
+        console.file = sys.stderr
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except typer.Exit as err:
+        return err.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as err:  # click usage errors
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

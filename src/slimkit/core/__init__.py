@@ -1,0 +1,1 @@
+"""Shared machinery: configs, registry, selector, task, trainer, model state."""

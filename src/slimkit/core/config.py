@@ -1,0 +1,95 @@
+"""Config base class: typed, defaulted, validated on construction, unknown keys rejected.
+
+Every technique config subclasses `Config`. A recipe file and a Python call build the same
+objects, so configs round-trip through dicts, JSON and YAML.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from slimkit.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+def format_validation_error(cls_name: str, err: pydantic.ValidationError) -> str:
+    """One readable line per problem: `<Config>.<key>: <what is wrong>`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{cls_name}.{loc}: {msg}")
+    return "; ".join(parts)
+
+
+class Config(BaseModel):
+    """Base of all slimkit configs (pydantic, `extra="forbid"`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    #: registry name of the technique this config drives (set by technique configs)
+    technique: ClassVar[str | None] = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as err:
+            raise ConfigError(format_validation_error(type(self).__name__, err)) from None
+
+    # -- serialization -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of keys, got {type(data).__name__}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{cls.__name__}: invalid JSON ({err})") from None
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls: type[C], text: str) -> C:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{cls.__name__}: invalid YAML ({err})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls: type[C], path: str | Path) -> C:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                return cls.from_json(text)
+            return cls.from_yaml(text)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,102 @@
+"""The technique registry.
+
+Each technique registers itself from its own folder (`slimkit/<family>/apply.py` calls
+`register(...)` at import). `load_all()` imports every `slimkit.<pkg>.apply` module it finds,
+so adding a technique touches nothing central. The CLI, the demo and recipes list techniques
+from here.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from slimkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from slimkit.core.config import Config
+    from slimkit.core.task import Task
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One registered technique.
+
+    apply(model, config, task=None, **kw) -> new model (the input is never mutated).
+    restore(model, config, structure) -> model with the structure the technique produced,
+        weights not yet loaded; used by `slimkit.load` to rebuild a saved model. None when the
+        technique does not change module structure (only weight values).
+    demo(model, task) -> config or None: the config the demo runs (None: not part of the demo).
+    write_artifact(model, directory, task) -> path of the deployable file this technique's result is
+        measured by (default: slimkit.save's safetensors file).
+    runtime: which runtime its result runs on for latency ("torch" or "ort").
+    """
+
+    name: str
+    family: str
+    config_cls: type[Config]
+    apply: Callable[..., nn.Module]
+    summary: str
+    restore: Callable[..., nn.Module] | None = None
+    demo: Callable[[nn.Module, Task], Config | None] | None = None
+    write_artifact: Callable[..., Any] | None = None
+    runtime: str = "torch"
+    order: int = 50  # position in the demo (lower runs first)
+
+
+_REGISTRY: dict[str, Technique] = {}
+_LOADED = False
+
+
+def register(technique: Technique) -> Technique:
+    existing = _REGISTRY.get(technique.name)
+    if existing is not None and existing.apply is not technique.apply:
+        raise ValueError(f"technique {technique.name!r} registered twice")
+    _REGISTRY[technique.name] = technique
+    return technique
+
+
+def load_all() -> None:
+    """Import every `slimkit.<pkg>.apply` module so all techniques are registered."""
+    global _LOADED
+    if _LOADED:
+        return
+    import slimkit
+
+    for info in pkgutil.iter_modules(slimkit.__path__):
+        if not info.ispkg:
+            continue
+        spec = importlib.util.find_spec(f"slimkit.{info.name}.apply")
+        if spec is not None:
+            importlib.import_module(f"slimkit.{info.name}.apply")
+    _LOADED = True
+
+
+def techniques() -> list[Technique]:
+    load_all()
+    return sorted(_REGISTRY.values(), key=lambda t: (t.order, t.name))
+
+
+def get(name: str) -> Technique:
+    load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
+        raise ConfigError(f"unknown technique {name!r}; known techniques: {known}") from None
+
+
+def for_config(config: Config) -> Technique:
+    load_all()
+    for t in _REGISTRY.values():
+        if type(config) is t.config_cls:
+            return t
+    raise ConfigError(f"no technique is registered for config type {type(config).__name__}")
+
+
+def apply(model: nn.Module, config: Config, *, task: Task | None = None, **kwargs: Any) -> nn.Module:
+    """Apply the technique the config's type belongs to; returns a new model."""
+    return for_config(config).apply(model, config, task=task, **kwargs)

@@ -1,0 +1,50 @@
+"""What was done to a model: its architecture source and the stages applied to it.
+
+Recorded on the module as the attribute `slimkit_state` (a plain dict, JSON-serializable), so
+`slimkit.save` can write it into the manifest and `slimkit.load` can rebuild the architecture
+from the original source plus every stage's `restore`, then load the weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+
+import slimkit
+
+ATTR = "slimkit_state"
+
+
+def get_state(model: nn.Module) -> dict[str, Any]:
+    state = getattr(model, ATTR, None)
+    if state is None:
+        state = {"source": None, "stages": []}
+        object.__setattr__(model, ATTR, state)
+    return state
+
+
+def set_source(model: nn.Module, kind: str, ref: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Record where the architecture comes from: kind 'zoo' (ref = name) or 'factory' (ref = 'pkg.mod:fn')."""
+    get_state(model)["source"] = {"kind": kind, "ref": ref, "kwargs": dict(kwargs or {})}
+    return model
+
+
+def record_stage(model: nn.Module, technique: str, config: Any, structure: dict[str, Any] | None = None) -> nn.Module:
+    """Append a stage record. `structure` holds what `restore` needs (JSON-serializable)."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    get_state(model)["stages"].append(
+        {"technique": technique, "config": cfg, "structure": structure or {}, "version": slimkit.__version__}
+    )
+    return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """Deep copy with its state (techniques never mutate their input)."""
+    new = copy.deepcopy(model)
+    object.__setattr__(new, ATTR, copy.deepcopy(get_state(model)))
+    return new
+
+
+def stages(model: nn.Module) -> list[dict[str, Any]]:
+    return list(get_state(model)["stages"])

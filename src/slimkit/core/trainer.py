@@ -1,0 +1,212 @@
+"""The one shared trainer: fine-tuning, distillation, QAT and NAS candidates all run through it.
+
+    model = slimkit.train(model, task, epochs=10)
+
+Optimizer and LR schedule, early stopping on validation, seed control, a progress bar, CUDA
+when available. Techniques customize it through `loss` (e.g. distillation), `extra_parameters`
+(e.g. adapters), and hooks (`on_step`, `on_epoch` — e.g. pruning masks and schedules).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from slimkit.core.config import Config
+from slimkit.core.progress import progress_bar
+from slimkit.core.task import Task
+from slimkit.errors import DataError
+
+
+class TrainConfig(Config):
+    """How to train. `patience` enables early stopping on validation accuracy (None: off)."""
+
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    batch_size: int | None = Field(None, gt=0)
+    patience: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    grad_clip: float | None = Field(None, gt=0)
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def move_batch(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return batch
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, task: Task, split: str = "val", device: torch.device | None = None) -> float:
+    """Top-1 accuracy (fraction) of `model` on a split; keeps the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = total = 0
+    for x, y in task.loader(split, batch_size=256):
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise DataError(f"data set {task.name!r}: split {split!r} is empty")
+    return correct / total
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig | None = None,
+    *,
+    loss: LossFn | None = None,
+    extra_parameters: list[nn.Parameter] | None = None,
+    on_step: Callable[[nn.Module, int], None] | None = None,
+    on_epoch: Callable[[nn.Module, int], None] | None = None,
+    description: str = "train",
+    progress: bool = True,
+    in_place: bool = False,
+) -> TrainResult:
+    """Train `model` on `task.train`; returns a TrainResult with the (new) trained model.
+
+    loss(model, x, y) -> scalar overrides the task loss (used by distillation). on_step(model, step)
+    runs after every optimizer step, on_epoch(model, epoch) after every epoch (used by pruning
+    schedules and masks). With `patience`, the weights of the best validation epoch are kept.
+    The model is returned on the device it came from.
+    """
+    cfg = config or TrainConfig()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    src_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if not in_place:
+        from slimkit.core.state import copy_model
+
+        model = copy_model(model)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters or [])
+    if not params:
+        raise DataError("nothing to train: the model has no trainable parameters")
+    optimizer = _make_optimizer(params, cfg)
+    loader = task.loader("train", batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1))))
+    elif cfg.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
+    else:
+        scheduler = None
+
+    def default_loss(m, x, y):
+        return task.loss(m(x), y)
+
+    loss_fn = loss or default_loss
+    history: list[dict[str, float]] = []
+    has_val = task.val is not None and task.metric == "accuracy"
+    best_acc, best_state, best_epoch, bad_epochs = -1.0, None, None, 0
+    step = 0
+    with progress_bar(description, total_steps if progress else 0) as advance:
+        for epoch in range(cfg.epochs):
+            model.train()
+            running, count = 0.0, 0
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                x, y = move_batch(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                value = loss_fn(model, x, y)
+                if not torch.isfinite(value):
+                    raise DataError(f"{description}: loss became {value.item()} at step {step}; lower the learning rate")
+                value.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                running += value.item() * len(y)
+                count += len(y)
+                if on_step is not None:
+                    on_step(model, step)
+                advance(1, epoch=epoch + 1, loss=running / count)
+            if on_epoch is not None:
+                on_epoch(model, epoch)
+            record = {"epoch": epoch + 1, "train_loss": running / max(count, 1)}
+            if has_val:
+                record["val_accuracy"] = accuracy(model, task, "val", device)
+                if record["val_accuracy"] > best_acc:
+                    best_acc, best_epoch, bad_epochs = record["val_accuracy"], epoch + 1, 0
+                    if cfg.patience is not None:
+                        best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+            history.append(record)
+            if cfg.patience is not None and bad_epochs >= cfg.patience:
+                break
+            if step >= total_steps:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    model.to(src_device)
+    return TrainResult(model=model, history=history, best_epoch=best_epoch)
+
+
+def train(model: nn.Module, task: Task, config: TrainConfig | None = None, **kwargs) -> nn.Module:
+    """Train and return a new model. Keyword arguments are TrainConfig fields.
+
+        model = slimkit.train(model, task, epochs=10, lr=1e-3)
+    """
+    if config is None:
+        config = TrainConfig(**kwargs)
+    elif kwargs:
+        config = TrainConfig(**{**config.to_dict(), **kwargs})
+    return fit(model, task, config).model

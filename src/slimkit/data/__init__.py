@@ -1,0 +1,13 @@
+"""Data sets as `Task`s: digits (embedded default), mnist (IDX files), npz, imagefolder,
+natural images (for fidelity checks of ImageNet models). Nothing here downloads."""
+from slimkit.data.loaders import digits, imagefolder, mnist, npz, resolve
+from slimkit.data.natural import natural_images
+
+DATASETS = {
+    "digits": "scikit-learn's 1,797 real 8x8 handwritten digits, stratified 60/20/20 split (embedded)",
+    "mnist:DIR": "MNIST-format IDX files (train-images-idx3-ubyte[.gz] ...) in DIR",
+    "npz:FILE": "arrays x, y (optional x_val, y_val, x_test, y_test) in a .npz file",
+    "imagefolder:DIR": "one sub-folder per class of PNG/JPEG images (optional train/ val/ test/ splits)",
+}
+
+__all__ = ["digits", "mnist", "npz", "imagefolder", "natural_images", "resolve", "DATASETS"]

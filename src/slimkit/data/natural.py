@@ -1,0 +1,77 @@
+"""Natural-image crops from the photographs that ship with scikit-image and scikit-learn.
+
+Used to measure the fidelity of ImageNet models (EfficientNet-Lite0) after compression, offline.
+No labels: the reference model's own predictions are the target (top-1 agreement).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slimkit.errors import MissingDependencyError
+
+_SKIMAGE_RGB = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "motorcycle_left",
+                "motorcycle_right", "hubble_deep_field", "colorwheel", "logo", "cat"]
+_SKIMAGE_GRAY = ["camera", "coins", "moon", "page", "text", "horse", "clock", "brick", "grass", "gravel",
+                 "rough_wall", "cell", "microaneurysms", "eagle"]
+
+
+def source_images() -> list[tuple[str, np.ndarray]]:
+    """All shipped photographs as (name, HxWx3 uint8) arrays."""
+    images = []
+    try:
+        from sklearn.datasets import load_sample_images
+
+        for name, img in zip(("china", "flower"), load_sample_images().images):
+            images.append((f"sklearn.{name}", np.asarray(img)))
+    except ImportError as err:
+        raise MissingDependencyError(f"natural images need scikit-learn: {err}") from None
+    try:
+        import skimage.data as skd
+    except ImportError:
+        return images
+    for name in _SKIMAGE_RGB + _SKIMAGE_GRAY:
+        fn = getattr(skd, name, None)
+        if fn is None:
+            continue
+        try:
+            img = np.asarray(fn())
+        except Exception:  # an image missing from this skimage build (some are fetched on demand)
+            continue
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        if img.ndim != 3 or img.shape[2] < 3 or min(img.shape[:2]) < 64:
+            continue
+        img = img[..., :3]
+        if img.dtype != np.uint8:
+            img = img.astype(np.float64)
+            img = (255 * (img - img.min()) / max(float(np.ptp(img)), 1e-8)).astype(np.uint8)
+        images.append((f"skimage.{name}", img))
+    return images
+
+
+def natural_images(n: int = 256, *, size: int = 224, seed: int = 0,
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+    """`n` random square crops (random scale 0.2-1 of the short side, random flips), resized to
+    `size`, normalized with ImageNet statistics. Different seeds give disjoint-ish sets; use
+    separate seeds for calibration and evaluation."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    sources = source_images()
+    out = torch.empty(n, 3, size, size)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    for i in range(n):
+        _, img = sources[int(rng.integers(len(sources)))]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.2, 1.0))
+        side = max(side, 32)
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        crop = torch.tensor(img[top:top + side, left:left + side], dtype=torch.float32).permute(2, 0, 1) / 255.0
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        out[i] = (crop - m) / s
+    return out

@@ -1,0 +1,14 @@
+"""Measurement: accuracy, fidelity, parameters, MACs, bytes on disk, latency on a named runtime."""
+from slimkit.evaluate.latency import measure_latency, ort_latency, torch_latency
+from slimkit.evaluate.metrics import (
+    Metrics,
+    count_macs,
+    count_params,
+    evaluate,
+    fidelity,
+    predict,
+    topk_accuracy,
+)
+
+__all__ = ["Metrics", "evaluate", "fidelity", "predict", "topk_accuracy", "count_params", "count_macs",
+           "measure_latency", "torch_latency", "ort_latency"]

@@ -1,0 +1,155 @@
+"""Self-contained HTML report: summary, stage table, accuracy-vs-size and accuracy-vs-latency
+plots (PNG embedded as base64), extra sections, environment. No external assets or scripts."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from slimkit.core.io import write_text
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem;width:100%}
+th,td{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:right;vertical-align:top}
+th{background:#f4f6f8} td.l,th.l{text-align:left}
+.err{color:#b00020} .sim{color:#8a6d00} .good{color:#0a7d32} .bad{color:#b00020}
+.plots{display:flex;flex-wrap:wrap;gap:1rem} .plots img{max-width:580px;width:100%;border:1px solid #eee}
+.card{background:#f8f9fb;border:1px solid #e3e6ea;border-radius:6px;padding:.8rem 1rem;margin:1rem 0}
+code,pre{background:#f4f6f8;padding:.1rem .3rem;border-radius:3px;font-size:.85rem}
+pre{padding:.6rem;overflow-x:auto}
+"""
+
+
+def _fmt_int(v) -> str:
+    return "" if v is None else f"{int(v):,}"
+
+
+def _latency(metrics: dict, runtime: str, batch: int) -> float | None:
+    for row in metrics.get("latency", []) or []:
+        if row["runtime"].startswith(runtime) and row["batch_size"] == batch:
+            return row["median_ms"]
+    return None
+
+
+def figure_png(fig) -> str:
+    """Render a matplotlib figure to a base64 PNG data URI."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _scatter(stages: list[dict], x_of, xlabel: str, title: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for s in stages:
+        m = s.get("metrics") or {}
+        acc = m.get("accuracy")
+        if acc is None and m.get("fidelity"):
+            acc = m["fidelity"].get("top1_agreement") or m["fidelity"].get("cosine_mean")
+        x = x_of(m)
+        if acc is not None and x:
+            points.append((x, 100 * acc, s["name"], s.get("simulated")))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x, y, name, simulated in points:
+        ax.scatter([x], [y], s=50, marker="x" if simulated else "o")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy / agreement (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return figure_png(fig)
+
+
+def stage_table(stages: list[dict]) -> str:
+    base = stages[0]["metrics"] if stages else {}
+    base_size = base.get("size_bytes")
+    base_acc = base.get("accuracy")
+    head = ("<tr><th class=l>stage</th><th>accuracy</th><th>&Delta; pts</th><th>params (non-zero)</th><th>MACs</th>"
+            "<th>bytes on disk</th><th>&times; smaller</th><th>torch ms b1</th><th>torch ms b64</th>"
+            "<th>ORT ms b1</th><th>ORT ms b64</th><th class=l>artifact / notes</th></tr>")
+    rows = [head]
+    for s in stages:
+        m = s.get("metrics") or {}
+        acc = m.get("accuracy")
+        delta = "" if acc is None or base_acc is None else f"{100 * (acc - base_acc):+.2f}"
+        size = m.get("size_bytes")
+        ratio = f"{base_size / size:.1f}" if size and base_size else ""
+        lat = [_latency(m, rt, b) for rt, b in (("torch", 1), ("torch", 64), ("onnxruntime", 1), ("onnxruntime", 64))]
+        notes = [html.escape(n) for n in s.get("notes", [])]
+        if s.get("simulated"):
+            notes.insert(0, "<span class=sim>simulated: not a real speed/size result</span>")
+        if s.get("error"):
+            notes.insert(0, f"<span class=err>failed: {html.escape(s['error'])}</span>")
+        art = html.escape(Path(s["artifact"]).name) if s.get("artifact") else ""
+        fid = m.get("fidelity") or {}
+        acc_txt = "" if acc is None else f"{100 * acc:.2f}%"
+        if not acc_txt and fid:
+            acc_txt = ", ".join(f"{k} {v:.4f}" for k, v in fid.items())
+        rows.append(
+            f"<tr><td class=l><b>{html.escape(s['name'])}</b><br><small>{html.escape(s.get('technique') or '')}</small></td>"
+            f"<td>{acc_txt}</td><td>{delta}</td>"
+            f"<td>{_fmt_int(m.get('params'))}<br><small>({_fmt_int(m.get('nonzero_params'))})</small></td>"
+            f"<td>{_fmt_int(m.get('macs'))}</td><td>{_fmt_int(size)}</td><td>{ratio}</td>"
+            + "".join(f"<td>{'' if v is None else f'{v:.3f}'}</td>" for v in lat)
+            + f"<td class=l>{art}<br><small>{'<br>'.join(notes)}</small></td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _section(name: str, content: Any) -> str:
+    if isinstance(content, dict) and "html" in content:
+        body = content["html"]  # already-rendered, trusted HTML produced by slimkit itself
+    else:
+        import json
+
+        body = f"<pre>{html.escape(json.dumps(content, indent=2, default=str))}</pre>"
+    return f"<h2>{html.escape(name)}</h2>{body}"
+
+
+def render_html(result: dict[str, Any]) -> str:
+    stages = result.get("stages", [])
+    ok = [s for s in stages if not s.get("error")]
+    size_plot = _scatter(ok, lambda m: m.get("size_bytes"), "bytes on disk (log)", "accuracy vs size")
+    lat_plot = _scatter(ok, lambda m: _latency(m, "onnxruntime", 64) or _latency(m, "torch", 64),
+                        "latency ms, batch 64, 1 thread (log; ORT where measured, else torch)", "accuracy vs latency")
+    plots = "".join(f'<img alt="plot" src="{p}">' for p in (size_plot, lat_plot) if p)
+    env = result.get("environment", {})
+    env_rows = "".join(f"<tr><td class=l>{html.escape(str(k))}</td><td class=l>{html.escape(str(v))}</td></tr>"
+                       for k, v in env.items())
+    model, data = result.get("model", {}), result.get("data", {})
+    sections = "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
+    title = f"slimkit report: {html.escape(str(model.get('name', 'model')))} on {html.escape(str(data.get('name', 'data')))}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
+<body>
+<h1>{title}</h1>
+<p class=sub>created {html.escape(str(result.get('created', '')))} &middot; schema {html.escape(str(result.get('schema', '')))}</p>
+<div class=card>Sizes are bytes of the file each stage actually wrote. Latencies are medians after warm-up on the
+named runtime and thread count. Stages marked <span class=sim>simulated</span> only emulate a format on this CPU and
+claim no size or speed.</div>
+<h2>Stages</h2>
+{stage_table(stages)}
+<h2>Trade-offs</h2>
+<div class=plots>{plots or '<p>no plottable stages</p>'}</div>
+{sections}
+<h2>Environment</h2>
+<table>{env_rows}</table>
+</body></html>
+"""
+
+
+def write_html(result: dict[str, Any], path: str | Path) -> Path:
+    return write_text(path, render_html(result))
