@@ -35,6 +35,7 @@ def train(
     patience: Optional[int] = typer.Option(None, help="early-stopping patience in epochs (off by default)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as YAML/JSON (overrides the options above)"),
     out: Path = typer.Option(Path("slimkit-out/model.safetensors"), "--out", "-o", help="where to save the trained model"),
 ) -> None:
     """Train a model on a data set and save it (safetensors + manifest)."""
@@ -42,9 +43,12 @@ def train(
     from slimkit.core.trainer import TrainConfig, fit
     from slimkit.evaluate.metrics import predict, topk_accuracy
 
+    if config is not None:
+        cfg = TrainConfig.from_file(config)
+    else:
+        cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
     task = load_task(data)
     net = load_model(model, weights=weights, task=task)
-    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
     result = fit(net, task, cfg)
     acc = topk_accuracy(*predict(result.model, task, "test"))["top1"]
     save(result.model, out)
@@ -71,8 +75,8 @@ def evaluate(
     artifact = model if Path(model).is_file() else None
     metrics = run_evaluate(net, task, split=split, artifact=artifact, runtimes=runtime, threads=threads,
                            batch_sizes=batch_size)
-    console.print(f"[bold]{model}[/bold] on {task.name} ({split})")
-    console.print(str(metrics), markup=False, highlight=False)
+    print(f"{model} on {task.name} ({split})")
+    print(metrics)
     if json_out:
         import json
 
@@ -95,7 +99,7 @@ def list_(
         for name, module in net.named_modules():
             if name and not list(module.children()):
                 n = sum(p.numel() for p in module.parameters(recurse=False))
-                console.print(f"{name:<40} {type(module).__name__:<24} {n:>10,}", markup=False, highlight=False)
+                print(f"{name:<40} {type(module).__name__:<24} {n:>10,}")
         return
     t = Table(title="techniques")
     for col in ("name", "family", "config", "summary"):
@@ -137,7 +141,7 @@ def env() -> None:
         except Exception:  # optional or broken install: report, do not fail
             rows[pkg] = "not installed"
     for k, v in rows.items():
-        console.print(f"{k:<16} {v}", markup=False, highlight=False)
+        print(f"{k:<16} {v}")
 
 
 @app.command()
@@ -168,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         _register_technique_commands()
         app(args=argv, standalone_mode=False)
     except SlimkitError as err:
-        console.file = sys.stderr
         print(f"error: {err}", file=sys.stderr)
         return 2
     except typer.Exit as err:

@@ -6,6 +6,7 @@ objects, so configs round-trip through dicts, JSON and YAML.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from slimkit.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+_DEPTH = threading.local()
 
 
 def format_validation_error(cls_name: str, err: pydantic.ValidationError) -> str:
@@ -38,10 +40,17 @@ class Config(BaseModel):
     technique: ClassVar[str | None] = None
 
     def __init__(self, **data: Any) -> None:
+        # Nested configs are validated inside their parent: only the outermost one converts the
+        # pydantic error, so the message keeps the full key path (Parent.child.key).
+        _DEPTH.value = getattr(_DEPTH, "value", 0) + 1
         try:
             super().__init__(**data)
         except pydantic.ValidationError as err:
+            if _DEPTH.value > 1:
+                raise
             raise ConfigError(format_validation_error(type(self).__name__, err)) from None
+        finally:
+            _DEPTH.value -= 1
 
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+import pytest
+
+from slimkit.core.config import Config
+from slimkit.core.selector import Selector, select
+from slimkit.core.trainer import TrainConfig
+from slimkit.errors import ConfigError, SelectorError
+
+
+def test_defaults_and_validation():
+    cfg = TrainConfig()
+    assert cfg.epochs == 10 and cfg.optimizer == "adam"
+    with pytest.raises(ConfigError, match="TrainConfig.epochs"):
+        TrainConfig(epochs=-1)
+    with pytest.raises(ConfigError, match="TrainConfig.optimizer"):
+        TrainConfig(optimizer="rmsprop")
+
+
+def test_unknown_key_rejected_with_its_name():
+    with pytest.raises(ConfigError, match=r"TrainConfig\.epochz: unknown key"):
+        TrainConfig(epochz=3)
+
+
+def test_round_trip_yaml_and_json(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.01, patience=2)
+    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "train.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.from_file(path) == cfg
+
+
+def test_from_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        TrainConfig.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nbogus: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*bogus: unknown key"):
+        TrainConfig.from_file(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        TrainConfig.from_file(notmap)
+
+
+def test_selector_include_exclude_types():
+    from slimkit import zoo
+
+    model = zoo.lenet5()
+    names = [n for n, _ in select(model)]
+    assert names == ["features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"]
+    assert [n for n, _ in select(model, Selector(types=["Linear"]))] == ["classifier.1", "classifier.3", "classifier.5"]
+    assert [n for n, _ in select(model, Selector(include=["classifier.*"], exclude=["classifier.5"]))] == [
+        "classifier.1", "classifier.3"]
+
+
+def test_selector_raises_when_nothing_matches():
+    from slimkit import zoo
+
+    with pytest.raises(SelectorError, match="matched no layer"):
+        select(zoo.lenet5(), Selector(include=["encoder.*"]))
+    with pytest.raises(SelectorError, match="matched no layer"):
+        select(zoo.lenet5(), Selector(types=["LSTM"]))
+
+
+def test_selector_exact_name_must_exist():
+    from slimkit import zoo
+
+    with pytest.raises(SelectorError, match="'fc9' does not exist"):
+        select(zoo.lenet5(), Selector(include=["classifier.1", "fc9"]))
+
+
+def test_config_subclass_is_data():
+    class Demo(Config):
+        sparsity: float = 0.5
+        selector: Selector = Selector()
+
+    d = Demo.from_dict({"sparsity": 0.9, "selector": {"include": ["fc*"]}})
+    assert d.selector.include == ["fc*"]
+    assert Demo.from_yaml(d.to_yaml()) == d
+    with pytest.raises(ConfigError, match=r"Demo\.selector\.includ: unknown key"):
+        Demo.from_dict({"selector": {"includ": ["x"]}})

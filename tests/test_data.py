@@ -1,0 +1,132 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from slimkit import data
+from slimkit.errors import DataError
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    task = data.digits()
+    assert task.input_shape == (1, 28, 28) and task.num_classes == 10
+    sizes = [len(task.train), len(task.val), len(task.test)]
+    assert sum(sizes) == 1797 and sizes[0] > 1000
+    for split in (task.train, task.val, task.test):
+        counts = torch.bincount(split.tensors[1], minlength=10)
+        assert counts.min() > 0.8 * counts.float().mean()  # stratified: every class present evenly
+    again = data.digits()
+    assert torch.equal(task.test.tensors[0], again.test.tensors[0])  # fixed split
+    # no test image also appears in train
+    tr = {tuple(x.flatten().tolist()) for x in data.digits(size=None).train.tensors[0]}
+    te = data.digits(size=None).test.tensors[0]
+    assert sum(tuple(x.flatten().tolist()) in tr for x in te) < 5  # digits has a few exact duplicate images
+
+
+def test_digits_sizes_and_flatten():
+    assert data.digits(size=32).input_shape == (1, 32, 32)
+    assert data.digits(size=None).input_shape == (1, 8, 8)
+    assert data.digits(flatten=True).input_shape == (784,)
+
+
+def _write_idx(path, array, gz=False):
+    codes = {np.uint8: 0x08}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    payload = header + array.tobytes()
+    if gz:
+        with gzip.open(path, "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _fake_mnist(root, n_train=40, n_test=10, gz=False):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    _write_idx(root / f"train-images-idx3-ubyte{suffix}", rng.integers(0, 255, (n_train, 28, 28), dtype=np.uint8), gz)
+    _write_idx(root / f"train-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n_train, dtype=np.uint8), gz)
+    _write_idx(root / f"t10k-images-idx3-ubyte{suffix}", rng.integers(0, 255, (n_test, 28, 28), dtype=np.uint8), gz)
+    _write_idx(root / f"t10k-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n_test, dtype=np.uint8), gz)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_loader(tmp_path, gz):
+    _fake_mnist(tmp_path, gz=gz)
+    task = data.mnist(tmp_path)
+    assert (len(task.train), len(task.val), len(task.test)) == (36, 4, 10)
+    assert task.input_shape == (1, 28, 28)
+    assert data.resolve(f"mnist:{tmp_path}").num_classes == 10
+
+
+def test_mnist_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        data.mnist(tmp_path / "nope")
+    with pytest.raises(DataError, match="missing train-images"):
+        data.mnist(tmp_path)
+    _fake_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(DataError, match="header says"):
+        data.mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"garbage!")
+    with pytest.raises(DataError, match="bad magic"):
+        data.mnist(tmp_path)
+
+
+def test_npz_loader_and_errors(tmp_path):
+    x = np.random.rand(20, 1, 8, 8).astype(np.float32)
+    y = np.arange(20) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    task = data.resolve(f"npz:{tmp_path / 'd.npz'}")
+    assert task.num_classes == 3 and len(task.train) == 20
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="empty"):
+        data.npz(tmp_path / "empty.npz")
+    np.savez(tmp_path / "nan.npz", x=np.full((3, 2), np.nan, np.float32), y=np.zeros(3, np.int64))
+    with pytest.raises(DataError, match="NaN"):
+        data.npz(tmp_path / "nan.npz")
+    np.savez(tmp_path / "nox.npz", y=y)
+    with pytest.raises(DataError, match="missing array 'x'"):
+        data.npz(tmp_path / "nox.npz")
+    (tmp_path / "corrupt.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        data.npz(tmp_path / "corrupt.npz")
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    task = data.imagefolder(tmp_path, size=16)
+    assert task.num_classes == 2 and task.input_shape == (3, 16, 16)
+    assert len(task.train) + len(task.val) == 10
+    assert task.info["classes"] == ["cat", "dog"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        data.imagefolder(tmp_path / "empty")
+
+
+def test_unknown_data_reference():
+    with pytest.raises(DataError, match="unknown data set 'cifar'"):
+        data.resolve("cifar")
+
+
+def test_empty_split_rejected():
+    from torch.utils.data import TensorDataset
+
+    from slimkit.core.task import Task
+
+    with pytest.raises(DataError, match="split 'val' is empty"):
+        Task("t", train=TensorDataset(torch.zeros(2, 3), torch.zeros(2)), val=TensorDataset(torch.zeros(0, 3), torch.zeros(0)))
+
+
+def test_natural_images_are_real_and_normalized():
+    x = data.natural_images(8, size=64, seed=1)
+    assert x.shape == (8, 3, 64, 64)
+    assert torch.isfinite(x).all() and 0.3 < x.std() < 3
+    assert not torch.equal(x, data.natural_images(8, size=64, seed=2))
