@@ -24,9 +24,7 @@ _LAZY = {
     "Selector": "slimkit.core.selector",
     "save": "slimkit.core.artifact",
     "load": "slimkit.core.artifact",
-    "evaluate": "slimkit.evaluate",
     "Metrics": "slimkit.evaluate",
-    "export": "slimkit.export",
     "apply": "slimkit.core.registry",
     "techniques": "slimkit.core.registry",
 }
@@ -39,6 +37,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _SUBMODULES:
+        # `evaluate` and `export` are packages that are also callable verbs (core/verbs.py)
         return importlib.import_module(f"slimkit.{name}")
     import pkgutil
 

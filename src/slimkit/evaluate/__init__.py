@@ -12,3 +12,7 @@ from slimkit.evaluate.metrics import (
 
 __all__ = ["Metrics", "evaluate", "fidelity", "predict", "topk_accuracy", "count_params", "count_macs",
            "measure_latency", "torch_latency", "ort_latency"]
+
+from slimkit.core.verbs import make_callable  # noqa: E402
+
+make_callable(__name__, "evaluate")  # `slimkit.evaluate(model, task)` (see core/verbs.py)

@@ -7,3 +7,7 @@ from slimkit.export.base import export, register_exporter
 from slimkit.export.onnx import check_onnx_parity, export_onnx
 
 __all__ = ["export", "register_exporter", "export_onnx", "check_onnx_parity"]
+
+from slimkit.core.verbs import make_callable  # noqa: E402
+
+make_callable(__name__, "export")  # `slimkit.export(model, path)` (see core/verbs.py)
