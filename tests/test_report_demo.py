@@ -1,0 +1,32 @@
+import json
+
+from slimkit.pipeline.demo import run_demo
+from slimkit.report import new_result, stage_entry, write_html, write_json
+
+
+def test_report_json_and_html(tmp_path):
+    result = new_result({"name": "m"}, {"name": "d"})
+    result["stages"] = [
+        stage_entry("baseline", metrics={"accuracy": 0.97, "size_bytes": 240_000, "params": 10, "nonzero_params": 10,
+                                         "latency": [{"runtime": "onnxruntime-cpu", "batch_size": 64, "median_ms": 1.0}]}),
+        stage_entry("int8", metrics={"accuracy": 0.965, "size_bytes": 70_000,
+                                     "latency": [{"runtime": "onnxruntime-cpu", "batch_size": 64, "median_ms": 0.5}]},
+                    simulated=True, notes=["<script>alert(1)</script>"]),
+        stage_entry("broken", error="boom"),
+    ]
+    write_json(result, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["schema"] == "slimkit-result/1"
+    html = write_html(result, tmp_path / "r.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # accuracy-vs-size and accuracy-vs-latency
+    assert "3.4" in html  # 240000 / 70000 times smaller
+    assert "-0.50" in html and "failed: boom" in html and "simulated" in html
+    assert "<script>" not in html  # notes are escaped; the report is self-contained, no scripts
+
+
+def test_demo_writes_report_and_json(tmp_path):
+    result = run_demo(tmp_path, epochs=2, only=["__none__"])
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["stages"][0]["name"] == "baseline"
+    assert data["stages"][0]["metrics"]["size_bytes"] == (tmp_path / "artifacts" / "baseline.safetensors").stat().st_size
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    assert result["stages"][0]["metrics"]["accuracy"] > 0.5
