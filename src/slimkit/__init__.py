@@ -41,6 +41,10 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"slimkit.{name}")
     import pkgutil
 
+    if any(info.ispkg and info.name == name for info in pkgutil.iter_modules(__path__)):
+        # `sk.distill`, `sk.prune`: always the package (callable as its verb, core/verbs.py), never the
+        # same-named function, because importing the package rebinds `slimkit.<name>` to it anyway.
+        return importlib.import_module(f"slimkit.{name}")
     for info in pkgutil.iter_modules(__path__):
         if not info.ispkg or info.name in _SUBMODULES or info.name in ("cli", "testing"):
             continue

@@ -2,37 +2,47 @@
 
 Every technique that loses accuracy (pruning, factorization, separable conversion, QAT) offers
 `recovery="distill"`, which calls `recover` here; `recovery="finetune"` calls the plain trainer.
+Neither records a stage: recovery is part of the stage that called it.
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
+
 import torch.nn as nn
 
 from slimkit.core.task import Task
 from slimkit.core.trainer import TrainConfig, fit
-from slimkit.distill.losses import soft_target_loss
+
+StepHook = Callable[[nn.Module, int], None]
 
 
 def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3,
             temperature: float = 4.0, alpha: float = 0.9, seed: int = 0, device: str = "auto",
-            on_step=None, description: str = "recover (KD)") -> nn.Module:
-    """Fine-tune `student` with soft targets from frozen `teacher`; returns a new model."""
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+            on_step: StepHook | None = None, description: str = "recover (KD)", on_epoch: StepHook | None = None,
+            teacher_device: str | None = None, cache_teacher: bool = False, features: list | None = None,
+            optimizer: str = "adam", weight_decay: float = 0.0, batch_size: int | None = None) -> nn.Module:
+    """Fine-tune `student` with soft targets from the frozen `teacher`; returns a new model.
 
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t_dev = next((p.device for p in teacher.parameters()), x.device)
-        with torch.no_grad():
-            t_logits = teacher(x.to(t_dev)).to(x.device)
-        return soft_target_loss(model(x), t_logits, y, temperature=temperature, alpha=alpha)
+    Neither model is modified (the teacher runs from its own eval-mode copy). `on_step(model, step)`
+    runs after every optimizer step, e.g. to re-apply pruning masks. `features` takes `FeatureLink`s
+    (or dicts) for hint / attention losses; see `DistillConfig` for the other options.
+    """
+    from slimkit.distill.apply import train_student
+    from slimkit.distill.config import DistillConfig
 
-    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device)
-    return fit(student, task, cfg, loss=loss, on_step=on_step, description=description).model
+    config = DistillConfig(epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, seed=seed, device=device,
+                           teacher_device=teacher_device, cache_teacher=cache_teacher, features=list(features or []),
+                           optimizer=optimizer, weight_decay=weight_decay, batch_size=batch_size)
+    model, _ = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
+                             description=description)
+    return model
 
 
 def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3, seed: int = 0,
-             device: str = "auto", on_step=None, description: str = "fine-tune") -> nn.Module:
-    """Plain fine-tuning on the task's loss (the alternative to `recover`)."""
-    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device)
-    return fit(model, task, cfg, on_step=on_step, description=description).model
+             device: str = "auto", on_step: StepHook | None = None, description: str = "fine-tune",
+             on_epoch: StepHook | None = None, optimizer: str = "adam", weight_decay: float = 0.0,
+             batch_size: int | None = None) -> nn.Module:
+    """Plain fine-tuning on the task's loss (the alternative to `recover`); returns a new model."""
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, optimizer=optimizer,
+                      weight_decay=weight_decay, batch_size=batch_size)
+    return fit(model, task, cfg, on_step=on_step, on_epoch=on_epoch, description=description).model

@@ -1,0 +1,211 @@
+"""`distill(student, teacher, task=..., config=...)` and the registered "distill" technique.
+
+As a verb it trains the given student against a frozen teacher. As a stage (recipes, demo, CLI) the
+input model is the teacher by default and the student is a smaller zoo model (`student="zoo:NAME"`,
+`width=...`) or a copy of the input model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from slimkit.core import registry
+from slimkit.core.registry import Technique
+from slimkit.core.state import copy_model, get_state, record_stage
+from slimkit.core.task import Task
+from slimkit.core.trainer import TrainConfig, fit, resolve_device
+from slimkit.distill.config import DistillConfig
+from slimkit.distill.losses import attention_loss, hint_loss, soft_target_loss
+from slimkit.distill.modules import (
+    FeatureCapture,
+    check_attention_shapes,
+    make_adapter,
+    resolve_links,
+)
+from slimkit.distill.teacher import FrozenTeacher
+from slimkit.errors import ConfigError, ModelError
+
+StepHook = Callable[[nn.Module, int], None]
+
+
+def _logits(output, who: str, model: nn.Module) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelError(f"distillation needs class logits (batch, classes); the {who} {type(model).__name__} "
+                         f"returns {shape}")
+    return output
+
+
+@torch.no_grad()
+def _probe(student: nn.Module, teacher: FrozenTeacher, task: Task, pairs) -> dict[str, tuple]:
+    """One forward pass on two real examples: check the class counts, record feature shapes.
+
+    The student runs in eval mode so BatchNorm statistics are not touched by the probe."""
+    x = task.example_input(2)
+    s_names = [s for s, _, _ in pairs]
+    was_training = student.training
+    student.eval()
+    try:
+        with FeatureCapture(student, s_names, detach=True) as cap:
+            s_out = _logits(student(x.to(next((p.device for p in student.parameters()), x.device))), "student", student)
+        t_out, feats = teacher.run(x)  # not through the cache: probe examples are not training examples
+        t_feats = dict(zip(teacher.feature_names, feats))
+        _logits(t_out, "teacher", teacher.model)
+    finally:
+        student.train(was_training)
+    if s_out.shape[1] != t_out.shape[1]:
+        raise ModelError(f"teacher {type(teacher.model).__name__} predicts {t_out.shape[1]} classes but student "
+                         f"{type(student).__name__} predicts {s_out.shape[1]}; both must share the same classes")
+    if task.num_classes is not None and s_out.shape[1] != task.num_classes:
+        raise ModelError(f"student {type(student).__name__} predicts {s_out.shape[1]} classes but data set "
+                         f"{task.name!r} has {task.num_classes}")
+    shapes = {f"s:{n}": tuple(v.shape) for n, v in cap.outputs.items()}
+    shapes.update({f"t:{n}": tuple(v.shape) for n, v in t_feats.items()})
+    return shapes
+
+
+def _check_inputs(student, teacher, task, config) -> None:
+    if not isinstance(student, nn.Module):
+        raise ModelError(f"distill: the student must be a torch.nn.Module, got {type(student).__name__}")
+    if not isinstance(teacher, nn.Module):
+        raise ModelError(f"distill: the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    if not isinstance(task, Task):
+        raise ConfigError("distill needs task=Task (the transfer set), e.g. slimkit.data.digits()")
+    if task.metric != "accuracy":
+        raise ConfigError(f"soft-target distillation needs a classification task; {task.name!r} uses "
+                          f"metric {task.metric!r}")
+    if not isinstance(config, DistillConfig):
+        raise ConfigError(f"distill: config must be a DistillConfig, got {type(config).__name__}")
+
+
+def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, *,
+                  on_step: StepHook | None = None, on_epoch: StepHook | None = None,
+                  description: str = "distill") -> tuple[nn.Module, dict]:
+    """Train a copy of `student` against frozen `teacher` on the shared trainer.
+
+    Returns (trained student, info) where info holds the teacher's forward-pass count and cache
+    hits. The inputs are never modified. Used by `distill` (which records the stage) and by
+    `recover` (the recovery step of other techniques, which record their own stage).
+    """
+    _check_inputs(student, teacher, task, config)
+    device = resolve_device(config.device)
+    teacher_device = resolve_device(config.teacher_device) if config.teacher_device else device
+    student = copy_model(student)
+    pairs = resolve_links(student, teacher, config.features)
+    runner = FrozenTeacher(teacher, teacher_device, feature_names=[t for _, t, _ in pairs],
+                           cache=config.cache_teacher)
+    capture = None
+    try:
+        shapes = _probe(student, runner, task, pairs)
+        adapters = nn.ModuleList()
+        for s_name, t_name, link in pairs:
+            s_shape, t_shape = shapes[f"s:{s_name}"], shapes[f"t:{t_name}"]
+            if link.kind == "attention":
+                check_attention_shapes(s_shape, t_shape, student_name=s_name, teacher_name=t_name)
+                adapters.append(nn.Identity())
+            else:
+                adapters.append(make_adapter(s_shape, t_shape, student_name=s_name, teacher_name=t_name))
+        adapters.to(device)
+        capture = FeatureCapture(student, [s for s, _, _ in pairs])
+        need_teacher = config.alpha > 0 or bool(pairs)  # alpha=0 without features is plain cross-entropy
+        temperature, alpha = config.temperature, config.alpha
+
+        def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = model(x)
+            if not need_teacher:
+                return task.loss(logits, y)
+            t_logits, t_feats = runner(x)
+            value = soft_target_loss(logits, t_logits, y, temperature=temperature, alpha=alpha)
+            for (s_name, t_name, link), adapter in zip(pairs, adapters):
+                s_feat, t_feat = capture.outputs[s_name], t_feats[t_name]
+                if link.kind == "hint":
+                    value = value + link.weight * hint_loss(adapter(s_feat), t_feat)
+                else:
+                    value = value + link.weight * attention_loss(s_feat, t_feat)
+            return value
+
+        train_cfg = TrainConfig(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer,
+                                weight_decay=config.weight_decay, batch_size=config.batch_size,
+                                seed=config.seed, device=str(device))
+        result = fit(student, task, train_cfg, loss=loss, extra_parameters=list(adapters.parameters()),
+                     on_step=on_step, on_epoch=on_epoch, description=description, in_place=True)
+    finally:
+        if capture is not None:
+            capture.remove()
+        runner.close()
+    info = {"teacher_calls": runner.calls, "cache_hits": runner.hits, "cache_misses": runner.misses,
+            "history": result.history, "adapters": sum(p.numel() for p in adapters.parameters())}
+    return result.model, info
+
+
+def distill(student: nn.Module, teacher: nn.Module, *, task: Task, config: DistillConfig | None = None,
+            on_step: StepHook | None = None, on_epoch: StepHook | None = None) -> nn.Module:
+    """Distill `teacher` into `student`; returns a new trained student (neither input is modified).
+
+        small = slimkit.distill(small, teacher=model, task=task, config=slimkit.DistillConfig(temperature=4))
+
+    The student may be any model with the teacher's classes: your own, a narrower zoo model, or the
+    output of another technique (pruned, factorized, separable, QAT). `config.features` adds FitNets
+    hints / attention transfer between named layers. Also available as `slimkit.distill_model`.
+    """
+    config = config or DistillConfig()
+    if isinstance(config, DistillConfig) and config.student is not None:
+        raise ConfigError(f"DistillConfig.student={config.student!r} builds a student when distillation runs as a "
+                          "stage; this call already passes a student model, so leave config.student unset")
+    trained, info = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch)
+    return _finish(trained, teacher, config, info)
+
+
+def _finish(trained: nn.Module, teacher: nn.Module, config: DistillConfig, info: dict) -> nn.Module:
+    teacher_source = get_state(teacher).get("source")
+    record_stage(trained, "distill", config, {"teacher": type(teacher).__name__, "teacher_source": teacher_source})
+    notes = list(getattr(trained, "slimkit_notes", []) or [])
+    notes.append(f"distilled from {type(teacher).__name__} (T={config.temperature:g}, alpha={config.alpha:g}, "
+                 f"{config.epochs} epochs" + (f", {len(config.features)} feature links" if config.features else "") + ")")
+    if config.cache_teacher:
+        seen = info["cache_hits"] + info["cache_misses"]
+        notes.append(f"teacher outputs cached: teacher ran {info['teacher_calls']} batches, "
+                     f"{info['cache_hits']}/{seen} examples served from the cache")
+    trained.slimkit_notes = notes
+    return trained
+
+
+def build_student(model: nn.Module, config: DistillConfig, task: Task) -> nn.Module:
+    """The student of a distill stage: a zoo model for the task (config.student="zoo:NAME", scaled by
+    config.width), or a copy of `model` when config.student is None."""
+    if config.student is None:
+        if config.width != 1.0 or config.student_kwargs:
+            raise ConfigError("DistillConfig.width/student_kwargs apply to a zoo student; set student='zoo:NAME'")
+        return copy_model(model)
+    from slimkit import zoo
+
+    kwargs = dict(config.student_kwargs)
+    if config.width != 1.0:
+        kwargs.setdefault("width", config.width)
+    return zoo.for_task(config.student[len("zoo:"):], task, **kwargs)
+
+
+def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
+           teacher: nn.Module | None = None, **_: object) -> nn.Module:
+    """Registered apply: the input model is the teacher unless `teacher` is given."""
+    if task is None:
+        raise ConfigError("the distill stage needs data (task=...): distillation trains the student")
+    teacher = teacher if teacher is not None else model
+    student = build_student(model, config, task)
+    trained, info = train_student(student, teacher, task, config)
+    return _finish(trained, teacher, config, info)
+
+
+def _demo(model: nn.Module, task: Task) -> DistillConfig:
+    # Half-width LeNet-5 (about a quarter of the parameters) taught by the trained LeNet-5.
+    return DistillConfig(student="zoo:lenet5", width=0.5, epochs=25, lr=3e-3, temperature=4.0, alpha=0.7,
+                         cache_teacher=True)
+
+
+registry.register(Technique(
+    name="distill", family="distill", config_cls=DistillConfig, apply=_apply,
+    summary="knowledge distillation: soft targets (temperature, alpha), FitNets hints, attention transfer",
+    restore=None, demo=_demo, runtime="torch", order=45,
+))

@@ -1,0 +1,73 @@
+"""Distillation configs: soft targets (temperature, alpha), feature links, the student, training."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from slimkit.core.config import Config
+
+
+class FeatureLink(Config):
+    """One teacher -> student feature pairing.
+
+    student / teacher: fnmatch patterns on module names (`"features.3"`, `"layers.*.conv2"`). Each
+    must match at least one layer, both the same number; matches are paired in model order.
+    kind: "hint" (FitNets: MSE between the teacher's feature and the student's feature mapped by a
+        learned 1x1 conv / linear adapter when the shapes differ) or "attention" (attention transfer:
+        distance between L2-normalized spatial attention maps sum_c |A_c|^2; conv features only).
+    weight: multiplier of this link's loss, added to the soft-target loss.
+    """
+
+    student: str
+    teacher: str
+    kind: Literal["hint", "attention"] = "hint"
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("student", "teacher")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("layer pattern must not be empty")
+        return value
+
+
+class DistillConfig(Config):
+    """Knowledge distillation (Hinton et al. 2015) with optional feature distillation.
+
+    temperature, alpha: loss = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y).
+    epochs, lr, optimizer, weight_decay, batch_size, seed, device: the shared trainer's settings.
+    teacher_device: where the frozen teacher runs (None: the student's device), e.g. a big teacher
+        on "cuda" and a student on "cpu", or the other way round.
+    features: FitNets hints / attention-transfer links (see `FeatureLink`).
+    cache_teacher: keep the teacher's logits for inputs already seen (valid for fixed inputs, i.e.
+        no random augmentation), so the teacher runs once per training example instead of every epoch.
+    student: used when distillation runs as a *stage* (recipe, demo, CLI): None distills into a copy
+        of the input model; "zoo:NAME" builds that zoo model for the task, scaled by `width` and
+        `student_kwargs`. The verb `distill(student, teacher, ...)` takes the student model directly.
+    """
+
+    technique: ClassVar[str | None] = "distill"
+
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int | None = Field(None, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    teacher_device: str | None = None
+    features: list[FeatureLink] = Field(default_factory=list)
+    cache_teacher: bool = False
+    student: str | None = None
+    width: float = Field(1.0, gt=0)
+    student_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("student")
+    @classmethod
+    def _zoo_reference(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("zoo:"):
+            raise ValueError(f"student must be 'zoo:NAME' (or None for the input model), got {value!r}")
+        return value
