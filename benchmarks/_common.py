@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmark scripts: environment record, table printing, JSON output.
+
+Every script writes `{"benchmark", "environment", "rows", "checks"}` (DESIGN.md, performance
+protocol); checks are computed from the rows of the same run, and the script exits 0 even when a
+check fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+
+def environment(**extra: Any) -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU, threads, load on the (shared) machine."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    env.update(extra)
+    return env
+
+
+def check(name: str, value: Any, target: str, ok: bool) -> dict[str, Any]:
+    """One acceptance check; `value` and `ok` must come from this run's rows."""
+    return {"name": name, "value": value, "target": target, "ok": bool(ok)}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None, title: str | None = None) -> None:
+    """Plain-text table of `rows` (dicts) with the given columns (default: keys of the first row)."""
+    rows = list(rows)
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_result(out: str | Path, benchmark: str, env: dict[str, Any], rows: list[dict[str, Any]],
+                 checks: list[dict[str, Any]]) -> Path:
+    """Write the benchmark JSON atomically and print the checks."""
+    from slimkit.core.io import write_text
+
+    result = {"benchmark": benchmark, "environment": env, "rows": rows, "checks": checks}
+    path = write_text(out, json.dumps(result, indent=2, default=str))
+    print_table(checks, ["name", "value", "target", "ok"], title="checks")
+    print(f"\nwrote {path}")
+    return path
