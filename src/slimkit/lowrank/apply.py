@@ -1,0 +1,262 @@
+"""`slimkit.factorize`: replace Linear / Conv2d layers by low-rank factors, and rebuild them on load.
+
+    small = slimkit.factorize(model, slimkit.LowRankConfig(energy=0.95))
+    small = slimkit.factorize(model, slimkit.LowRankConfig(conv_method="tucker2", rank_selection="ratio",
+                                                           param_ratio=0.25, recovery="distill"), task=task)
+
+Layers the chosen method cannot handle, or whose factors would not be smaller, are left alone
+and reported (stage structure "skipped", model notes); when the user named such a layer (in
+`ranks` or as an exact selector pattern) it is an error instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from slimkit.core import registry
+from slimkit.core.progress import progress_bar
+from slimkit.core.registry import Technique
+from slimkit.core.selector import get_submodule, select, set_submodule
+from slimkit.core.state import copy_model, record_stage
+from slimkit.core.task import Task
+from slimkit.errors import ConfigError, SelectorError, UnsupportedLayerError
+from slimkit.lowrank.config import LowRankConfig
+from slimkit.lowrank.decompose import cost, factorize_layer, max_rank, spectra, unfoldings
+from slimkit.lowrank.modules import KINDS
+from slimkit.lowrank.rank import energy_rank, kept_energy, largest_rank_within, vbmf_rank
+
+# energies tried, cheapest first, when ranks are chosen by per-layer sensitivity
+SENSITIVITY_ENERGIES = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def method_for(layer: nn.Module, config: LowRankConfig) -> tuple[str | None, str | None]:
+    """(kind, None) for a layer this config can factorize, or (None, reason) when it cannot."""
+    if isinstance(layer, nn.Linear):
+        return "svd", None
+    if not isinstance(layer, nn.Conv2d):
+        return None, f"{type(layer).__name__} is not supported (Linear and Conv2d are)"
+    if config.conv_method == "none":
+        return None, "convolutions are not factorized (conv_method='none')"
+    if layer.groups != 1:
+        return None, f"grouped convolution (groups={layer.groups}): low-rank factors of a grouped kernel are not grouped"
+    kh, kw = (layer.kernel_size, layer.kernel_size) if isinstance(layer.kernel_size, int) else layer.kernel_size
+    if (kh, kw) == (1, 1) or (config.conv_method == "spatial" and (kh == 1 or kw == 1)):
+        return "channel", None  # a 1x1 (or 1-D) kernel is a matrix: plain SVD
+    if config.conv_method == "spatial" and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return None, f"spatial SVD needs explicit zero padding (padding={layer.padding!r}, mode={layer.padding_mode!r})"
+    return config.conv_method, None
+
+
+def _as_rank(kind: str, value: int | list[int]) -> int | list[int]:
+    if kind == "tucker2":
+        return list(value) * 2 if isinstance(value, list) and len(value) == 1 else (
+            list(value) if isinstance(value, list) else [value, value])
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ConfigError(f"a {kind} factorization takes one rank, got {value}")
+        return value[0]
+    return value
+
+
+def _rank_by_rule(kind: str, layer: nn.Module, config: LowRankConfig, energy: float | None = None):
+    """Rank from energy / ratio / vbmf (not fixed or sensitivity)."""
+    rule = "energy" if energy is not None else config.rank_selection
+    if rule == "energy":
+        ranks = [energy_rank(s, energy if energy is not None else config.energy) for s in spectra(kind, layer)]
+    elif rule == "vbmf":
+        ranks = [vbmf_rank(m) for m in unfoldings(kind, layer)]
+    elif rule == "ratio":
+        budget = config.param_ratio * cost(None, layer)[0]
+        maxima = max_rank(kind, layer)
+        if kind == "tucker2":
+            # keep the same fraction of output and input channels; scan that fraction
+            best = [1, 1]
+            for frac in np.linspace(0.005, 1.0, 400):
+                r = [max(1, int(round(frac * maxima[0]))), max(1, int(round(frac * maxima[1])))]
+                if cost(kind, layer, r)[0] <= budget:
+                    best = r
+            return best
+        return largest_rank_within(lambda r: cost(kind, layer, r)[0], budget, maxima[0])
+    else:
+        raise ValueError(rule)
+    return ranks if kind == "tucker2" else ranks[0]
+
+
+def _validate_rank(name: str, kind: str, layer: nn.Module, rank) -> str | None:
+    """None if `rank` is within the layer's limits, else why not."""
+    maxima = max_rank(kind, layer)
+    values = rank if isinstance(rank, list) else [rank]
+    for value, limit in zip(values, maxima):
+        if value < 1 or value > limit:
+            return f"rank {rank} is outside 1..{maxima if len(maxima) > 1 else maxima[0]} for {name} ({kind})"
+    return None
+
+
+def _describe(kind: str, layer: nn.Module, rank) -> dict[str, Any]:
+    p0, m0 = cost(None, layer)
+    p1, m1 = cost(kind, layer, rank)
+    energies = [kept_energy(s, r) for s, r in zip(spectra(kind, layer), rank if isinstance(rank, list) else [rank])]
+    return {"kind": kind, "rank": rank, "params_before": p0, "params_after": p1, "macs_before": m0, "macs_after": m1,
+            "energy_kept": [round(e, 6) for e in energies] if kind == "tucker2" else round(energies[0], 6)}
+
+
+def _sensitivity_rank(model: nn.Module, name: str, kind: str, layer: nn.Module, config: LowRankConfig, task: Task,
+                      baseline: float):
+    """Smallest rank (over SENSITIVITY_ENERGIES) whose factorization of this layer alone keeps the
+    validation accuracy within max_accuracy_drop; None if no candidate does."""
+    from slimkit.core.trainer import accuracy
+
+    tried = []
+    for energy in SENSITIVITY_ENERGIES:
+        rank = _rank_by_rule(kind, layer, config, energy=energy)
+        if rank in tried:
+            continue
+        tried.append(rank)
+        if config.only_if_smaller and not _is_smaller(kind, layer, rank):
+            break  # larger energies only give larger ranks
+        set_submodule(model, name, factorize_layer(kind, layer, rank))
+        try:
+            acc = accuracy(model, task, "val")
+        finally:
+            set_submodule(model, name, layer)
+        if baseline - acc <= config.max_accuracy_drop:
+            return rank
+    return None
+
+
+def _is_smaller(kind: str, layer: nn.Module, rank) -> bool:
+    p0, m0 = cost(None, layer)
+    p1, m1 = cost(kind, layer, rank)
+    return p1 < p0 and m1 < m0
+
+
+def _named_layers(model: nn.Module, config: LowRankConfig) -> set[str]:
+    exact = {p for p in config.selector.include if not any(ch in p for ch in "*?[")}
+    return exact | set(config.ranks)
+
+
+def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Task | None = None) -> nn.Module:
+    """Return a copy of `model` with its selected Linear/Conv2d layers replaced by low-rank factors.
+
+    model: a trained model (not modified). config: `LowRankConfig` (default: SVD/Tucker-2 at 95%
+    energy). task: needed for rank_selection="sensitivity" and for recovery.
+    The per-layer ranks and skipped layers are recorded in the stage structure and as notes.
+    """
+    config = config or LowRankConfig()
+    if (config.rank_selection == "sensitivity" or config.recovery != "none") and task is None:
+        raise ConfigError("LowRankConfig: rank_selection='sensitivity' and recovery need a task (pass task=...)")
+    new = copy_model(model)
+    selected = select(new, config.selector, default_types=(nn.Linear, nn.Conv2d), what="factorize")
+    names = {n for n, _ in selected}
+    for name in config.ranks:
+        if name not in names:
+            raise SelectorError(f"factorize: ranks names layer {name!r}, which is not a selected Linear/Conv2d layer "
+                                f"of {type(model).__name__}")
+    named = _named_layers(new, config)
+    baseline = None
+    if config.rank_selection == "sensitivity":
+        from slimkit.core.trainer import accuracy
+
+        baseline = accuracy(new, task, "val")
+    layers: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    plans: list[tuple[str, str, nn.Module, Any]] = []
+    with progress_bar("factorize: choose ranks", len(selected)) as advance:
+        for name, layer in selected:
+            advance(1)
+            kind, reason = method_for(layer, config)
+            if kind is None:
+                if name in named:
+                    raise UnsupportedLayerError(f"factorize: cannot factorize layer {name!r}: {reason}")
+                skipped[name] = reason
+                continue
+            if name in config.ranks:
+                rank = _as_rank(kind, config.ranks[name])
+                problem = _validate_rank(name, kind, layer, rank)
+                if problem:
+                    raise ConfigError(f"LowRankConfig.ranks[{name!r}]: {problem}")
+            elif config.rank_selection == "fixed":
+                rank = _as_rank(kind, config.rank)
+                problem = _validate_rank(name, kind, layer, rank)
+                if problem:
+                    skipped[name] = problem
+                    continue
+            elif config.rank_selection == "sensitivity":
+                rank = _sensitivity_rank(new, name, kind, layer, config, task, baseline)
+                if rank is None:
+                    skipped[name] = (f"no candidate rank keeps validation accuracy within "
+                                     f"{100 * config.max_accuracy_drop:.2f} points (or none is smaller)")
+                    continue
+            else:
+                rank = _rank_by_rule(kind, layer, config)
+            if config.only_if_smaller and not _is_smaller(kind, layer, rank):
+                p0, m0 = cost(None, layer)
+                p1, m1 = cost(kind, layer, rank)
+                skipped[name] = (f"{kind} rank {rank} would not be smaller ({p1:,} vs {p0:,} params, "
+                                 f"{m1:,} vs {m0:,} MACs per output)")
+                continue
+            plans.append((name, kind, layer, rank))
+    with progress_bar("factorize: decompose", len(plans)) as advance:
+        for name, kind, layer, rank in plans:
+            replacement = factorize_layer(kind, layer, rank).train(layer.training)
+            set_submodule(new, name, replacement)
+            layers[name] = _describe(kind, layer, rank)
+            advance(1)
+    record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
+    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
+    if config.recovery != "none" and config.recovery_epochs > 0 and layers:
+        new = _recover(new, model, task, config.recovery, config.recovery_epochs, config.recovery_lr)
+    return new
+
+
+def _recover(student: nn.Module, teacher: nn.Module, task: Task, how: str, epochs: int, lr: float) -> nn.Module:
+    from slimkit.distill import finetune, recover
+
+    if how == "distill":
+        # the teacher's requires_grad flags are switched off by recover: hand it a copy, not the user's model
+        return recover(student, copy_model(teacher), task, epochs=epochs, lr=lr)
+    return finetune(student, task, epochs=epochs, lr=lr)
+
+
+def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
+    p0 = sum(v["params_before"] for v in layers.values())
+    p1 = sum(v["params_after"] for v in layers.values())
+    notes = [f"factorize: {len(layers)} layer(s) factorized ({p0:,} -> {p1:,} params in those layers)"]
+    if not layers:
+        notes[0] = "factorize: no layer was factorized (see skipped layers)"
+    notes += [f"factorize: {n}: {v['kind']} rank {v['rank']}" for n, v in layers.items()]
+    notes += [f"factorize: skipped {n}: {why}" for n, why in skipped.items()]
+    return notes
+
+
+def factorization_report(model: nn.Module) -> dict[str, Any]:
+    """The structure of the last factorize stage applied to `model` ({"layers": ..., "skipped": ...})."""
+    from slimkit.core.state import stages
+
+    for stage in reversed(stages(model)):
+        if stage["technique"] == "factorize":
+            return stage["structure"]
+    return {"layers": {}, "skipped": {}}
+
+
+def restore(model: nn.Module, config: LowRankConfig, structure: dict[str, Any]) -> nn.Module:
+    """Rebuild the factorized architecture on a freshly built model (weights are loaded afterwards)."""
+    for name, info in structure.get("layers", {}).items():
+        layer = get_submodule(model, name)
+        kind = info["kind"]
+        if kind not in KINDS:
+            raise ConfigError(f"factorize stage: unknown factorization kind {kind!r} for layer {name!r}")
+        set_submodule(model, name, KINDS[kind].like(layer, info["rank"]))
+    return model
+
+
+def _demo(model: nn.Module, task: Task) -> LowRankConfig:
+    return LowRankConfig(energy=0.9, recovery="distill", recovery_epochs=2)
+
+
+registry.register(Technique(
+    name="factorize", family="lowrank", config_cls=LowRankConfig, apply=factorize, restore=restore, demo=_demo,
+    summary="low-rank factorization: SVD (Linear), Tucker-2 / channel / spatial SVD (Conv2d); rank by energy, "
+            "parameter ratio, VBMF or sensitivity", order=30))

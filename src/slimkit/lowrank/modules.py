@@ -1,0 +1,77 @@
+"""The layers factorization produces. Each is a plain `nn.Sequential` of standard layers, so it
+exports to ONNX and runs in any runtime without custom kernels; `like(layer, rank)` builds the
+empty structure from the layer it replaces (used by both `factorize` and `slimkit.load`)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn as nn
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class LowRankLinear(nn.Sequential):
+    """Linear(in, out) as Linear(in, rank, no bias) -> Linear(rank, out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__(OrderedDict(first=nn.Linear(in_features, rank, bias=False),
+                                     second=nn.Linear(rank, out_features, bias=bias)))
+        self.rank = rank
+
+    @classmethod
+    def like(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
+        return cls(layer.in_features, layer.out_features, rank, layer.bias is not None)
+
+
+class ChannelSVDConv(nn.Sequential):
+    """Conv kxk (Cin -> Cout) as conv kxk (Cin -> rank, stride/padding/dilation kept) -> conv 1x1 (rank -> Cout)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__(OrderedDict(
+            first=nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                            bias=False, padding_mode=conv.padding_mode),
+            second=nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)))
+        self.rank = rank
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: int) -> "ChannelSVDConv":
+        return cls(conv, rank)
+
+
+class SpatialSVDConv(nn.Sequential):
+    """Conv kh x kw as conv kh x 1 (Cin -> rank) then conv 1 x kw (rank -> Cout) (Jaderberg et al. 2014)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
+        (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
+        super().__init__(OrderedDict(
+            first=nn.Conv2d(conv.in_channels, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False),
+            second=nn.Conv2d(rank, conv.out_channels, (1, kw), (1, sw), (0, pw), (1, dw),
+                             bias=conv.bias is not None)))
+        self.rank = rank
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: int) -> "SpatialSVDConv":
+        return cls(conv, rank)
+
+
+class Tucker2Conv(nn.Sequential):
+    """Conv kxk as 1x1 (Cin -> r_in) -> kxk core (r_in -> r_out) -> 1x1 (r_out -> Cout) (Kim et al. 2016)."""
+
+    def __init__(self, conv: nn.Conv2d, rank_out: int, rank_in: int):
+        super().__init__(OrderedDict(
+            first=nn.Conv2d(conv.in_channels, rank_in, 1, bias=False),
+            core=nn.Conv2d(rank_in, rank_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                           bias=False, padding_mode=conv.padding_mode),
+            last=nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None)))
+        self.rank = [rank_out, rank_in]
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: list[int]) -> "Tucker2Conv":
+        return cls(conv, rank[0], rank[1])
+
+
+KINDS: dict[str, type[nn.Module]] = {"svd": LowRankLinear, "channel": ChannelSVDConv, "spatial": SpatialSVDConv,
+                                     "tucker2": Tucker2Conv}
