@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
@@ -35,9 +35,6 @@ class Config(BaseModel):
     """Base of all slimkit configs (pydantic, `extra="forbid"`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-    #: registry name of the technique this config drives (set by technique configs)
-    technique: ClassVar[str | None] = None
 
     def __init__(self, **data: Any) -> None:
         # Nested configs are validated inside their parent: only the outermost one converts the
