@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from slimkit.core import registry
@@ -33,16 +34,32 @@ from slimkit.report import new_result, stage_entry, write_html, write_json
 STATE_FILE = "state.json"
 
 
+def keep_zeros(model: nn.Module):
+    """An on_step hook that holds every weight that is exactly zero now at zero: recovery training
+    must not undo pruning (a pruned weight that drifts back is a model that is no longer sparse)."""
+    masks = {name: p.detach() != 0 for name, p in model.named_parameters() if p.dim() > 1 and (p == 0).any()}
+
+    def hook(m: nn.Module, step: int) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in masks:
+                    p.mul_(masks[name].to(p.device))
+
+    return hook
+
+
 def _apply_recovery(model: nn.Module, original: nn.Module, task: Task, stage, seed: int) -> nn.Module:
     rec = stage.recovery
     if rec is None or rec.method == "none" or rec.epochs == 0:
         return model
     if not any(p.requires_grad for p in model.parameters()):
         return model
+    hook = keep_zeros(model)
     if rec.method == "distill":
         return recover(model, original, task, epochs=rec.epochs, lr=rec.lr, temperature=rec.temperature,
-                       alpha=rec.alpha, seed=seed, description=f"recover {stage.technique}")
-    return finetune(model, task, epochs=rec.epochs, lr=rec.lr, seed=seed, description=f"fine-tune {stage.technique}")
+                       alpha=rec.alpha, seed=seed, on_step=hook, description=f"recover {stage.technique}")
+    return finetune(model, task, epochs=rec.epochs, lr=rec.lr, seed=seed, on_step=hook,
+                    description=f"fine-tune {stage.technique}")
 
 
 def check_constraints(recipe: Recipe, baseline: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:
