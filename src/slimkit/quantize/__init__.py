@@ -1,0 +1,33 @@
+"""Quantization: int8/uint8/int16 (deployable) and 2-16-bit (simulated) weights and activations,
+static / dynamic / weight-only, calibrated thresholds, BN folding, cross-layer equalization, bias
+correction, AdaRound, QAT (LSQ), mixed precision, ONNX QDQ export running on int8 kernels.
+
+Numerics (see `slimkit.quantize.numerics` and docs/quantization.md):
+    q = clamp(round(x / s) + z, qmin, qmax),  x̂ = s (q - z)
+
+    q = slimkit.quantize(model, slimkit.QuantConfig(weights="int8", activations="uint8"), task=task)
+    slimkit.export(q, "model.onnx", example_input=task.example_input(1))
+"""
+from slimkit.quantize.apply import quantize, restore
+from slimkit.quantize.config import MixedPrecisionConfig, QuantConfig
+from slimkit.quantize.export import check_parity, export_quantized
+from slimkit.quantize.numerics import QuantSpec, sqnr_db
+
+__all__ = ["quantize", "QuantConfig", "MixedPrecisionConfig", "QuantSpec", "export_quantized", "check_parity",
+           "sqnr_db", "restore"]
+
+
+def _make_callable() -> None:
+    # `slimkit.quantize` is both this package and the verb: once the package is imported, Python binds
+    # the attribute `slimkit.quantize` to the module, so the module itself forwards calls to `quantize`.
+    import sys
+    import types
+
+    class _VerbModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return quantize(*args, **kwargs)
+
+    sys.modules[__name__].__class__ = _VerbModule
+
+
+_make_callable()

@@ -1,0 +1,201 @@
+"""`slimkit.quantize(model, QuantConfig(...), task=task)`: the quantization stage.
+
+Order: trace + fold BN (+ cross-layer equalization) -> wrap layers -> weight thresholds ->
+activation statistics (one pass) -> activation thresholds -> bias correction -> AdaRound -> QAT.
+The result simulates the integer model exactly in PyTorch and exports to ONNX QDQ
+(`slimkit.export(q, "model.onnx", example_input=...)`), which ONNX Runtime runs on int8 kernels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimkit.core import registry
+from slimkit.core.registry import Technique
+from slimkit.core.selector import Selector
+from slimkit.core.state import ATTR, copy_model, get_state, record_stage
+from slimkit.errors import CalibrationError, ConfigError
+from slimkit.quantize import graph as qgraph
+from slimkit.quantize import ptq
+from slimkit.quantize.config import QuantConfig
+from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable
+
+
+def _selector(config: QuantConfig, layers: list[str] | None = None) -> Selector | None:
+    if layers is not None:
+        return Selector(include=layers or ["__none__"])
+    sel = config.selector or Selector()
+    if config.keep_float:
+        sel = Selector(include=sel.include, exclude=sel.exclude + config.keep_float, types=sel.types)
+    return sel
+
+
+def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None = None,
+           layers: list[str] | None = None, equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Structure only (deterministic): used by `quantize` and by `restore` on load."""
+    state = get_state(model)
+    weight_specs = {"*": config.weight_spec()}
+    for name, b in (bits or {}).items():
+        weight_specs[name] = config.weight_spec(b)
+    gm_equalize = equalize and config.mode != "dynamic"
+    prepared, structure = qgraph.prepare(
+        model, weight_specs=weight_specs, act_spec=config.activation_spec(), selector=_selector(config, layers),
+        dynamic=config.mode == "dynamic", fold_bn=config.fold_bn and config.mode != "dynamic",
+        quantize_output=config.quantize_output, equalize=gm_equalize)
+    object.__setattr__(prepared, ATTR, state)
+    if bits:
+        structure["bits"] = dict(bits)
+    return prepared, structure
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, calibration_data=None,
+             **kwargs: Any) -> nn.Module:
+    """Quantize `model`; returns a new model (the input is untouched).
+
+    task: supplies calibration data (its calibration split) for static activations, bias correction,
+    AdaRound and mixed precision, and training data for QAT. calibration_data: a tensor or list of
+    batches used instead of the task's calibration split. Keyword arguments are QuantConfig fields.
+    """
+    if config is None:
+        config = QuantConfig(**kwargs)
+    elif kwargs:
+        config = QuantConfig(**{**config.to_dict(), **kwargs})
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize expects a QuantConfig, got {type(config).__name__}")
+    src = copy_model(model).eval()
+    needs_data = config.mode == "static" or config.bias_correction or config.adaround or config.mixed_precision
+    batches = None
+    if needs_data:
+        data = calibration_data if calibration_data is not None else task
+        if data is None:
+            raise CalibrationError("static quantization needs calibration data: pass task=... or calibration_data=...")
+        batches = ptq.batches_from(data, max_samples=config.calibration_samples)
+        if not batches:
+            raise CalibrationError("the calibration set is empty: give at least one sample")
+    notes: list[str] = []
+    bits = None
+    if config.mixed_precision is not None:
+        from slimkit.quantize.mixed import assign_bits
+
+        bits, report = assign_bits(src, config, task, batches)
+        notes.extend(report)
+    new, structure = _build(src, config, bits=bits, equalize=config.equalize)
+    layers = qgraph.weight_layers(new)
+    for layer in layers.values():
+        layer.calibrate_weight(config.weight_calibration, config.percentile)
+    if config.mode == "static":
+        stats = ptq.collect_activation_stats(new, batches)
+        ptq.apply_activation_thresholds(new, stats, config.calibration, config.percentile)
+    if config.bias_correction:
+        ptq.bias_correction(new, batches)
+    if config.adaround:
+        ptq.adaround(new, batches, iters=config.adaround_iters)
+    if config.qat_epochs:
+        new = _qat(new, config, task)
+    # -- what the result is, in words --------------------------------------------------------
+    wspec = config.weight_spec()
+    kept = qgraph.unquantized_layers(new, set(layers))
+    if kept:
+        notes.append("kept in float (not quantizable or excluded): " + ", ".join(kept))
+    if structure["folded_bn"]:
+        notes.append(f"folded {len(structure['folded_bn'])} BatchNorm layers into the preceding convolutions")
+    if structure["mode"] == "module" and config.mode == "static":
+        notes.append("the model could not be traced with torch.fx: activations are quantized at each layer's input "
+                     "only, so ONNX Runtime may run some layers in float")
+    simulated = False
+    act = config.activation_spec()
+    if not deployable(wspec) and not (config.mode == "weight_only" and wspec.bits == 4):
+        simulated = True
+        notes.append(f"weights {config.weights} are simulated (no integer kernel for this type on CPU)")
+    if act is not None and not deployable(act):
+        simulated = True
+        notes.append(f"activations {config.activations} are simulated (no integer kernel for this type on CPU)")
+    if bits and any(b not in (8, 16) for b in bits.values()):
+        simulated = True
+        notes.append("mixed precision below 8 bits is simulated in PyTorch; the ONNX file stores those layers as int8")
+    structure["notes"] = notes
+    record_stage(new, "quantize", config, structure)
+    object.__setattr__(new, "slimkit_notes", notes)
+    object.__setattr__(new, "slimkit_simulated", simulated)
+    return new.eval()
+
+
+def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
+    """Quantization-aware training with the shared trainer: STE through rounding, LSQ step sizes."""
+    from slimkit.core.trainer import TrainConfig, fit
+
+    if task is None:
+        raise ConfigError("QAT (qat_epochs > 0) needs a task with training data")
+    for m in model.modules():
+        if isinstance(m, (ActQuant, _QuantWeightLayer)):
+            m.learnable()
+    result = fit(model, task, TrainConfig(epochs=config.qat_epochs, lr=config.qat_lr, optimizer="adam"),
+                 description="qat")
+    out = result.model
+    for m in out.modules():  # back to plain buffers: the learned step sizes are now fixed values
+        if isinstance(m, ActQuant) and isinstance(m.scale, nn.Parameter):
+            s = m.scale.detach().abs().clone()
+            del m.scale
+            m.register_buffer("scale", s)
+        if isinstance(m, _QuantWeightLayer) and isinstance(m.weight_scale, nn.Parameter):
+            s = m.weight_scale.detach().abs().clone()
+            del m.weight_scale
+            m.register_buffer("weight_scale", s)
+    object.__setattr__(out, ATTR, get_state(model))
+    return out
+
+
+def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) -> nn.Module:
+    """Rebuild the quantized architecture on a fresh source model (scales load with the weights)."""
+    new, _ = _build(model, config, bits=structure.get("bits"), layers=structure.get("layers"))
+    for q in qgraph.act_quantizers(new):
+        q.mode = "quant"
+    object.__setattr__(new, "slimkit_notes", list(structure.get("notes", [])))
+    return new
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (ActQuant, _QuantWeightLayer)) for m in model.modules())
+
+
+def _write_artifact(model: nn.Module, path: Path, task) -> Path:
+    """The deployable file of a quantized model: its int8 ONNX (QDQ), checked against the simulation."""
+    from slimkit.quantize.export import check_parity, export_quantized
+
+    example = task.example_input(1)
+    out = export_quantized(model, Path(path).with_suffix(".onnx"), example)
+    parity = check_parity(model, out, task.example_input(64))
+    notes = getattr(model, "slimkit_notes", [])
+    notes.append(f"ONNX Runtime int8 vs slimkit simulation on 64 inputs: max |diff| {parity['max_abs_diff']:.3g}, "
+                 f"top-1 agreement {parity.get('top1_agreement', float('nan')):.4f}")
+    return out
+
+
+def _demo(model: nn.Module, task) -> QuantConfig:
+    return QuantConfig(weights="int8", activations="uint8", mode="static", per_channel=True, calibration="percentile")
+
+
+registry.register(Technique(
+    name="quantize", family="quantization", config_cls=QuantConfig, apply=quantize,
+    summary="int8/int16/int4 weights and activations (static, dynamic, weight-only), calibrated; ONNX QDQ on int8 kernels",
+    restore=restore, demo=_demo, write_artifact=_write_artifact, runtime="ort", order=80))
+
+
+def _register_exporter() -> None:
+    from slimkit.export import register_exporter
+
+    def _export(model, path, example_input=None, **kw):
+        from slimkit.quantize.export import export_quantized
+
+        if example_input is None:
+            raise ConfigError("ONNX export of a quantized model needs example_input (e.g. task.example_input(1))")
+        return export_quantized(model, path, example_input, **kw)
+
+    register_exporter(".onnx", _export, is_quantized)
+
+
+_register_exporter()
+_ = torch

@@ -1,0 +1,133 @@
+"""`QuantConfig`: what to quantize, to which integer types, how thresholds are calibrated."""
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from slimkit.core.config import Config
+from slimkit.core.selector import Selector
+from slimkit.quantize.numerics import MAX_BITS, MIN_BITS, QuantSpec
+
+_TYPE = re.compile(r"^(u?)int(\d+)$")
+CalibrationMethod = Literal["minmax", "ema_minmax", "percentile", "mse", "kl"]
+
+
+def parse_type(name: str, *, what: str) -> tuple[int, bool]:
+    """'int8' -> (8, True), 'uint8' -> (8, False); raises ConfigError naming `what` when invalid."""
+    from slimkit.errors import ConfigError
+
+    m = _TYPE.match(name)
+    if not m:
+        raise ConfigError(f"QuantConfig.{what}: {name!r} is not an integer type; use intN or uintN "
+                          f"with N in {MIN_BITS}-{MAX_BITS} (e.g. int8, uint8, int4, int16), or 'none'")
+    bits = int(m.group(2))
+    if not (MIN_BITS <= bits <= MAX_BITS):
+        raise ConfigError(f"QuantConfig.{what}: bit width {bits} of {name!r} is out of range; "
+                          f"use {MIN_BITS}-{MAX_BITS} bits")
+    return bits, m.group(1) != "u"
+
+
+class MixedPrecisionConfig(Config):
+    """Per-layer weight bit widths chosen from `candidates` by measured sensitivity.
+
+    Exactly one budget: `size_fraction` (weight bytes relative to all layers at the highest candidate)
+    or `max_accuracy_drop` (points, fraction of 1, on the validation split).
+    """
+
+    candidates: list[int] = Field(default_factory=lambda: [4, 8])
+    size_fraction: float | None = Field(None, gt=0, le=1)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        from slimkit.errors import ConfigError
+
+        if (self.size_fraction is None) == (self.max_accuracy_drop is None):
+            raise ConfigError("MixedPrecisionConfig: give exactly one of size_fraction or max_accuracy_drop")
+        for b in self.candidates:
+            if not (MIN_BITS <= b <= MAX_BITS):
+                raise ConfigError(f"MixedPrecisionConfig.candidates: bit width {b} is out of range "
+                                  f"({MIN_BITS}-{MAX_BITS})")
+        return self
+
+
+class QuantConfig(Config):
+    """Quantization of weights and activations.
+
+    weights / activations: "int8", "uint8", "int16", "int4", any "intN"/"uintN" with N in 2-16
+        (other than int8/uint8/int16 — and int4 weight-only Linear — simulated only), or "none".
+    mode: "static" (activation ranges calibrated on data), "dynamic" (activation ranges computed per
+        batch at run time; Linear layers), "weight_only" (activations stay float). Activations "none"
+        implies weight_only.
+    per_channel: one weight scale per output channel (else per tensor); group_size: per-group scales
+        of that many input elements (Linear, low-bit weight-only).
+    calibration / weight_calibration: threshold methods (minmax, ema_minmax, percentile, mse, kl).
+    fold_bn, equalize (cross-layer equalization), bias_correction, adaround: accuracy-preserving PTQ.
+    qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
+    keep_float: layer-name patterns left in float (reported).
+    """
+
+    technique: ClassVar[str] = "quantize"
+
+    weights: str = "int8"
+    activations: str = "uint8"
+    mode: Literal["static", "dynamic", "weight_only"] = "static"
+    per_channel: bool = True
+    group_size: int | None = Field(None, ge=8)
+    symmetric_activations: bool = False
+    calibration: CalibrationMethod = "percentile"
+    weight_calibration: CalibrationMethod = "minmax"
+    percentile: float = Field(99.99, gt=50, le=100)
+    calibration_samples: int = Field(512, ge=1)
+    fold_bn: bool = True
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_iters: int = Field(1000, ge=1)
+    qat_epochs: int = Field(0, ge=0)
+    qat_lr: float = Field(1e-4, gt=0)
+    mixed_precision: MixedPrecisionConfig | None = None
+    keep_float: list[str] = Field(default_factory=list)
+    quantize_output: bool = False
+    selector: Selector | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, v: str) -> str:
+        parse_type(v, what="weights")
+        return v
+
+    @field_validator("activations")
+    @classmethod
+    def _check_activations(cls, v: str) -> str:
+        if v != "none":
+            parse_type(v, what="activations")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        from slimkit.errors import ConfigError
+
+        if self.activations == "none" and self.mode == "static":
+            object.__setattr__(self, "mode", "weight_only")
+        if self.mode == "dynamic" and self.activations not in ("uint8", "int8"):
+            raise ConfigError("QuantConfig: dynamic mode quantizes activations to 8 bits per batch; "
+                              f"activations={self.activations!r} is not supported there")
+        if self.qat_epochs and self.mode == "dynamic":
+            raise ConfigError("QuantConfig: QAT needs static or weight-only mode")
+        return self
+
+    # -- specs ---------------------------------------------------------------------------
+    def weight_spec(self, bits: int | None = None) -> QuantSpec:
+        wbits, signed = parse_type(self.weights, what="weights")
+        granularity = "group" if self.group_size else ("channel" if self.per_channel else "tensor")
+        return QuantSpec(bits=bits or wbits, signed=signed, symmetric=True, granularity=granularity, axis=0,
+                         group_size=self.group_size or 128)
+
+    def activation_spec(self) -> QuantSpec | None:
+        if self.mode != "static" or self.activations == "none":
+            return None
+        bits, signed = parse_type(self.activations, what="activations")
+        return QuantSpec(bits=bits, signed=signed, symmetric=self.symmetric_activations, granularity="tensor")

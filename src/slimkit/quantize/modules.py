@@ -1,0 +1,336 @@
+"""Quantized modules: activation quantizers and weight-quantized Conv/Linear wrappers.
+
+In PyTorch they *simulate* integer arithmetic exactly (fake quantization); under `torch.onnx.export`
+they emit ONNX QuantizeLinear/DequantizeLinear (QDQ) nodes with slimkit's own scales and zero points,
+integer weight initializers and int32 biases, which ONNX Runtime fuses into int8 kernels
+(QLinearConv, QGemm, QLinearAdd ...). Dynamic quantization emits DynamicQuantizeLinear +
+MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.quantize import numerics as nq
+from slimkit.quantize.calibration import TensorStats
+
+# ONNX/torch integer dtypes of the deployable types; other bit widths are simulation only.
+_TORCH_DTYPE = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16}
+
+
+def deployable(spec: nq.QuantSpec) -> bool:
+    """True when ONNX Runtime has an integer type for this spec (int8, uint8, int16)."""
+    return (spec.bits, spec.signed) in _TORCH_DTYPE and spec.granularity != "group"
+
+
+def _domain(spec: nq.QuantSpec) -> str:
+    # int16 Q/DQ exist in the standard domain only from opset 21; ONNX Runtime's contrib ops take them earlier
+    return "com.microsoft::" if spec.bits == 16 else ""
+
+
+class _QDQ(torch.autograd.Function):
+    """Quantize-dequantize that exports as an ONNX QuantizeLinear/DequantizeLinear pair."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec):  # noqa: D401
+        return nq.dequantize(nq.quantize(x, scale, zero_point.long(), spec), scale, zero_point.long(), spec)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, spec):
+        kw = {"axis_i": spec.axis} if spec.granularity == "channel" else {}
+        dom = _domain(spec)
+        q = g.op(f"{dom}QuantizeLinear", x, scale, zero_point, **kw)
+        return g.op(f"{dom}DequantizeLinear", q, scale, zero_point, **kw)
+
+
+class _DQ(torch.autograd.Function):
+    """Dequantize integer codes (weights, int32 biases); exports as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point, spec):
+        return nq.dequantize(q.long(), scale, zero_point.long(), spec)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point, spec):
+        kw = {"axis_i": spec.axis} if spec.granularity == "channel" else {}
+        return g.op(f"{_domain(spec)}DequantizeLinear", q, scale, zero_point, **kw)
+
+
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ONNX DynamicQuantizeLinear (uint8, range widened to contain 0)."""
+    lo = torch.clamp(x.detach().min(), max=0.0)
+    hi = torch.clamp(x.detach().max(), min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=1e-12)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale, zp
+
+
+class _DynamicLinear(torch.autograd.Function):
+    """y = x W^T + b with x quantized per batch to uint8 and W int8: exports as
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (ONNX Runtime: DynamicQuantizeMatMul)."""
+
+    @staticmethod
+    def forward(ctx, x, w_int_t, w_scale, w_zp, bias):
+        s, z = dynamic_qparams(x)
+        xq = torch.clamp(torch.round(x / s) + z, 0, 255) - z
+        y = torch.matmul(xq, w_int_t.float() - w_zp.float()) * (s * w_scale)
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def symbolic(g, x, w_int_t, w_scale, w_zp, bias):
+        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+        y = g.op("MatMulInteger", xq, w_int_t, xz, w_zp)
+        y = g.op("Cast", y, to_i=1)  # 1 = FLOAT
+        y = g.op("Mul", y, g.op("Mul", xs, w_scale))
+        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
+            y = g.op("Add", y, bias)
+        return y
+
+
+_EXPORTING = False
+
+
+@contextmanager
+def onnx_export_mode():
+    """While active, quantized modules run through their ONNX-exportable path."""
+    global _EXPORTING
+    old, _EXPORTING = _EXPORTING, True
+    try:
+        yield
+    finally:
+        _EXPORTING = old
+
+
+def _lsq_scale(scale: torch.Tensor, numel: int, qmax: int) -> torch.Tensor:
+    """LSQ gradient scaling (Esser et al. 2020): same value, gradient times 1/sqrt(N * qmax)."""
+    g = 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
+    return (scale - scale * g).detach() + scale * g
+
+
+class ActQuant(nn.Module):
+    """Quantizer of one activation tensor.
+
+    mode: "off" (identity), "observe" (collect calibration statistics, identity), "quant" (fake quant
+    with the calibrated scale / zero point). `learnable()` turns the scale into an LSQ parameter (QAT).
+    """
+
+    def __init__(self, spec: nq.QuantSpec, name: str = "act"):
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.mode = "off"
+        self.register_buffer("scale", torch.tensor(1.0))
+        zdtype = _TORCH_DTYPE.get((spec.bits, spec.signed), torch.int32)
+        self.register_buffer("zero_point", torch.tensor(0, dtype=zdtype))
+        self.stats: TensorStats | None = None
+
+    def extra_repr(self) -> str:
+        kind = f"{'int' if self.spec.signed else 'uint'}{self.spec.bits}"
+        return f"{kind}, {'symmetric' if self.spec.symmetric else 'asymmetric'}, mode={self.mode}"
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zp = nq.qparams(lo, hi, self.spec)
+        with torch.no_grad():
+            if isinstance(self.scale, nn.Parameter):
+                self.scale.data.copy_(scale)
+            else:
+                self.scale = scale.clone()
+            self.zero_point = zp.to(self.zero_point.dtype)
+        self.mode = "quant"
+
+    def learnable(self) -> None:
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            if self.stats is None:
+                self.stats = TensorStats(self.name)
+            self.stats.update(x)
+            return x
+        if _EXPORTING:
+            return _QDQ.apply(x, self.scale.detach(), self.zero_point, self.spec)
+        scale = self.scale
+        if isinstance(scale, nn.Parameter):
+            scale = _lsq_scale(scale.abs() + 1e-12, x[0].numel(), self.spec.qmax)
+        return nq.fake_quantize(x, scale, self.zero_point, self.spec)
+
+
+class _QuantWeightLayer(nn.Module):
+    """Shared logic of QuantConv / QuantLinear: the wrapped float layer, its weight quantizer and,
+    for static activations, a link to its input quantizer (needed for the int32 bias scale)."""
+
+    def __init__(self, layer: nn.Module, spec: nq.QuantSpec):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        zdtype = _TORCH_DTYPE.get((spec.bits, spec.signed), torch.int32)
+        shape = self._scale_shape()
+        self.register_buffer("weight_scale", torch.ones(shape))
+        self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=zdtype))
+        self._input_quant: list[ActQuant] = []  # a plain list: referenced, not owned (owned by the graph)
+        self.dynamic = False  # per-batch activation quantization (Linear only)
+        self.enabled = True
+        self.round_offset: torch.Tensor | None = None  # AdaRound: soft rounding while learning
+        self.input_owned: ActQuant | None = None  # input quantizer when the graph could not be traced
+
+    def _scale_shape(self) -> tuple[int, ...]:
+        w = self.layer.weight
+        if self.spec.granularity == "channel":
+            return (w.shape[self.spec.axis],)
+        if self.spec.granularity == "group":
+            return nq.grouped(w.detach(), self.spec.group_size).shape[:2]
+        return ()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    @property
+    def input_quant(self) -> ActQuant | None:
+        return self._input_quant[0] if self._input_quant else None
+
+    def link_input(self, quant: ActQuant | None) -> None:
+        self._input_quant = [quant] if quant is not None else []
+
+    def calibrate_weight(self, method: str = "minmax", percentile: float = 99.99) -> None:
+        from slimkit.quantize.calibration import weight_thresholds
+
+        lo, hi = weight_thresholds(self.layer.weight, method, self.spec, percentile=percentile)
+        scale, zp = nq.qparams(lo, hi, self.spec)
+        with torch.no_grad():
+            if isinstance(self.weight_scale, nn.Parameter):
+                self.weight_scale.data.copy_(scale)
+            else:
+                self.weight_scale = scale.reshape(self.weight_scale.shape).clone()
+            self.weight_zero_point = zp.reshape(self.weight_zero_point.shape).to(self.weight_zero_point.dtype)
+
+    def learnable(self) -> None:
+        if not isinstance(self.weight_scale, nn.Parameter):
+            scale = self.weight_scale.detach().clone()
+            del self.weight_scale
+            self.weight_scale = nn.Parameter(scale)
+
+    def weight_codes(self) -> torch.Tensor:
+        """Integer weight codes (int64) as deployed."""
+        return nq.quantize(self.layer.weight.detach(), self.weight_scale.detach(), self.weight_zero_point, self.spec)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The simulated (dequantized) weight; differentiable for QAT and AdaRound."""
+        w = self.layer.weight
+        if not self.enabled:
+            return w
+        scale = self.weight_scale
+        if isinstance(scale, nn.Parameter):
+            scale = _lsq_scale(scale.abs() + 1e-12, w[0].numel(), self.spec.qmax)
+        if self.round_offset is not None:  # AdaRound: floor + learned offset in [0, 1]
+            if self.spec.granularity == "group":
+                raise NotImplementedError("AdaRound supports per-channel or per-tensor scales")
+            s = nq._broadcast(scale, w, self.spec)
+            z = nq._broadcast(self.weight_zero_point, w, self.spec).float()
+            q = torch.clamp(torch.floor(w / s).detach() + self.round_offset + z, self.spec.qmin, self.spec.qmax)
+            return (q - z) * s
+        return nq.fake_quantize(w, scale, self.weight_zero_point, self.spec)
+
+    def quantized_bias(self, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Bias rounded to int32 with scale s_in * s_w (as ONNX Runtime's integer kernels use it)."""
+        b = self.layer.bias
+        iq = self.input_quant
+        if b is None or iq is None or iq.mode != "quant" or not self.enabled or self.spec.granularity == "group":
+            return b
+        s = (iq.scale.detach() if weight_scale is None else iq.scale) * (self.weight_scale if weight_scale is None else weight_scale)
+        s = s.detach().abs() + 1e-20
+        return nq.round_ste(b / s) * s
+
+    # -- export ------------------------------------------------------------------------------
+    # Integer codes are materialized as (non-persistent) buffers before tracing, so the exporter
+    # writes them as int8/int32 initializers instead of tracing the float->int computation.
+    def freeze_for_export(self) -> None:
+        codes = self.weight_codes().to(self.weight_zero_point.dtype)
+        self.register_buffer("export_weight_codes", codes, persistent=False)
+        self.register_buffer("export_weight_scale", self.weight_scale.detach().float().clone(), persistent=False)
+        b, iq = self.layer.bias, self.input_quant
+        if b is not None and iq is not None and iq.mode == "quant":
+            s = (iq.scale.detach() * self.weight_scale.detach()).float().reshape(-1).expand(b.shape[0]).contiguous()
+            self.register_buffer("export_bias_codes", torch.round(b.detach() / s).to(torch.int32), persistent=False)
+            self.register_buffer("export_bias_scale", s.clone(), persistent=False)
+            self.register_buffer("export_bias_zero_point", torch.zeros(b.shape[0], dtype=torch.int32), persistent=False)
+
+        if self.dynamic:  # MatMulInteger takes B as (in, out)
+            self.register_buffer("export_weight_codes_t", codes.t().contiguous(), persistent=False)
+
+    def unfreeze(self) -> None:
+        for name in ("export_weight_codes", "export_weight_codes_t", "export_weight_scale", "export_bias_codes", "export_bias_scale",
+                     "export_bias_zero_point"):
+            self._buffers.pop(name, None)
+
+    def _export_weight(self) -> torch.Tensor:
+        return _DQ.apply(self.export_weight_codes, self.export_weight_scale, self.weight_zero_point, self.spec)
+
+    def _export_bias(self) -> torch.Tensor | None:
+        if "export_bias_codes" not in self._buffers:
+            return self.layer.bias
+        return _DQInt32.apply(self.export_bias_codes, self.export_bias_scale, self.export_bias_zero_point)
+
+
+class _DQInt32(torch.autograd.Function):
+    """Per-channel int32 bias codes with scale s_in * s_w; exports as DequantizeLinear(axis=0)."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point):
+        return q.float() * scale
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point):
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
+
+
+def conv_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Run a Conv1d/Conv2d (or a subclass) with replacement weight and bias."""
+    if type(layer).forward in (nn.Conv1d.forward, nn.Conv2d.forward):
+        return layer._conv_forward(x, weight, bias)
+    pad = getattr(layer, "static_padding", None)
+    if isinstance(pad, nn.Module):  # TF-"SAME" padded convs (EfficientNet ports): pad, then a plain conv
+        return layer._conv_forward(pad(x), weight, bias)
+    from torch.func import functional_call  # any other subclass: its own forward with swapped tensors
+
+    params = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+    return functional_call(layer, params, (x,))
+
+
+class QuantConv(_QuantWeightLayer):
+    """A Conv1d/Conv2d (or subclass) with quantized weights (and int32 bias under static activations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_owned is not None:
+            x = self.input_owned(x)
+        if _EXPORTING and self.enabled and deployable(self.spec):
+            return conv_forward(self.layer, x, self._export_weight(), self._export_bias())
+        return conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
+
+
+class QuantLinear(_QuantWeightLayer):
+    """A Linear with quantized weights; `dynamic=True` also quantizes its input per batch (uint8)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_owned is not None:
+            x = self.input_owned(x)
+        if self.dynamic and self.enabled:
+            if _EXPORTING and self.spec.bits == 8:
+                return _DynamicLinear.apply(x, self.export_weight_codes_t, self.export_weight_scale,
+                                            self.weight_zero_point, self.layer.bias)
+            w = self.quantized_weight()
+            s, z = dynamic_qparams(x)
+            xq = (torch.clamp(nq.round_ste(x / s) + z, 0, 255) - z) * s
+            return F.linear(xq, w, self.layer.bias)
+        if _EXPORTING and self.enabled and deployable(self.spec):
+            return F.linear(x, self._export_weight(), self._export_bias())
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())

@@ -1,0 +1,289 @@
+"""Post-training quantization steps: activation calibration, cross-layer equalization, bias
+correction and learned rounding (AdaRound). Statistics passes never change the model; the
+transformations use the statistics they are given."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.core.progress import progress_bar
+from slimkit.errors import CalibrationError
+from slimkit.quantize.calibration import thresholds
+from slimkit.quantize.graph import act_quantizers, weight_layers
+from slimkit.quantize.modules import _QuantWeightLayer, conv_forward
+
+
+def _call(model: nn.Module, batch):
+    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+
+
+def _check_batch(batch, index: int) -> None:
+    tensors = batch if isinstance(batch, (tuple, list)) else (batch,)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CalibrationError(f"calibration batch {index} contains NaN or Inf values; clean the calibration data")
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: list, description: str) -> int:
+    """Forward every batch (eval mode); returns the number of samples. Raises on an empty set."""
+    model.eval()
+    n = 0
+    with progress_bar(description, len(batches)) as advance:
+        for i, batch in enumerate(batches):
+            _check_batch(batch, i)
+            _call(model, batch)
+            n += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+            advance(1)
+    if n == 0:
+        raise CalibrationError("the calibration set is empty: give at least one sample (task.calibration or "
+                               "calibration_data)")
+    return n
+
+
+def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, object]:
+    """One pass with float weights and every activation quantizer observing; returns name -> stats."""
+    quantizers = act_quantizers(model)
+    layers = weight_layers(model).values()
+    for q in quantizers:
+        q.mode, q.stats = "observe", None
+    for layer in layers:
+        layer.enabled = False
+    try:
+        run_batches(model, batches, "calibrate")
+    finally:
+        for layer in layers:
+            layer.enabled = True
+    stats = {}
+    for q in quantizers:
+        if q.stats is None:
+            q.mode = "off"
+            raise CalibrationError(f"activation {q.name!r} saw no data during calibration (the layer never ran)")
+        stats[q.name] = q.stats
+        q.stats = None
+    return stats
+
+
+def apply_activation_thresholds(model: nn.Module, stats: dict, method: str, percentile: float) -> None:
+    for q in act_quantizers(model):
+        lo, hi = thresholds(stats[q.name], method, q.spec, percentile=percentile)
+        q.set_range(lo, hi)
+
+
+# -- cross-layer equalization -------------------------------------------------------------
+_RELU = (nn.ReLU,)
+
+
+def equalize(gm: fx.GraphModule, iterations: int = 4) -> list[tuple[str, str]]:
+    """Cross-layer equalization (Nagel et al. 2019) of consecutive conv/linear pairs joined by ReLU,
+    max-pool or nothing (positively homogeneous ops). ReLU6 pairs are skipped: scaling would move
+    their clipping point. Returns the equalized (first, second) layer names."""
+    def mod(node):
+        return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    pairs = []
+    for node in gm.graph.nodes:
+        first = mod(node)
+        if not isinstance(first, (nn.Conv2d, nn.Linear)):
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            m = mod(nxt)
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                ok = isinstance(first, type(m)) or isinstance(m, type(first))
+                depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
+                if ok and (not depthwise or m.groups == m.in_channels == m.out_channels) and \
+                        (not isinstance(m, nn.Conv2d) or m.groups in (1, m.in_channels)):
+                    pairs.append((node.target, nxt.target))
+                break
+            if isinstance(m, _RELU + (nn.MaxPool2d, nn.Identity)) or (nxt.op == "call_function" and nxt.target in (F.relu, torch.relu)):
+                cur = nxt
+                continue
+            break
+    for _ in range(iterations):
+        for a, b in pairs:
+            _equalize_pair(gm.get_submodule(a), gm.get_submodule(b))
+    return pairs
+
+
+@torch.no_grad()
+def _equalize_pair(first: nn.Module, second: nn.Module) -> None:
+    w1, w2 = first.weight, second.weight
+    r1 = w1.abs().reshape(w1.shape[0], -1).amax(1)
+    if isinstance(second, nn.Conv2d) and second.groups > 1:  # depthwise: input channel i is output channel i
+        r2 = w2.abs().reshape(w2.shape[0], -1).amax(1)
+    else:
+        r2 = w2.abs().transpose(0, 1).reshape(w2.shape[1], -1).amax(1)
+    s = torch.sqrt(r1 * r2).clamp(min=1e-8) / r2.clamp(min=1e-8)
+    s = torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s)).clamp(1e-3, 1e3)
+    w1.div_(s.reshape(-1, *[1] * (w1.dim() - 1)))
+    if first.bias is not None:
+        first.bias.div_(s)
+    if isinstance(second, nn.Conv2d) and second.groups > 1:
+        w2.mul_(s.reshape(-1, *[1] * (w2.dim() - 1)))
+    else:
+        w2.mul_(s.reshape(1, -1, *[1] * (w2.dim() - 2)))
+
+
+# -- bias correction ------------------------------------------------------------------------
+def _float_and_quant_outputs(layer: _QuantWeightLayer, x: torch.Tensor):
+    wq = layer.quantized_weight()
+    bias = layer.layer.bias
+    if isinstance(layer.layer, nn.Linear):
+        return F.linear(x, layer.layer.weight, bias), F.linear(x, wq, bias)
+    return conv_forward(layer.layer, x, layer.layer.weight, bias), conv_forward(layer.layer, x, wq, bias)
+
+
+@torch.no_grad()
+def bias_correction(model: nn.Module, batches: list) -> dict[str, float]:
+    """Empirical bias correction: add E[W x - Q(W) x] per output channel to each layer's bias,
+    measured on the calibration inputs each layer sees. Returns the mean |correction| per layer."""
+    layers = weight_layers(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, layer in layers.items():
+        if layer.dynamic:
+            continue
+
+        def hook(mod, args, _name=name):
+            x = args[0]
+            if mod.input_owned is not None:
+                x = mod.input_owned(x)
+            yf, yq = _float_and_quant_outputs(mod, x)
+            diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1) if yf.dim() > 2 else (yf - yq).transpose(0, 1)
+            sums[_name] = sums.get(_name, 0) + diff.sum(1)
+            counts[_name] = counts.get(_name, 0) + diff.shape[1]
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        run_batches(model, batches, "bias correction")
+    finally:
+        for h in handles:
+            h.remove()
+    corrections = {}
+    for name, total in sums.items():
+        layer = layers[name].layer
+        delta = total / counts[name]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        layer.bias.add_(delta)
+        corrections[name] = float(delta.abs().mean())
+    return corrections
+
+
+# -- AdaRound ----------------------------------------------------------------------------------
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+@torch.no_grad()
+def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list):
+    """Inputs of layer `name` in the (partly) quantized model and its outputs in the float model."""
+    xs, ys = [], []
+    qlayer = model.get_submodule(name)
+    flayer = float_model.get_submodule(name)
+    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(m.input_owned(a[0]) if m.input_owned is not None else a[0]))
+    h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(out))
+    try:
+        for batch in batches:
+            _call(model, batch)
+            _call(float_model, batch)
+    finally:
+        h1.remove()
+        h2.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float = 0.01, batch_size: int = 32,
+             lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
+    """Learned rounding (Nagel et al. 2020), layer by layer in model order: choose floor or ceil for
+    every weight to minimize the layer's output error against the float model on calibration data.
+    Returns the final reconstruction MSE per layer."""
+    layers = weight_layers(model)
+    float_model = _float_copy(model)
+    gen = torch.Generator().manual_seed(seed)
+    results = {}
+    with progress_bar("adaround", len(layers) * iters) as advance:
+        for name, layer in layers.items():
+            if layer.dynamic or layer.spec.granularity == "group":
+                continue
+            x, y = _layer_io(model, float_model, name, batches)
+            w = layer.layer.weight.detach()
+            s = layer.weight_scale.detach()
+            s_b = s.reshape(-1, *[1] * (w.dim() - 1)) if s.dim() else s
+            rest = (w / s_b - torch.floor(w / s_b)).clamp(0.01, 0.99)
+            v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))
+            opt = torch.optim.Adam([v], lr=lr)
+            warmup = int(0.2 * iters)
+            for it in range(iters):
+                idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
+                layer.round_offset = _rectified_sigmoid(v)
+                out = _forward_layer(layer, x[idx])
+                rec = (out - y[idx]).pow(2).sum(1).mean() if out.dim() == 2 else (out - y[idx]).pow(2).sum(1).mean()
+                if it < warmup:
+                    loss = rec
+                else:
+                    beta = 20 - (20 - 2) * (it - warmup) / max(iters - warmup, 1)
+                    h = _rectified_sigmoid(v)
+                    loss = rec + reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if it % 50 == 0:
+                    advance(50 if it + 50 <= iters else iters - it, layer=name, rec=float(rec))
+            with torch.no_grad():  # bake the hard decision: weights sit exactly on the chosen grid point
+                layer.round_offset = (_rectified_sigmoid(v) >= 0.5).float()
+                layer.layer.weight.copy_(layer.quantized_weight())
+                layer.round_offset = None
+                results[name] = float((_forward_layer(layer, x) - y).pow(2).mean())
+    return results
+
+
+def _forward_layer(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
+    w = layer.quantized_weight()
+    b = layer.quantized_bias()
+    if isinstance(layer.layer, nn.Linear):
+        return F.linear(x, w, b)
+    return conv_forward(layer.layer, x, w, b)
+
+
+def _float_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    from slimkit.quantize.modules import ActQuant
+
+    float_model = copy.deepcopy(model)
+    for m in float_model.modules():
+        if isinstance(m, ActQuant):
+            m.mode = "off"
+        if isinstance(m, _QuantWeightLayer):
+            m.enabled = False
+    return float_model.eval()
+
+
+def batches_from(data, *, batch_size: int = 64, max_samples: int | None = None) -> list:
+    """A list of input batches from a Task (its calibration split), a tensor, or an iterable of batches."""
+    from slimkit.core.task import Task
+
+    if isinstance(data, Task):
+        return list(data.calibration_batches(batch_size=batch_size, max_samples=max_samples))
+    if isinstance(data, torch.Tensor):
+        if max_samples is not None:
+            data = data[:max_samples]
+        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    if isinstance(data, Iterable):
+        return list(data)
+    raise CalibrationError(f"calibration data must be a Task, a tensor or an iterable of batches, "
+                           f"got {type(data).__name__}")
+
+
+_ = math
