@@ -1,0 +1,251 @@
+"""Knowledge distillation benchmark: does KD beat hard labels, and does it recover pruned networks?
+
+    python benchmarks/distill.py --out distill.json            # full run (several minutes on 2 cores)
+    python benchmarks/distill.py --out distill.json --quick    # smoke run (fewer seeds/epochs)
+
+Part 1, Hinton-style (Hinton et al. 2015, MNIST: 146 -> 74 test errors): on digits resized to 28x28
+and flattened, a teacher MLP 784-1200-1200-10 with dropout (trained on jittered images, as in the
+paper) teaches a much smaller student MLP. The same student (same initialization per seed) is trained
+on hard labels and with KD for the same epochs, over several seeds; test errors per seed.
+Check: mean KD errors <= 0.8 x mean hard-label errors.
+
+Part 2, teacher-output cache: the same KD run with and without `cache_teacher` (wall time, teacher
+forward passes, identical result).
+
+Part 3, KD as recovery: LeNet-5 trained on digits is structurally pruned (channels and neurons removed
+with torch-pruning's MagnitudePruner: slimkit's own structured pruning belongs to the pruning issue),
+then fine-tuned for the same few epochs with plain cross-entropy or with KD from the unpruned model,
+over several seeds. Check: mean accuracy recovered by KD >= by plain fine-tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+from slimkit import data, zoo  # noqa: E402
+from slimkit.core.task import Task, tensor_task  # noqa: E402
+from slimkit.core.trainer import TrainConfig, fit  # noqa: E402
+from slimkit.distill import DistillConfig, distill, finetune, recover  # noqa: E402
+from slimkit.evaluate import count_params, predict  # noqa: E402
+
+
+def test_errors(model: nn.Module, task: Task) -> int:
+    logits, targets = predict(model, task, "test")
+    return int((logits.argmax(1) != targets).sum())
+
+
+def test_accuracy(model: nn.Module, task: Task) -> float:
+    logits, targets = predict(model, task, "test")
+    return float((logits.argmax(1) == targets).float().mean())
+
+
+def mlp(sizes: list[int], dropout_in: float = 0.0, dropout_hidden: float = 0.0) -> nn.Module:
+    layers: list[nn.Module] = [nn.Dropout(dropout_in)] if dropout_in else []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout_hidden:
+                layers.append(nn.Dropout(dropout_hidden))
+    return nn.Sequential(*layers)
+
+
+def jittered(task: Task, pixels: int, side: int = 28) -> Task:
+    """The task with its training images shifted by up to `pixels` in x and y (the teacher's data)."""
+    x = torch.stack([task.train[i][0] for i in range(len(task.train))]).view(-1, 1, side, side)
+    y = torch.stack([task.train[i][1] for i in range(len(task.train))])
+    background = float(x.min())  # standardized zero pixel
+    padded = F.pad(x, (pixels,) * 4, value=background)
+    shifted = [padded[:, :, pixels + dy: pixels + dy + side, pixels + dx: pixels + dx + side]
+               for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)]
+    xs = torch.cat(shifted).flatten(1)
+    ys = y.repeat(len(shifted))
+    val = [torch.stack(t) for t in zip(*[task.val[i] for i in range(len(task.val))])]
+    test = [torch.stack(t) for t in zip(*[task.test[i] for i in range(len(task.test))])]
+    return tensor_task("digits-jittered", xs, ys, *val, *test, num_classes=10, batch_size=128)
+
+
+def hinton(args, rows: list[dict]) -> dict:
+    task = data.digits(size=28, flatten=True)
+    n_in = task.input_shape[0]
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    teacher = mlp([n_in, 1200, 1200, 10], dropout_in=0.2, dropout_hidden=0.5)
+    teacher_task = jittered(task, args.jitter) if args.jitter else task
+    teacher = fit(teacher, teacher_task, TrainConfig(epochs=args.teacher_epochs, lr=1e-3, seed=0),
+                  description="teacher 2x1200").model
+    teacher_errors = test_errors(teacher, task)
+    teacher_s = time.perf_counter() - t0
+    hidden = args.student_hidden
+    student_params = count_params(mlp([n_in, hidden, hidden, 10]))["params"]
+    print(f"teacher 784-1200-1200-10 ({count_params(teacher)['params']:,} params): {teacher_errors} test errors "
+          f"of {len(task.test)} ({teacher_s:.0f} s); student 784-{hidden}-{hidden}-10 ({student_params:,} params)")
+
+    def student(seed: int) -> nn.Module:
+        torch.manual_seed(1000 + seed)  # same initialization for the hard-label and the KD student
+        return mlp([n_in, hidden, hidden, 10])
+
+    train = dict(epochs=args.epochs, lr=args.lr)
+    temperature, alpha = args.temperature, args.alpha
+    if args.tune:  # choose T and alpha on the validation split with a seed not used below
+        tune_seed = 99
+        best = None
+        for t in (2.0, 4.0, 8.0):
+            for a in (0.5, 0.9, 1.0):
+                kd = distill(student(tune_seed), teacher, task=task, config=DistillConfig(
+                    temperature=t, alpha=a, seed=tune_seed, cache_teacher=True, **train))
+                logits, targets = predict(kd, task, "val")
+                val_errors = int((logits.argmax(1) != targets).sum())
+                rows.append({"part": "tune", "temperature": t, "alpha": a, "val_errors": val_errors})
+                if best is None or val_errors < best[0]:
+                    best = (val_errors, t, a)
+        _, temperature, alpha = best
+        print(f"tuned on validation: T={temperature:g}, alpha={alpha:g}")
+
+    part = []
+    for seed in range(args.seeds):
+        hard = fit(student(seed), task, TrainConfig(seed=seed, **train), description=f"hard labels seed {seed}").model
+        kd = distill(student(seed), teacher, task=task, config=DistillConfig(
+            temperature=temperature, alpha=alpha, seed=seed, cache_teacher=True, **train))
+        row = {"part": "hinton", "seed": seed, "teacher_errors": teacher_errors, "hard_errors": test_errors(hard, task),
+               "kd_errors": test_errors(kd, task), "test_images": len(task.test), "student_hidden": hidden,
+               "student_params": student_params, "epochs": args.epochs, "temperature": temperature, "alpha": alpha}
+        part.append(row)
+        rows.append(row)
+    print_table(part, ["seed", "teacher_errors", "hard_errors", "kd_errors", "test_images"],
+                title=f"Hinton-style: student 784-{hidden}-{hidden}-10, {args.epochs} epochs, T={temperature:g}, "
+                      f"alpha={alpha:g}")
+    return {"task": task, "teacher": teacher, "student": student, "temperature": temperature, "alpha": alpha,
+            "rows": part}
+
+
+def cache_timing(args, ctx: dict, rows: list[dict]) -> list[dict]:
+    part = []
+    results = {}
+    for cache in (False, True):
+        model = ctx["student"](0)
+        t0 = time.perf_counter()
+        trained = distill(model, ctx["teacher"], task=ctx["task"], config=DistillConfig(
+            temperature=ctx["temperature"], alpha=ctx["alpha"], seed=0, epochs=args.epochs, lr=args.lr,
+            cache_teacher=cache))
+        seconds = time.perf_counter() - t0
+        results[cache] = trained
+        note = [n for n in trained.slimkit_notes if "cached" in n]
+        row = {"part": "cache", "cache_teacher": cache, "seconds": round(seconds, 2), "epochs": args.epochs,
+               "note": note[0] if note else ""}
+        part.append(row)
+        rows.append(row)
+    x = ctx["task"].example_input(64, split="test")
+    same = bool(torch.allclose(results[False](x), results[True](x), atol=1e-5))
+    for row in part:
+        row["same_result"] = same
+    print_table(part, ["cache_teacher", "seconds", "same_result", "note"], title="teacher-output cache")
+    return part
+
+
+def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
+    """Remove channels/neurons for real with torch-pruning (the last classifier layer is kept)."""
+    import torch_pruning as tp
+
+    from slimkit.core.state import copy_model
+
+    pruned = copy_model(model).eval()
+    pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[pruned.classifier[-1]])
+    pruner.step()
+    return pruned
+
+
+def recovery(args, rows: list[dict]) -> list[dict]:
+    task = data.digits()
+    teacher = fit(zoo.for_task("lenet5", task), task, TrainConfig(epochs=args.lenet_epochs, lr=2e-3, seed=0),
+                  description="LeNet-5").model
+    pruned = structured_prune(teacher, task.example_input(2), args.prune_ratio)
+    base_acc, pruned_acc = test_accuracy(teacher, task), test_accuracy(pruned, task)
+    p0, p1 = count_params(teacher)["params"], count_params(pruned)["params"]
+    print(f"LeNet-5 {p0:,} params, test accuracy {100 * base_acc:.2f}%; pruned {args.prune_ratio:.0%} of channels -> "
+          f"{p1:,} params, {100 * pruned_acc:.2f}% before recovery")
+    part = []
+    for seed in range(args.seeds):
+        ft = finetune(pruned, task, epochs=args.recovery_epochs, lr=args.recovery_lr, seed=seed)
+        kd = recover(pruned, teacher, task, epochs=args.recovery_epochs, lr=args.recovery_lr, seed=seed,
+                     temperature=args.recovery_temperature, alpha=args.recovery_alpha, cache_teacher=True)
+        row = {"part": "recovery", "seed": seed, "original_accuracy": base_acc, "pruned_accuracy": pruned_acc,
+               "finetune_accuracy": test_accuracy(ft, task), "kd_accuracy": test_accuracy(kd, task),
+               "original_params": p0, "pruned_params": p1, "epochs": args.recovery_epochs,
+               "prune_ratio": args.prune_ratio, "temperature": args.recovery_temperature, "alpha": args.recovery_alpha}
+        part.append(row)
+        rows.append(row)
+    print_table(part, ["seed", "original_accuracy", "pruned_accuracy", "finetune_accuracy", "kd_accuracy"],
+                title=f"KD as recovery: LeNet-5 pruned {args.prune_ratio:.0%} (torch-pruning), "
+                      f"{args.recovery_epochs} epochs")
+    return part
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, fewer epochs")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--jitter", type=int, default=1, help="teacher trains on images shifted by up to N pixels")
+    p.add_argument("--student-hidden", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=60, help="student epochs (hard labels and KD alike)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--tune", action="store_true", help="choose T and alpha on the validation split first")
+    p.add_argument("--lenet-epochs", type=int, default=15)
+    p.add_argument("--prune-ratio", type=float, default=0.7)
+    p.add_argument("--recovery-epochs", type=int, default=3)
+    p.add_argument("--recovery-lr", type=float, default=1e-3)
+    p.add_argument("--recovery-temperature", type=float, default=4.0)
+    p.add_argument("--recovery-alpha", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip", nargs="*", default=[], choices=["hinton", "cache", "recovery"])
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.teacher_epochs, args.epochs, args.lenet_epochs = 2, 3, 20, 5
+    torch.set_num_threads(args.threads)
+    env = environment(note="shared 2-core machine; other engineers' jobs were running", args=vars(args))
+    rows: list[dict] = []
+    checks = []
+    t0 = time.perf_counter()
+    if "hinton" not in args.skip:
+        ctx = hinton(args, rows)
+        hard = statistics.mean(r["hard_errors"] for r in ctx["rows"])
+        kd = statistics.mean(r["kd_errors"] for r in ctx["rows"])
+        ratio = kd / hard if hard else float("inf")
+        checks.append(check("hinton_kd_over_hard_errors", round(ratio, 3), "<= 0.8", ratio <= 0.8))
+        checks.append(check("hinton_mean_errors", {"teacher": ctx["rows"][0]["teacher_errors"], "hard": hard, "kd": kd},
+                            f"KD < hard over {len(ctx['rows'])} seeds", kd < hard))
+        if "cache" not in args.skip:
+            part = cache_timing(args, ctx, rows)
+            off, on = part
+            checks.append(check("cache_same_result", on["same_result"], "cached == uncached", on["same_result"]))
+            speedup = off["seconds"] / on["seconds"]
+            checks.append(check("cache_speedup", round(speedup, 2), "> 1 (teacher runs once per example)", speedup > 1))
+    if "recovery" not in args.skip:
+        part = recovery(args, rows)
+        ft = statistics.mean(r["finetune_accuracy"] for r in part)
+        kd = statistics.mean(r["kd_accuracy"] for r in part)
+        pruned = part[0]["pruned_accuracy"]
+        checks.append(check("recovery_kd_minus_finetune_accuracy", round(kd - ft, 4),
+                            f">= 0 (mean over {len(part)} seeds; pruned start {pruned:.4f})", kd >= ft))
+    env["seconds"] = round(time.perf_counter() - t0, 1)
+    write_result(args.out, "distill", env, rows, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

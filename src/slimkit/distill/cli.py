@@ -1,0 +1,86 @@
+"""`slimkit distill --teacher MODEL --student MODEL --data D`: train a student from a teacher's soft targets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slimkit.errors import ConfigError
+
+
+def parse_feature(spec: str):
+    """`STUDENT_LAYER=TEACHER_LAYER[:hint|:attention][@WEIGHT]` -> FeatureLink."""
+    from slimkit.distill.config import FeatureLink
+
+    body, _, weight = spec.partition("@")
+    pair, _, kind = body.partition(":")
+    student, sep, teacher = pair.partition("=")
+    if not sep or not student or not teacher:
+        raise ConfigError(f"--feature {spec!r}: use STUDENT_LAYER=TEACHER_LAYER[:hint|:attention][@WEIGHT]")
+    fields = {"student": student, "teacher": teacher, "kind": kind or "hint"}
+    if weight:
+        try:
+            fields["weight"] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--feature {spec!r}: weight {weight!r} is not a number") from None
+    try:
+        return FeatureLink(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"--feature {spec!r}: {err}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("distill")
+    def distill_command(
+        teacher: str = typer.Option(..., "--teacher", help="teacher: a saved model, zoo:NAME with --teacher-weights, "
+                                                            "or package.module:factory with --teacher-weights"),
+        student: str = typer.Option(..., "--student", help="student: zoo:NAME (built for the data, scaled by --width), "
+                                                            "a saved model, or package.module:factory with --student-weights"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="safetensors weights for the teacher"),
+        student_weights: Optional[str] = typer.Option(None, "--student-weights", help="safetensors weights for the student"),
+        width: float = typer.Option(1.0, help="width multiplier of a zoo student"),
+        temperature: float = typer.Option(4.0, help="softmax temperature T of the soft targets"),
+        alpha: float = typer.Option(0.9, help="weight of the soft-target term (1 - alpha on the hard labels)"),
+        epochs: int = typer.Option(10, help="training epochs"),
+        lr: float = typer.Option(1e-3, help="learning rate"),
+        feature: list[str] = typer.Option([], "--feature", help="feature link STUDENT=TEACHER[:hint|:attention][@W] "
+                                                                "(layer name patterns; repeatable)"),
+        cache_teacher: bool = typer.Option(False, "--cache-teacher", help="reuse teacher outputs for repeated inputs"),
+        seed: int = typer.Option(0, help="random seed"),
+        device: str = typer.Option("auto", help="student device: auto | cpu | cuda"),
+        teacher_device: Optional[str] = typer.Option(None, help="teacher device (default: the student's)"),
+        config: Optional[Path] = typer.Option(None, "--config", help="DistillConfig as YAML/JSON (replaces the options "
+                                                                     "above except --student/--width)"),
+        out: Path = typer.Option(Path("slimkit-out/student.safetensors"), "--out", "-o", help="where to save the student"),
+    ) -> None:
+        """Distill TEACHER into STUDENT on a data set; save the student and print both test accuracies."""
+        from slimkit.cli.common import console, load_model, load_task
+        from slimkit.core.artifact import save
+        from slimkit.distill.apply import _apply, distill
+        from slimkit.distill.config import DistillConfig
+        from slimkit.evaluate import count_params, predict, topk_accuracy
+
+        if config is not None:
+            cfg = DistillConfig.from_file(config)
+        else:
+            cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed, device=device,
+                                teacher_device=teacher_device, cache_teacher=cache_teacher,
+                                features=[parse_feature(f) for f in feature])
+        task = load_task(data)
+        teacher_model = load_model(teacher, weights=teacher_weights, task=task)
+        if student.startswith("zoo:") and not student_weights:
+            # a fresh zoo student is built by the stage itself, shaped for the data and scaled by --width
+            cfg = DistillConfig(**{**cfg.to_dict(), "student": student, "width": width})
+            trained = _apply(teacher_model, cfg, task=task)
+        else:
+            if width != 1.0:
+                raise ConfigError("--width scales a fresh zoo student (--student zoo:NAME without --student-weights)")
+            trained = distill(load_model(student, weights=student_weights, task=task), teacher_model, task=task,
+                              config=cfg)
+        path = save(trained, out)
+        for name, model in (("teacher", teacher_model), ("student", trained)):
+            acc = topk_accuracy(*predict(model, task, "test"))["top1"]
+            console.print(f"{name}: test accuracy {100 * acc:.2f}%, {count_params(model)['params']:,} params")
+        console.print(f"saved {path} ({path.stat().st_size:,} bytes)")

@@ -1,0 +1,262 @@
+"""Distillation: the losses against hand-computed values, the frozen teacher, the logit cache, feature
+links, the verb and the registered stage, typed errors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import slimkit as sk
+from slimkit.core.task import tensor_task
+from slimkit.distill import (
+    DistillConfig,
+    FeatureLink,
+    attention_loss,
+    attention_map,
+    distill,
+    finetune,
+    hint_loss,
+    recover,
+    soft_target_loss,
+)
+from slimkit.errors import ConfigError, ModelError, SelectorError
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """A tiny 3-class problem (Gaussian blobs in 6-D): trains in well under a second."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g) * 3
+    y = torch.arange(240) % 3
+    x = centers[y] + torch.randn(240, 6, generator=g)
+    return tensor_task("blobs", x[:160], y[:160], x[160:200], y[160:200], x[200:], y[200:], num_classes=3,
+                       batch_size=32)
+
+
+def mlp(hidden=16, classes=3, inputs=6, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, classes))
+
+
+@pytest.fixture(scope="module")
+def blob_teacher(blobs):
+    return sk.train(mlp(32), blobs, epochs=5, lr=1e-2)
+
+
+# -- losses -------------------------------------------------------------------------------
+def test_soft_target_loss_matches_hand_computation():
+    zs = torch.tensor([[1.0, 2.0, 0.5]])
+    zt = torch.tensor([[2.0, 0.0, 1.0]])
+    y = torch.tensor([1])
+    T, alpha = 2.0, 0.75
+    ps = [math.exp(v / T) for v in (1.0, 2.0, 0.5)]
+    pt = [math.exp(v / T) for v in (2.0, 0.0, 1.0)]
+    ps = [v / sum(ps) for v in ps]
+    pt = [v / sum(pt) for v in pt]
+    kl = sum(t * math.log(t / s) for t, s in zip(pt, ps))
+    ce = -math.log(math.exp(2.0) / sum(math.exp(v) for v in (1.0, 2.0, 0.5)))
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    assert soft_target_loss(zs, zt, y, temperature=T, alpha=alpha).item() == pytest.approx(expected, rel=1e-5)
+    # without labels only the soft term remains
+    assert soft_target_loss(zs, zt, None, temperature=T).item() == pytest.approx(T * T * kl, rel=1e-5)
+
+
+def test_temperature_one_alpha_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    assert torch.allclose(soft_target_loss(zs, zt, y, temperature=1.0, alpha=0.0), F.cross_entropy(zs, y))
+
+
+def test_hint_and_attention_losses():
+    a = torch.ones(2, 3, 4, 4)
+    assert hint_loss(a, a).item() == 0
+    assert hint_loss(a, 2 * a).item() == pytest.approx(1.0)
+    q = attention_map(torch.randn(2, 5, 4, 4))
+    assert q.shape == (2, 16) and torch.allclose(q.norm(dim=1), torch.ones(2))
+    # channel counts may differ; a scaled copy has the same attention, a spatially different one does not
+    f = torch.rand(2, 3, 4, 4)
+    assert attention_loss(f, 3 * f.repeat(1, 2, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.zeros(2, 3, 4, 4)
+    other[:, :, 0, 0] = 1
+    assert attention_loss(f, other).item() > 0.1
+    # different spatial sizes are pooled to the teacher's
+    assert attention_loss(torch.rand(2, 3, 8, 8), f).shape == ()
+
+
+# -- the teacher is frozen and untouched ----------------------------------------------------
+def test_teacher_gets_no_gradient_and_does_not_change(blobs, blob_teacher):
+    teacher = blob_teacher
+    teacher.train()  # the caller's mode must survive
+    for p in teacher.parameters():
+        p.grad = None  # left over from the fixture's own training
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [p.requires_grad for p in teacher.parameters()]
+    student = mlp(8, seed=1)
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = recover(student, teacher, blobs, epochs=2, lr=1e-2, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert [p.requires_grad for p in teacher.parameters()] == flags and teacher.training
+    assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())  # input kept
+    assert any(not torch.equal(student_before[k], v) for k, v in out.state_dict().items())  # output trained
+    teacher.eval()
+    # the same teacher can still be trained afterwards (its requires_grad flags were not switched off)
+    sk.train(teacher, blobs, epochs=1)
+
+
+def test_kd_with_alpha_zero_equals_plain_training(blobs, blob_teacher):
+    student = mlp(8, seed=2)
+    kd = distill(student, blob_teacher, task=blobs, config=DistillConfig(alpha=0.0, temperature=1.0, epochs=2,
+                                                                        lr=1e-2, device="cpu"))
+    ft = finetune(student, blobs, epochs=2, lr=1e-2, device="cpu")
+    x = blobs.example_input(16)
+    assert torch.allclose(kd(x), ft(x), atol=1e-5)
+
+
+def test_distill_learns_from_teacher(blobs, blob_teacher):
+    student = mlp(8, seed=3)
+    trained = sk.distill(student, teacher=blob_teacher, task=blobs,
+                         config=DistillConfig(epochs=10, lr=1e-2, temperature=2.0, device="cpu"))
+    logits, targets = sk.evaluate.predict(trained, blobs, "test")
+    assert (logits.argmax(1) == targets).float().mean() > 0.9
+    assert sk.core.state.stages(trained)[-1]["technique"] == "distill"
+    assert any("distilled from" in n for n in trained.slimkit_notes)
+    assert sk.distill_model is sk.distill.distill
+
+
+# -- teacher-output cache ------------------------------------------------------------------------
+class CountingTeacher(nn.Module):
+    calls = []  # class-level: the trainer works on copies
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        CountingTeacher.calls.append(len(x))
+        return self.inner(x)
+
+
+def test_cache_gives_identical_results_with_fewer_teacher_passes(blobs, blob_teacher):
+    teacher = CountingTeacher(blob_teacher)
+    cfg = dict(epochs=3, lr=1e-2, device="cpu", alpha=0.8)
+    CountingTeacher.calls.clear()
+    plain = distill(mlp(8, seed=4), teacher, task=blobs, config=DistillConfig(**cfg))
+    uncached_calls = len(CountingTeacher.calls)
+    CountingTeacher.calls.clear()
+    cached = distill(mlp(8, seed=4), teacher, task=blobs, config=DistillConfig(cache_teacher=True, **cfg))
+    cached_calls = len(CountingTeacher.calls)
+    x = blobs.example_input(32)
+    assert torch.allclose(plain(x), cached(x), atol=1e-6)
+    steps = 3 * math.ceil(160 / 32)
+    assert uncached_calls == steps + 1  # + the probe pass
+    assert cached_calls == steps // 3 + 1  # the teacher only runs in the first epoch
+    assert any("served from the cache" in n for n in cached.slimkit_notes)
+
+
+# -- feature distillation ----------------------------------------------------------------------
+def test_hint_and_attention_links_train_with_adapters(digits_task, trained_lenet5):
+    from slimkit import zoo
+
+    small = zoo.for_task("lenet5", digits_task, width=0.5)
+    cfg = DistillConfig(epochs=1, device="cpu", features=[
+        FeatureLink(student="features.3", teacher="features.3"),  # 8 -> 16 channels: 1x1 conv adapter
+        FeatureLink(student="classifier.1", teacher="classifier.1"),  # 60 -> 120 units: linear adapter
+        FeatureLink(student="features.0", teacher="features.0", kind="attention", weight=10.0),
+    ])
+    from slimkit.distill import train_student
+
+    trained, info = train_student(small, trained_lenet5, digits_task, cfg)
+    assert info["adapters"] == (8 * 16 + 16) + (60 * 120 + 120)
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in trained.modules())  # adapters dropped
+    assert sum(p.numel() for p in trained.parameters()) == sum(p.numel() for p in small.parameters())
+    assert info["history"][-1]["train_loss"] > 0
+
+
+def test_feature_mapping_errors_name_the_layer(blobs, blob_teacher, digits_task, trained_lenet5):
+    with pytest.raises(SelectorError, match="'features.9'"):
+        distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
+            epochs=1, features=[FeatureLink(student="features.9", teacher="0")]))
+    with pytest.raises(SelectorError, match=r"teacher pattern 'decoder\.\*'"):
+        distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
+            epochs=1, features=[FeatureLink(student="0", teacher="decoder.*")]))
+    with pytest.raises(SelectorError, match="matches 2 layers"):
+        distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
+            epochs=1, features=[FeatureLink(student="[03]", teacher="0")]))
+    with pytest.raises(ConfigError, match="attention transfer needs conv feature maps.*'0'"):
+        distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
+            epochs=1, features=[FeatureLink(student="0", teacher="0", kind="attention")]))
+    from slimkit import zoo
+
+    with pytest.raises(ConfigError, match="'classifier.1'"):  # a vector cannot be hinted onto a conv map
+        distill(zoo.for_task("lenet5", digits_task), trained_lenet5, task=digits_task, config=DistillConfig(
+            epochs=1, features=[FeatureLink(student="classifier.1", teacher="features.0")]))
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_class_count_mismatch_is_a_typed_error(blobs, blob_teacher):
+    with pytest.raises(ModelError, match="3 classes.*5"):
+        distill(mlp(8, classes=5), blob_teacher, task=blobs, config=DistillConfig(epochs=1))
+    with pytest.raises(ModelError, match="teacher"):
+        distill(mlp(8), "teacher.safetensors", task=blobs)
+    with pytest.raises(ConfigError, match="task"):
+        distill(mlp(8), blob_teacher, task=None)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="temperature"):
+        DistillConfig(temperature=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        DistillConfig(alpha=1.5)
+    with pytest.raises(ConfigError, match="unknown key"):
+        DistillConfig(temprature=4)
+    with pytest.raises(ConfigError, match="student"):
+        DistillConfig(student="lenet5")
+    cfg = DistillConfig(temperature=3, features=[{"student": "a.*", "teacher": "b", "kind": "attention"}])
+    assert DistillConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+# -- as a stage ---------------------------------------------------------------------------------
+def test_stage_distills_into_a_narrower_zoo_student_and_reloads(digits_task, trained_lenet5, tmp_path):
+    from slimkit.core import registry
+
+    technique = registry.get("distill")
+    cfg = technique.demo(trained_lenet5, digits_task)
+    assert cfg.student == "zoo:lenet5" and cfg.width == 0.5
+    cfg = DistillConfig(**{**cfg.to_dict(), "epochs": 1})
+    student = sk.apply(trained_lenet5, cfg, task=digits_task)
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in trained_lenet5.parameters())
+    assert n_student < 0.4 * n_teacher
+    path = sk.save(student, tmp_path / "student.safetensors")
+    loaded = sk.load(path)
+    x = digits_task.example_input(4)
+    assert torch.allclose(loaded(x), student(x))
+    with pytest.raises(ConfigError, match="student"):  # the verb already has its student
+        distill(student, trained_lenet5, task=digits_task, config=cfg)
+
+
+def test_package_is_the_verb():
+    import importlib
+    import sys
+
+    assert callable(sk.distill) and sk.distill.recover is recover
+    # a fresh interpreter's first access returns the package too (not the same-named function)
+    import subprocess
+
+    code = "import slimkit as sk; print(type(sk.distill).__name__, sk.distill.recover.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["VerbModule", "recover"]
+    assert importlib.import_module("slimkit.distill") is sk.distill
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_teacher_and_student_devices(blobs, blob_teacher):
+    for device, teacher_device in (("cpu", "cuda"), ("cuda", "cpu"), ("cuda", "cuda")):
+        out = distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
+            epochs=1, device=device, teacher_device=teacher_device, cache_teacher=True,
+            features=[FeatureLink(student="0", teacher="0")]))
+        assert next(out.parameters()).device.type == "cpu"  # returned where it came from

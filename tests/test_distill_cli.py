@@ -1,0 +1,54 @@
+"""`slimkit distill`: a real run that saves a reloadable student, and bad input as one line + exit 2."""
+import pytest
+
+import slimkit as sk
+from slimkit.cli.main import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def teacher_file(trained_mlp, tmp_path_factory):
+    return str(sk.save(trained_mlp, tmp_path_factory.mktemp("distill") / "teacher.safetensors"))
+
+
+def _one_line_error(code, err, needle):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_distill_command_trains_and_saves_a_smaller_student(capsys, tmp_path, teacher_file, digits_task):
+    out_file = tmp_path / "student.safetensors"
+    code, out, err = run(capsys, "distill", "--teacher", teacher_file, "--student", "zoo:lenet300_100", "--width",
+                         "0.25", "--data", "digits", "--epochs", "3", "--lr", "3e-3", "--cache-teacher",
+                         "--feature", "2=2@0.1", "--out", str(out_file))
+    assert code == 0, err
+    assert "teacher: test accuracy" in out and "student: test accuracy" in out and out_file.is_file()
+    student = sk.load(out_file)
+    assert sum(p.numel() for p in student.parameters()) < 0.3 * 266_610
+    acc = float(out.split("student: test accuracy")[1].split("%")[0])
+    assert acc > 50  # three epochs on a quarter-width MLP
+    assert sk.core.state.stages(student)[-1]["config"]["features"][0]["weight"] == 0.1
+
+
+def test_distill_command_bad_input(capsys, tmp_path, teacher_file):
+    five = sk.zoo.lenet300_100(num_classes=5)
+    five_file = str(sk.save(five, tmp_path / "five.safetensors"))
+    code, _, err = run(capsys, "distill", "--teacher", five_file, "--student", "zoo:lenet300_100", "--epochs", "1",
+                       "--out", str(tmp_path / "s.safetensors"))
+    _one_line_error(code, err, "classes")
+    code, _, err = run(capsys, "distill", "--teacher", teacher_file, "--student", "zoo:lenet300_100", "--epochs", "1",
+                       "--feature", "encoder.9=1", "--out", str(tmp_path / "s.safetensors"))
+    _one_line_error(code, err, "'encoder.9'")
+    code, _, err = run(capsys, "distill", "--teacher", teacher_file, "--student", "zoo:lenet300_100", "--feature",
+                       "nonsense", "--out", str(tmp_path / "s.safetensors"))
+    _one_line_error(code, err, "--feature")
+    code, _, err = run(capsys, "distill", "--teacher", str(tmp_path / "missing.safetensors"), "--student",
+                       "zoo:lenet5", "--out", str(tmp_path / "s.safetensors"))
+    _one_line_error(code, err, "missing.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
