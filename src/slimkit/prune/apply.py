@@ -1,0 +1,78 @@
+"""Registration of the pruning family: `prune` (unstructured / N:M), `prune_structured`
+(channels, via torch-pruning) and `pack` (Deep-Compression `.slim` files), plus the `.slim`
+loader and exporter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from slimkit.core.artifact import register_loader
+from slimkit.core.registry import Technique, register
+from slimkit.core.task import Task
+from slimkit.errors import ConfigError
+from slimkit.export.base import register_exporter
+from slimkit.prune.config import PackConfig, PruneConfig, StructuredPruneConfig
+from slimkit.prune.pack import quantize_values
+from slimkit.prune.packed import read_packed, write_packed
+from slimkit.prune.structured import prune_structured, restore_structured
+from slimkit.prune.unstructured import prune_unstructured
+
+
+def prune(model: nn.Module, config: PruneConfig | StructuredPruneConfig | None = None, *,
+          task: Task | None = None) -> nn.Module:
+    """Prune `model`; returns a new model (the input is not modified).
+
+    `PruneConfig` -> unstructured or N:M sparsity with real zeros;
+    `StructuredPruneConfig` -> channels/neurons removed (a smaller dense model).
+
+        small = slimkit.prune(model, slimkit.PruneConfig(sparsity=0.9, scope="global"), task=task)
+    """
+    config = config or PruneConfig()
+    if isinstance(config, StructuredPruneConfig):
+        return prune_structured(model, config, task=task)
+    if isinstance(config, PruneConfig):
+        return prune_unstructured(model, config, task=task)
+    raise ConfigError(f"slimkit.prune takes a PruneConfig or StructuredPruneConfig, not {type(config).__name__}")
+
+
+def _slim_path(path_without_suffix: Path) -> Path:
+    return Path(f"{path_without_suffix}.slim")
+
+
+def _write_slim(model: nn.Module, path_without_suffix: Path, task: Task | None = None) -> Path:
+    config = next((PackConfig.from_dict(s["config"]) for s in reversed(getattr(model, "slimkit_state", {}).get("stages", []))
+                   if s["technique"] == "pack"), PackConfig())
+    path = _slim_path(path_without_suffix)
+    write_packed(model, path, index=config.index, level=config.level)
+    return path
+
+
+def _export_slim(model: nn.Module, path: Path, example_input=None, **kwargs) -> Path:
+    write_packed(model, path, **kwargs)
+    return Path(path)
+
+
+register(Technique(
+    name="prune", family="prune", config_cls=PruneConfig, apply=prune_unstructured,
+    summary="unstructured / N:M magnitude or Taylor pruning, global or per layer, real zeros stored sparse (.slim)",
+    restore=None,
+    demo=lambda model, task: PruneConfig(sparsity=0.9, scope="global", finetune_epochs=3),
+    write_artifact=_write_slim, runtime="torch", order=20,
+))
+register(Technique(
+    name="prune_structured", family="prune", config_cls=StructuredPruneConfig, apply=prune_structured,
+    summary="remove channels/neurons with a dependency graph (torch-pruning) to a MACs target; smaller dense model",
+    restore=restore_structured,
+    demo=lambda model, task: StructuredPruneConfig(target_macs=0.5, finetune_epochs=3),
+    write_artifact=None, runtime="torch", order=21,
+))
+register(Technique(
+    name="pack", family="prune", config_cls=PackConfig, apply=quantize_values,
+    summary="Deep Compression: prune + k-means shared weights + sparse index + zstd into a .slim file",
+    restore=None,
+    demo=lambda model, task: PackConfig(prune=PruneConfig(sparsity=0.9, finetune_epochs=3), codebook_epochs=1),
+    write_artifact=_write_slim, runtime="torch", order=22,
+))
+register_loader(".slim", read_packed)
+register_exporter(".slim", _export_slim)

@@ -1,0 +1,148 @@
+"""Configs of the pruning family: unstructured / N:M (`PruneConfig`), structured
+(`StructuredPruneConfig`) and Deep-Compression packing (`PackConfig`)."""
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from slimkit.core.config import Config
+from slimkit.core.selector import Selector
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """`"2:4"` -> (2, 4) (keep N of every M); `"unstructured"` -> None."""
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern)
+    if not match:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N weights kept of every M)")
+    return n, m
+
+
+class PruneConfig(Config):
+    """Unstructured or N:M weight pruning; the zeros are real (masks removed at the end).
+
+    sparsity: fraction of the selected weights set to zero, in [0, 1).
+    scope: "global" (one threshold across all selected layers), "layer" (each layer pruned to its
+        own sparsity: `sparsity`, or `layer_sparsity` where a pattern matches) or "sensitivity"
+        (per-layer sparsities chosen from measured accuracy-vs-sparsity curves so that the whole
+        selection reaches `sparsity`).
+    layer_sparsity: {"layer-name pattern": sparsity} overrides for scope "layer".
+    pattern: "unstructured" or "N:M" (keep N of every M consecutive input weights, e.g. "2:4";
+        `sparsity` is then implied as 1 - N/M).
+    importance: "l1" / "l2" (weight magnitude; they rank single weights identically) or
+        "taylor" (|weight x gradient| accumulated over `taylor_batches` training batches).
+    schedule: "oneshot" (prune, then fine-tune), "iterative" (`steps` rounds of prune + fine-tune,
+        sparsity rising geometrically) or "gradual" (polynomial AGP ramp during fine-tuning).
+    recovery: "finetune" (task loss), "distill" (soft targets from the unpruned model) or "none".
+    finetune_epochs / lr: fine-tuning budget (all rounds together).
+    """
+
+    technique: ClassVar[str] = "prune"
+
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    scope: Literal["global", "layer", "sensitivity"] = "global"
+    layer_sparsity: dict[str, float] = Field(default_factory=dict)
+    pattern: str = "unstructured"
+    importance: Literal["l1", "l2", "taylor"] = "l1"
+    schedule: Literal["oneshot", "iterative", "gradual"] = "oneshot"
+    steps: int = Field(3, ge=1)
+    recovery: Literal["finetune", "distill", "none"] = "finetune"
+    finetune_epochs: int = Field(5, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    taylor_batches: int = Field(8, ge=1)
+    sensitivity_grid: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    selector: Selector = Field(default_factory=Selector)
+    seed: int = 0
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _check_layer_sparsity(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, s in value.items():
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity for layer {name!r} is {s}; it must be in [0, 1)")
+        return value
+
+    @field_validator("sensitivity_grid")
+    @classmethod
+    def _check_grid(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < s < 1.0 for s in value):
+            raise ValueError("sensitivity_grid needs sparsities in (0, 1)")
+        return sorted(value)
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        parse_nm(value)
+        return value
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern)
+
+
+class StructuredPruneConfig(Config):
+    """Remove whole channels / neurons (a physically smaller dense model), via torch-pruning's
+    dependency graph so residual adds, depthwise convs and concatenations stay consistent.
+
+    target_macs: fraction of the original MACs to keep (e.g. 0.5); channels are removed in small
+        steps until the model is at or below it. None: prune every layer by `ratio` instead.
+    ratio: channel pruning ratio per layer (used when target_macs is None; upper bound otherwise).
+    scope: "uniform" (same ratio in every layer) or "global" (one importance ranking across layers).
+    importance: "l1" / "l2" (filter norm), "bn_scale" (batch-norm gamma, network slimming) or
+        "taylor" (first-order |w x grad| over `taylor_batches` batches).
+    selector: layers never pruned (exclude patterns); the classifier layer is always kept.
+    round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly shapes).
+    recovery / finetune_epochs / lr: as in PruneConfig.
+    """
+
+    technique: ClassVar[str] = "prune_structured"
+
+    target_macs: float | None = Field(0.5, gt=0.0, lt=1.0)
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    scope: Literal["uniform", "global"] = "uniform"
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    max_steps: int = Field(40, ge=1)
+    round_to: int | None = Field(None, ge=1)
+    recovery: Literal["finetune", "distill", "none"] = "distill"
+    finetune_epochs: int = Field(5, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    taylor_batches: int = Field(8, ge=1)
+    selector: Selector = Field(default_factory=Selector)
+    seed: int = 0
+
+
+class PackConfig(Config):
+    """Deep-Compression packing into a `.slim` file: sparse index + quantized values + zstd.
+
+    quantization: "kmeans" (weight sharing, one codebook per layer, optionally fine-tuned),
+        "linear" (symmetric uniform levels) or "none" (values kept exactly, fp32).
+    bits / conv_bits: value bits for Linear / Conv layers (Deep Compression: 5 and 8).
+    codebook_epochs: epochs of codebook (centroid) fine-tuning with the task (kmeans only; 0: off).
+    index: "auto" (smallest of dense codes, bitmask, relative indices with 1..8 bits) or one of them.
+    dense_dtype: storage dtype of tensors that are not quantized (biases, norms).
+    level: zstd compression level (1..22).
+    selector: which layers' weights are quantized (default: Linear and Conv2d).
+    prune: optional unstructured pruning run first (the full Deep-Compression pipeline in one stage).
+    """
+
+    technique: ClassVar[str] = "pack"
+
+    quantization: Literal["kmeans", "linear", "none"] = "kmeans"
+    bits: int = Field(5, ge=1, le=8)
+    conv_bits: int = Field(8, ge=1, le=8)
+    codebook_epochs: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    index: Literal["auto", "dense", "bitmask", "relative"] = "auto"
+    dense_dtype: Literal["float32", "float16"] = "float32"
+    level: int = Field(19, ge=1, le=22)
+    selector: Selector = Field(default_factory=Selector)
+    prune: PruneConfig | None = None
+    seed: int = 0

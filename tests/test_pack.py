@@ -1,0 +1,147 @@
+"""The Deep-Compression `.slim` format: bit packing, relative indices, pack/unpack, corruption."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import slimkit as sk
+from slimkit.cli.main import main
+from slimkit.errors import ArtifactError, ConfigError
+from slimkit.prune import PackConfig, PruneConfig, packed_info, write_packed
+from slimkit.prune.packed import pack_bits, positions_from_relative, relative_index, unpack_bits
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_packing_round_trip(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=1001)
+    data = pack_bits(codes, bits)
+    assert len(data) == -(-1001 * bits // 8)
+    assert np.array_equal(unpack_bits(data, bits, 1001), codes)
+    with pytest.raises(ValueError):
+        unpack_bits(data[:-1], bits, 1001)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_relative_index_round_trip_with_fillers(bits):
+    positions = np.sort(np.random.default_rng(0).choice(5000, size=300, replace=False))
+    stored, filler = relative_index(positions, bits)
+    assert stored.max() < (1 << bits)
+    decoded = positions_from_relative(stored)
+    assert np.array_equal(decoded[~filler], positions)
+    assert filler.sum() == 0 or bits < 8  # 8-bit gaps rarely need fillers here; small ones do
+    if bits == 1:
+        assert filler.sum() > 0
+
+
+@pytest.fixture(scope="module")
+def pruned_lenet5(trained_lenet5):
+    return sk.prune(trained_lenet5, PruneConfig(sparsity=0.9, recovery="none"))
+
+
+def test_lossless_sparse_pack_is_exact_and_small(tmp_path, pruned_lenet5, digits_task):
+    sizes = write_packed(pruned_lenet5, tmp_path / "m.slim")
+    dense = sk.save(pruned_lenet5, tmp_path / "m.safetensors").stat().st_size
+    again = sk.load(tmp_path / "m.slim")
+    for (k, a), (_, b) in zip(pruned_lenet5.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert sizes["total"] == (tmp_path / "m.slim").stat().st_size
+    assert sum(v for k, v in sizes.items() if k not in ("total", "path")) == sizes["total"]
+    assert sizes["total"] < dense / 3  # 90% zeros stored sparse, fp32 values
+
+
+@pytest.mark.parametrize("quantization", ["kmeans", "linear"])
+def test_pack_unpack_allclose_and_shared_values(tmp_path, pruned_lenet5, digits_task, quantization):
+    result = sk.pack(pruned_lenet5, tmp_path / "q.slim", PackConfig(quantization=quantization, bits=5, conv_bits=8))
+    packed = result["model"]
+    loaded = sk.load(tmp_path / "q.slim")
+    x = digits_task.example_input(32)
+    assert torch.allclose(loaded(x), packed(x), atol=1e-5)
+    fc = packed.classifier[1].weight
+    assert len(torch.unique(fc[fc != 0])) <= 31  # 5-bit codes, code 0 is the zero
+    assert torch.equal(fc == 0, pruned_lenet5.classifier[1].weight == 0)  # sparsity pattern kept
+    # quantization error is bounded: the outputs barely move
+    assert (packed(x).argmax(1) == pruned_lenet5(x).argmax(1)).float().mean() > 0.9
+    dense = sk.save(pruned_lenet5, tmp_path / "d.safetensors").stat().st_size
+    assert result["bytes"]["total"] < dense / 15
+    info = packed_info(tmp_path / "q.slim")
+    assert info["bytes"]["total"] == result["bytes"]["total"]
+    assert "codes" in info["tensors"]["classifier.1.weight"]
+
+
+def test_deep_compression_pipeline_with_codebook_finetune(tmp_path, trained_lenet5, digits_task):
+    config = PackConfig(prune=PruneConfig(sparsity=0.9, finetune_epochs=1), codebook_epochs=1, dense_dtype="float16")
+    result = sk.pack(trained_lenet5, tmp_path / "dc.slim", config, task=digits_task)
+    loaded = sk.load(tmp_path / "dc.slim")
+    x = digits_task.example_input(32)
+    assert torch.allclose(loaded(x), result["model"](x), atol=1e-5)
+    assert [s["technique"] for s in loaded.slimkit_state["stages"]] == ["prune", "pack"]
+    from slimkit.core.trainer import accuracy
+
+    assert accuracy(loaded, digits_task, "test") >= accuracy(trained_lenet5, digits_task, "test") - 0.05
+    assert result["bytes"]["total"] * 20 < sk.save(trained_lenet5, tmp_path / "b.safetensors").stat().st_size
+
+
+def test_codebook_finetune_needs_task(trained_lenet5):
+    with pytest.raises(ConfigError, match="task"):
+        sk.pack(trained_lenet5, "unused.slim", PackConfig(codebook_epochs=1))
+
+
+def _corrupt(path, offset, value=None):
+    data = bytearray(path.read_bytes())
+    data[offset] = (data[offset] ^ 0xFF) if value is None else value
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_files_raise_artifact_errors(tmp_path, pruned_lenet5):
+    good = tmp_path / "good.slim"
+    sk.pack(pruned_lenet5, good, PackConfig(quantization="kmeans"))
+    data = good.read_bytes()
+    cases = {
+        "magic": data.replace(b"SLIM", b"XXXX", 1),
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "trailing": data + b"\0",
+        "payload": data[:-10] + bytes([data[-10] ^ 1]) + data[-9:],
+        "header": data[:12] + bytes([data[12] ^ 1]) + data[13:],
+    }
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.slim"
+        bad.write_bytes(content)
+        with pytest.raises(ArtifactError, match="slim"):
+            sk.load(bad)
+
+
+def test_consistent_checksums_but_wrong_content_is_caught(tmp_path, pruned_lenet5):
+    """A file re-checksummed after tampering (so CRCs pass) must still fail cleanly, not load wrong."""
+    import json
+
+    import zstandard as zstd
+
+    good = tmp_path / "good.slim"
+    sk.pack(pruned_lenet5, good, PackConfig())
+    data = good.read_bytes()
+    _, version, hlen, _ = struct.unpack_from("<4sBII", data)
+    meta = json.loads(zstd.ZstdDecompressor().decompress(data[13:13 + hlen]))
+    entry = next(e for e in meta["tensors"] if e["name"] == "classifier.1.weight")
+    entry["shape"] = [entry["shape"][0], entry["shape"][1] * 2]  # claims twice the weights
+    header = zstd.ZstdCompressor().compress(json.dumps(meta).encode())
+    bad = tmp_path / "bad.slim"
+    bad.write_bytes(struct.pack("<4sBII", b"SLIM", version, len(header), zlib.crc32(header)) + header + data[13 + hlen:])
+    with pytest.raises(ArtifactError, match="bad.slim"):
+        sk.load(bad)
+
+
+def test_cli_pack_and_prune(tmp_path, trained_lenet5, capsys):
+    src = sk.save(trained_lenet5, tmp_path / "m.safetensors")
+    out = tmp_path / "m.slim"
+    assert main(["pack", str(src), "--sparsity", "0.9", "--prune-epochs", "0", "--out", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size * 10 < src.stat().st_size
+    assert "bytes" in capsys.readouterr().out
+    assert main(["prune", str(src), "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["prune", str(src), "--epochs", "0", "--include", "nothing.*", "--out", str(tmp_path / "x")]) == 2
+    assert main(["pack", str(src), "--out", str(tmp_path / "x.bin")]) == 2
+    assert main(["prune", str(src), "--sparsity", "0.5", "--epochs", "0", "--out", str(tmp_path / "p")]) == 0
+    assert sk.load(tmp_path / "p.slim") is not None
