@@ -215,9 +215,8 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, how: str, epoch
     from slimkit.distill import finetune, recover
 
     if how == "distill":
-        # the teacher's requires_grad flags are switched off by recover: hand it a copy, not the user's model
-        return recover(student, copy_model(teacher), task, epochs=epochs, lr=lr)
-    return finetune(student, task, epochs=epochs, lr=lr)
+        return recover(student, teacher, task, epochs=epochs, lr=lr, description="factorize: recover (KD)")
+    return finetune(student, task, epochs=epochs, lr=lr, description="factorize: fine-tune")
 
 
 def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:

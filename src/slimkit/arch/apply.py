@@ -1,0 +1,285 @@
+"""`slimkit.separable`: rewrite standard convolutions into depthwise-separable (MobileNetV1) or
+inverted-residual (MobileNetV2) blocks, initialized to approximate the original layer, then
+recovered by distillation from the original model.
+
+    mobile = slimkit.separable(model, slimkit.SeparableConfig(), task=task)
+
+Initialization, layer by layer in model order:
+1. data-free: each input channel's slice of the kernel, W[:, i] (Cout x k*k), is split by SVD into
+   k*k depthwise kernels and pointwise columns (the best separable approximation per channel);
+2. least squares: with the depthwise part fixed, the 1x1 projection and its bias are solved on
+   calibration activations so that the block reproduces the original layer's output. The block's
+   inputs come from the already-converted model, so each fit also absorbs the error of the layers
+   converted before it (as in channel-pruning reconstruction).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from slimkit.arch.config import SeparableConfig
+from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidualConv, _pair
+from slimkit.core import registry
+from slimkit.core.progress import progress_bar
+from slimkit.core.registry import Technique
+from slimkit.core.selector import get_submodule, select, set_submodule
+from slimkit.core.state import copy_model, record_stage
+from slimkit.core.task import Task
+from slimkit.errors import CalibrationError, ConfigError, UnsupportedLayerError
+
+
+def unsupported_reason(layer: nn.Module, config: SeparableConfig) -> str | None:
+    """Why `layer` cannot be converted (None if it can)."""
+    if not isinstance(layer, nn.Conv2d):
+        return f"{type(layer).__name__} is not a Conv2d"
+    if layer.groups != 1:
+        return f"grouped convolution (groups={layer.groups}) is already cheaper than a separable block"
+    if _pair(layer.kernel_size) == (1, 1):
+        return "1x1 convolution: no spatial part to separate"
+    if layer.in_channels < config.min_in_channels:
+        return (f"{layer.in_channels} input channel(s) < min_in_channels={config.min_in_channels} "
+                "(MobileNets keep a full convolution on the image)")
+    return None
+
+
+def _width(config: SeparableConfig) -> int:
+    return config.depth_multiplier if config.block == "separable" else config.expansion
+
+
+def block_cost(conv: nn.Conv2d, config: SeparableConfig | None = None, block: str | None = None,
+               width: int | None = None) -> tuple[int, int]:
+    """(parameters, MACs per output pixel) of `conv` (config None) or of the block replacing it."""
+    cout, cin = conv.out_channels, conv.in_channels
+    (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
+    if config is None and block is None:
+        w = cout * cin // conv.groups * kh * kw
+        return w + (0 if conv.bias is None else cout), w
+    block = block or config.block
+    hidden = cin * (width or _width(config))
+    if block == "separable":
+        w = hidden * kh * kw + hidden * cout
+        return w + cout, w
+    # the expansion 1x1 runs at the input resolution
+    return cin * hidden + hidden * kh * kw + hidden * cout + cout, \
+        cin * hidden * sh * sw + hidden * kh * kw + hidden * cout
+
+
+@torch.no_grad()
+def svd_init(conv: nn.Conv2d, block: nn.Module) -> nn.Module:
+    """Data-free initialization: per input channel, W[:, i] ~= sum_j u_j s_j v_j^T, with v_j as
+    depthwise kernels and u_j as pointwise columns (sqrt(s_j) on each side)."""
+    from slimkit.lowrank.decompose import single_threaded_blas
+
+    w = conv.weight.detach().to(torch.float64).cpu()
+    cout, cin, kh, kw = w.shape
+    per_channel = w.transpose(0, 1).reshape(cin, cout, kh * kw).numpy()
+    with single_threaded_blas():
+        u, s, vh = np.linalg.svd(per_channel, full_matrices=False)  # (cin, cout, q), (cin, q), (cin, q, k*k)
+    u, s, vh = torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+    q = s.shape[1]
+    root = s.sqrt()
+    dw = torch.zeros(block.depthwise.weight.shape, dtype=torch.float64)
+    proj = torch.zeros(block.projection.weight.shape[:2], dtype=torch.float64)
+    if isinstance(block, DepthwiseSeparableConv):
+        m = block.multiplier
+        for j in range(min(m, q)):
+            idx = torch.arange(cin) * m + j  # depthwise output channels of group i are i*m .. i*m+m-1
+            dw[idx, 0] = (root[:, j, None] * vh[:, j]).reshape(cin, kh, kw)
+            proj[:, idx] = (u[:, :, j] * root[:, j, None]).T
+    else:
+        t = block.expansion
+        expand = torch.zeros(block.expand.weight.shape[:2], dtype=torch.float64)
+        for c in range(t):
+            # hidden channels come in +/- pairs: relu6(z) - relu6(-z) = z for |z| < 6, so the pair
+            # carries the signed depthwise output through both ReLU6s
+            j, sign = c // 2, (1.0 if c % 2 == 0 else -1.0)
+            idx = torch.arange(cin) * t + c
+            expand[idx, torch.arange(cin)] = 1.0
+            if j >= q:
+                continue
+            dw[idx, 0] = sign * (root[:, j, None] * vh[:, j]).reshape(cin, kh, kw)
+            proj[:, idx] = sign * (u[:, :, j] * root[:, j, None]).T
+        block.expand.weight.copy_(expand[:, :, None, None].to(block.expand.weight.dtype))
+    block.depthwise.weight.copy_(dw.to(block.depthwise.weight.dtype))
+    block.projection.weight.copy_(proj[:, :, None, None].to(block.projection.weight.dtype))
+    block.projection.bias.copy_(conv.bias.detach() if conv.bias is not None else torch.zeros(cout))
+    return block
+
+
+class _Stop(Exception):
+    """Raised by a hook once the activations it needs are captured (skips the rest of the forward)."""
+
+
+def _run_until(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def fit_projection(original: nn.Module, original_layer: nn.Module, converted: nn.Module, block: nn.Module,
+                   task: Task, config: SeparableConfig) -> float:
+    """Solve the block's 1x1 projection + bias by ridge least squares so that its output matches
+    `original_layer`'s output on calibration images; returns the relative residual error."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_target(_m, _inp, out):
+        captured["target"] = out
+        raise _Stop
+
+    def grab_features(_m, inp):
+        captured["features"] = inp[0]
+
+    def grab_block_input(_m, inp, _out):
+        captured["input"] = inp[0]
+        raise _Stop
+
+    handles = [original_layer.register_forward_hook(grab_target),
+               block.projection.register_forward_pre_hook(grab_features),
+               block.register_forward_hook(grab_block_input)]
+    residual = isinstance(block, InvertedResidualConv) and block.use_residual
+    gram = rhs = None
+    target_energy = error_energy = 0.0
+    n = 0
+    try:
+        for x in task.calibration_batches(max_samples=config.calibration_samples):
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"calibration data of {task.name!r} contains NaN or Inf")
+            _run_until(original, x)
+            _run_until(converted, x)
+            z = captured["features"].float()
+            y = captured["target"].float()
+            if residual:
+                y = y - captured["input"].float()
+            z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            z = torch.cat([z, torch.ones(len(z), 1)], 1)
+            y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+            # products per batch in float32 (fast), sums across batches in float64 (accurate)
+            g, r = (z.T @ z).double(), (z.T @ y).double()
+            gram = g if gram is None else gram + g
+            rhs = r if rhs is None else rhs + r
+            target_energy += float((y.double() ** 2).sum())
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise CalibrationError(f"calibration split of {task.name!r} is empty")
+    # ridge relative to the mean feature energy keeps the solve well posed for dead channels
+    reg = config.ridge * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
+    reg[-1, -1] = 0.0  # do not shrink the bias
+    solution = torch.linalg.solve(gram + reg, rhs)  # (hidden + 1, cout)
+    weight, bias = solution[:-1].T, solution[-1]
+    proj = block.projection
+    proj.weight.copy_(weight[:, :, None, None].to(proj.weight.dtype))
+    proj.bias.copy_(bias.to(proj.bias.dtype))
+    # residual energy ||y - z P||^2 = ||y||^2 - 2 tr(P^T rhs) + tr(P^T gram P)
+    error_energy = target_energy - 2 * float((solution * rhs).sum()) + float((solution * (gram @ solution)).sum())
+    return max(error_energy, 0.0) / max(target_energy, 1e-30)
+
+
+def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: Task | None = None) -> nn.Module:
+    """Return a copy of `model` whose selected kxk convolutions are MobileNet-style blocks.
+
+    model: a trained model (not modified). config: `SeparableConfig`. task: calibration data for
+    the least-squares initialization and training data for recovery (required unless
+    init="svd" and recovery="none"). Converted and skipped layers are recorded in the stage
+    structure and as notes on the model.
+    """
+    config = config or SeparableConfig()
+    if task is None and (config.init == "least_squares" or config.recovery != "none"):
+        raise ConfigError("SeparableConfig: init='least_squares' and recovery need a task "
+                          "(pass task=..., or use init='svd', recovery='none')")
+    new = copy_model(model)
+    teacher = copy_model(model).eval()  # the reference outputs; the user's model keeps its mode
+    teacher_layers = dict(teacher.named_modules())
+    selected = select(new, config.selector, default_types=(nn.Conv2d,), what="separable")
+    named = {p for p in config.selector.include if not any(ch in p for ch in "*?[")}
+    layers: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    was_training = new.training
+    new.eval()
+    with progress_bar("separable: convert", len(selected)) as advance:
+        for name, layer in selected:
+            advance(1)
+            reason = unsupported_reason(layer, config)
+            if reason is None and config.only_if_smaller:
+                p0, m0 = block_cost(layer)
+                p1, m1 = block_cost(layer, config)
+                if not (p1 < p0 and m1 < m0):
+                    reason = f"{config.block} block would not be smaller ({p1:,} vs {p0:,} params, {m1:,} vs {m0:,} MACs)"
+            if reason is not None:
+                if name in named and unsupported_reason(layer, config) is not None:
+                    raise UnsupportedLayerError(f"separable: cannot convert layer {name!r}: {reason}")
+                skipped[name] = reason
+                continue
+            block = svd_init(layer, BLOCKS[config.block].like(layer, _width(config)))
+            block.eval()
+            set_submodule(new, name, block)
+            info: dict[str, Any] = {"block": config.block, "width": _width(config),
+                                    "params_before": block_cost(layer)[0], "params_after": block_cost(layer, config)[0],
+                                    "macs_before": block_cost(layer)[1], "macs_after": block_cost(layer, config)[1]}
+            if config.init == "least_squares":
+                info["relative_error"] = round(fit_projection(teacher, teacher_layers[name], new, block, task, config), 6)
+            layers[name] = info
+    new.train(was_training)
+    record_stage(new, "separable", config, {"layers": layers, "skipped": skipped})
+    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
+    if config.recovery != "none" and config.recovery_epochs > 0 and layers:
+        from slimkit.distill import finetune, recover
+
+        if config.recovery == "distill":
+            new = recover(new, teacher, task, epochs=config.recovery_epochs, lr=config.recovery_lr,
+                          description="separable: recover (KD)")
+        else:
+            new = finetune(new, task, epochs=config.recovery_epochs, lr=config.recovery_lr,
+                           description="separable: fine-tune")
+    return new
+
+
+def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
+    if not layers:
+        notes = ["separable: no layer was converted (see skipped layers)"]
+    else:
+        p0 = sum(v["params_before"] for v in layers.values())
+        p1 = sum(v["params_after"] for v in layers.values())
+        notes = [f"separable: {len(layers)} convolution(s) converted ({p0:,} -> {p1:,} params in those layers)"]
+    notes += [f"separable: {n}: {v['block']} (width {v['width']})"
+              + (f", least-squares relative error {v['relative_error']:.4f}" if "relative_error" in v else "")
+              for n, v in layers.items()]
+    notes += [f"separable: skipped {n}: {why}" for n, why in skipped.items()]
+    return notes
+
+
+def conversion_report(model: nn.Module) -> dict[str, Any]:
+    """The structure of the last separable stage applied to `model` ({"layers": ..., "skipped": ...})."""
+    from slimkit.core.state import stages
+
+    for stage in reversed(stages(model)):
+        if stage["technique"] == "separable":
+            return stage["structure"]
+    return {"layers": {}, "skipped": {}}
+
+
+def restore(model: nn.Module, config: SeparableConfig, structure: dict[str, Any]) -> nn.Module:
+    """Rebuild the converted architecture on a freshly built model (weights are loaded afterwards)."""
+    for name, info in structure.get("layers", {}).items():
+        block = info["block"]
+        if block not in BLOCKS:
+            raise ConfigError(f"separable stage: unknown block {block!r} for layer {name!r}")
+        set_submodule(model, name, BLOCKS[block].like(get_submodule(model, name), info["width"]))
+    return model
+
+
+def _demo(model: nn.Module, task: Task) -> SeparableConfig:
+    return SeparableConfig(recovery="distill", recovery_epochs=2)
+
+
+registry.register(Technique(
+    name="separable", family="arch", config_cls=SeparableConfig, apply=separable, restore=restore, demo=_demo,
+    summary="depthwise-separable / inverted-residual conversion of kxk convolutions, least-squares init, KD recovery",
+    order=35))
