@@ -113,18 +113,18 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
     example = task.example_input(1, split="train")
     _check_traceable(model)
     ignored = _ignored_layers(model, config)
-    base_macs = count_macs(model, example)
     steps = config.max_steps if config.target_macs is not None else 1
     # with a MACs target, ratios rise in small steps up to a ceiling; stop at the first step under it
     ratio = 0.9 if config.target_macs is not None else config.ratio
     model.eval()
     try:
+        base_macs = count_macs(model, example)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(model, example, importance=_importance(config.importance),
                                           global_pruning=config.scope == "global", pruning_ratio=ratio,
                                           iterative_steps=steps, ignored_layers=ignored, round_to=config.round_to)
-    except Exception as err:  # the tracer fails inside the user's forward
+    except Exception as err:  # the forward or the tracer fails inside the user's model
         raise UnsupportedLayerError(f"structured pruning: torch-pruning cannot trace {type(model).__name__} "
                                     f"({type(err).__name__}: {err})") from None
     macs = base_macs
