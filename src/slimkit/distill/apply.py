@@ -200,7 +200,7 @@ def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
 
 def _demo(model: nn.Module, task: Task) -> DistillConfig:
     # Half-width LeNet-5 (about a quarter of the parameters) taught by the trained LeNet-5.
-    return DistillConfig(student="zoo:lenet5", width=0.5, epochs=25, lr=3e-3, temperature=4.0, alpha=0.7,
+    return DistillConfig(student="zoo:lenet5", width=0.5, epochs=15, lr=3e-3, temperature=4.0, alpha=0.7,
                          cache_teacher=True)
 
 
