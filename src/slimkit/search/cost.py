@@ -1,0 +1,207 @@
+"""Cost model of NAS candidates: exact parameters and MACs, latency predicted from a lookup table.
+
+The latency table holds, for every distinct unit (stem, MBConv block, cell, head at a given input
+shape), its median latency measured once on the target runtime ("torch" eager or "ort" ONNX
+Runtime) with a fixed thread count and batch size. A candidate's predicted latency is the sum of its
+units' entries times a `scale` calibrated on a few end-to-end measurements (running units back to back
+costs a little more than running each alone: caches, dispatch), and `check_table` compares
+predictions with end-to-end measurements of *other* candidates. Unknown units are measured on first
+use; the table is saved and reloaded as JSON.
+
+`statistic` is "median_ms" by default (the project's protocol). On a machine shared with other jobs a
+long run is preempted more often than a short one, which biases end-to-end medians above the sum of
+per-unit medians; "p10_ms" (10th percentile) is offered as a noise-robust alternative and is
+recorded in the table so nobody mistakes one for the other.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from slimkit.core.config import Config
+from slimkit.core.io import write_text
+from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.evaluate import count_macs, count_params, ort_latency, torch_latency
+
+RUNTIMES = ("torch", "ort")
+STATISTICS = ("median_ms", "p10_ms")
+
+
+class Constraints(Config):
+    """Hard limits a candidate must meet (None: no limit). MACs and params are counted exactly;
+    latency is the lookup table's prediction in milliseconds."""
+
+    max_macs: int | None = Field(None, gt=0)
+    max_params: int | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+
+    def violations(self, costs: dict[str, float]) -> list[str]:
+        """One line per violated limit, naming the limit and the candidate's value."""
+        out = []
+        if self.max_macs is not None and costs["macs"] > self.max_macs:
+            out.append(f"max_macs={self.max_macs:,} (candidate needs {costs['macs']:,})")
+        if self.max_params is not None and costs["params"] > self.max_params:
+            out.append(f"max_params={self.max_params:,} (candidate has {costs['params']:,})")
+        if self.max_latency_ms is not None and costs.get("latency_ms", 0.0) > self.max_latency_ms:
+            out.append(f"max_latency_ms={self.max_latency_ms:g} (candidate predicted {costs['latency_ms']:.3f} ms)")
+        return out
+
+
+class LatencyTable:
+    """Per-unit latency lookup table for one runtime, thread count and batch size.
+
+        table = LatencyTable("torch", threads=1, batch_size=1)
+        table.predict(model)             # ms; measures units it has not seen yet
+        table.save("latency_table.json")
+    """
+
+    def __init__(self, runtime: str = "torch", *, threads: int = 1, batch_size: int = 1, runs: int = 30,
+                 statistic: str = "median_ms", scale: float = 1.0, entries: dict[str, float] | None = None):
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown latency runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
+        if statistic not in STATISTICS:
+            raise ConfigError(f"unknown latency statistic {statistic!r}; use one of: {', '.join(STATISTICS)}")
+        self.runtime, self.threads, self.batch_size, self.runs = runtime, threads, batch_size, runs
+        self.statistic, self.scale = statistic, scale
+        self.entries: dict[str, float] = dict(entries or {})
+        self.measured = 0  # entries measured by this process (how much the table cost to build)
+
+    def unit_ms(self, key: str, unit: nn.Module, shape: tuple[int, ...]) -> float:
+        """The table entry for `key`, measuring `unit` on a random input of `shape` if missing."""
+        if key not in self.entries:
+            self.entries[key] = self._measure(unit, shape)
+            self.measured += 1
+        return self.entries[key]
+
+    def _measure(self, unit: nn.Module, shape: tuple[int, ...]) -> float:
+        unit = unit.eval()
+        example = torch.randn(self.batch_size, *shape)
+        if self.runtime == "torch":
+            return torch_latency(unit, example, threads=self.threads, warmup=5, runs=self.runs)[self.statistic]
+        from slimkit.export.onnx import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(unit, Path(tmp) / "unit.onnx", example)
+            return ort_latency(path, example, threads=self.threads, warmup=5, runs=self.runs)[self.statistic]
+
+    def units_sum(self, model: nn.Module) -> float:
+        """Sum of the table entries of a `SearchNet`'s units (ms), measuring missing ones."""
+        if not hasattr(model, "unit_keys"):
+            raise ConfigError(f"latency prediction needs a NAS SearchNet, got {type(model).__name__}")
+        return sum(self.unit_ms(k, u, s) for k, u, s in zip(model.unit_keys, model.units, model.unit_shapes))
+
+    def predict(self, model: nn.Module) -> float:
+        """Predicted end-to-end latency (ms) of a `SearchNet`: `scale` x the sum of its units' entries."""
+        return self.scale * self.units_sum(model)
+
+    def calibrate(self, models: list[nn.Module]) -> float:
+        """Set `scale` to the median ratio of measured end-to-end latency to the sum of unit entries
+        over `models` (use candidates other than those you check the table on). Returns the scale."""
+        import statistics
+
+        if not models:
+            raise ConfigError("latency calibration needs at least one model")
+        ratios = [self.measure_end_to_end(m) / self.units_sum(m) for m in models]
+        self.scale = float(statistics.median(ratios))
+        return self.scale
+
+    def measure_end_to_end(self, model: nn.Module) -> float:
+        """Measured end-to-end latency (ms) of `model` on the table's runtime, threads and batch."""
+        return self._measure(model, tuple(model.unit_shapes[0]))
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "threads": self.threads, "batch_size": self.batch_size,
+                "runs": self.runs, "statistic": self.statistic, "scale": self.scale, "entries": len(self.entries)}
+
+    def to_dict(self) -> dict[str, Any]:
+        import slimkit
+
+        versions = {"torch": torch.__version__, "slimkit": slimkit.__version__}
+        if self.runtime == "ort":
+            import onnxruntime
+
+            versions["onnxruntime"] = onnxruntime.__version__
+        return {"format": "slimkit-latency-table/1", **self.info(), "versions": versions, "table": self.entries}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON atomically, merging entries already in the file (other workers')."""
+        path = Path(path)
+        if path.is_file():
+            try:
+                old = load_table(path)
+                if (old.runtime, old.threads, old.batch_size, old.statistic) == (
+                        self.runtime, self.threads, self.batch_size, self.statistic):
+                    self.entries = {**old.entries, **self.entries}
+            except ConfigError:
+                pass  # a corrupt table is replaced, not merged
+        return write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True))
+
+
+def load_table(path: str | Path) -> LatencyTable:
+    """Read a table written by `LatencyTable.save`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return LatencyTable(data["runtime"], threads=int(data["threads"]), batch_size=int(data["batch_size"]),
+                            runs=int(data.get("runs", 30)), statistic=data.get("statistic", "median_ms"),
+                            scale=float(data.get("scale", 1.0)), entries={k: float(v) for k, v in data["table"].items()})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} is not a slimkit latency table ({err})") from None
+
+
+class CostModel:
+    """Costs of specs (params, MACs, predicted latency), cached by spec, and the constraint check."""
+
+    def __init__(self, constraints: Constraints | None = None, table: LatencyTable | None = None):
+        self.constraints = constraints or Constraints()
+        self.table = table
+        self._cache: dict[str, dict[str, float]] = {}
+
+    def costs(self, spec: dict[str, Any]) -> dict[str, float]:
+        """{"params", "macs" (batch 1), "latency_ms" (predicted; only with a table)} of a spec."""
+        from slimkit.search.space import build
+
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._cache:
+            model = build(spec)
+            c: dict[str, float] = {"params": count_params(model)["params"],
+                                   "macs": count_macs(model, torch.zeros(1, *model.unit_shapes[0]))}
+            if self.table is not None:
+                c["latency_ms"] = self.table.predict(model)
+            self._cache[key] = c
+        return self._cache[key]
+
+    def violations(self, spec: dict[str, Any]) -> list[str]:
+        return self.constraints.violations(self.costs(spec))
+
+    def feasible(self, spec: dict[str, Any]) -> bool:
+        return not self.violations(spec)
+
+    def check_space(self, space) -> dict[str, float]:
+        """Raise `InfeasibleError` naming each limit that even the space's cheapest candidate breaks."""
+        cheapest = space.spec(space.cheapest())
+        bad = self.violations(cheapest)
+        if bad:
+            raise InfeasibleError(
+                f"no candidate of the {space.kind} space can meet " + "; ".join(bad).replace("candidate", "the cheapest candidate")
+                + ": relax the limit or enlarge the space (smaller widths, depths, kernels or expansions)")
+        return self.costs(cheapest)
+
+
+def check_table(table: LatencyTable, models: list[nn.Module], *, tolerance: float = 0.15) -> list[dict[str, float]]:
+    """Predicted vs measured end-to-end latency for each model: rows with both, the relative error
+    and whether it is within `tolerance`."""
+    rows = []
+    for model in models:
+        predicted = table.predict(model)
+        measured = table.measure_end_to_end(model)
+        error = abs(predicted - measured) / measured
+        rows.append({"predicted_ms": predicted, "measured_ms": measured, "relative_error": error,
+                     "within_tolerance": error <= tolerance})
+    return rows

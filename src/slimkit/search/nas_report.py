@@ -1,0 +1,97 @@
+"""NAS report: search.json (every trial, Pareto front, chosen), pareto.png, report.md, and the chosen
+architecture exported as best.safetensors (loadable with `slimkit.load`) plus best.json (its spec)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slimkit.core.io import atomic_path, write_text
+
+_COST_LABEL = {"macs": ("macs", "MACs (batch 1)"), "params": ("param_count", "parameters"),
+               "latency": ("latency_ms_predicted", "predicted latency (ms)")}
+
+
+def write_report(result, out_dir: str | Path, config) -> dict[str, str]:
+    """Write the report files into `out_dir`; returns {name: path} (also stored in result.artifacts)."""
+    from slimkit.core.artifact import save
+    from slimkit.report import environment
+
+    out_dir = Path(out_dir)
+    paths: dict[str, str] = {}
+    if result.model is not None:
+        paths["model"] = str(save(result.model, out_dir / "best.safetensors"))
+        paths["spec"] = str(write_text(out_dir / "best.json", json.dumps(result.best["spec"], indent=1)))
+    plot = pareto_plot(result, out_dir / "pareto.png", config.objective)
+    if plot is not None:
+        paths["plot"] = str(plot)
+    data = {"study": result.study_name, "storage": result.storage, "config": config.to_dict(),
+            "environment": environment(config.train_threads), "info": result.info, "best": result.best,
+            "pareto": [r["trial"] for r in result.pareto], "trials": result.rows}
+    paths["json"] = str(write_text(out_dir / "search.json", json.dumps(data, indent=1, default=str)))
+    paths["report"] = str(write_text(out_dir / "report.md", markdown(result, config)))
+    result.artifacts.update(paths)
+    return paths
+
+
+def pareto_plot(result, path: Path, objective: str) -> Path | None:
+    """Accuracy vs cost of every completed trial, the Pareto front as a step line, the chosen starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = _COST_LABEL[objective]
+    done = [r for r in result.rows if r["val_accuracy"] is not None and r[key] is not None]
+    if not done:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r[key] for r in done], [r["val_accuracy"] for r in done], s=14, alpha=0.6, label="trials")
+    front = [r for r in result.pareto if r[key] is not None]
+    ax.step([r[key] for r in front], [r["val_accuracy"] for r in front], where="post", color="C3", label="Pareto front")
+    if result.best is not None:
+        ax.scatter([result.best[key]], [result.best["val_accuracy"]], marker="*", s=160, color="C2", label="chosen")
+    limit = result.info.get("constraints", {}).get({"macs": "max_macs", "params": "max_params",
+                                                    "latency": "max_latency_ms"}[objective])
+    if limit:
+        ax.axvline(limit, color="grey", linestyle="--", label="limit")
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"NAS {result.study_name}: {len(done)} trials")
+    ax.legend(loc="lower right", fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _arch(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "-"
+    if spec["space"] == "mbconv":
+        stages = " ".join(f"d{s['depth']}k{s['kernel']}e{s['expansion']}{'+se' if s['se'] else ''}" for s in spec["stages"])
+        return f"w{spec['width']:g} {stages}"
+    cell = ",".join(f"{n['op']}<{n['input']}" for n in spec["cell"])
+    return f"w{spec['width']:g} x{spec['cells_per_stage']} [{cell}]"
+
+
+def markdown(result, config) -> str:
+    key, label = _COST_LABEL[config.objective]
+    lines = [f"# NAS report: {result.study_name}", "",
+             f"strategy `{config.strategy}`, space `{config.space}`, {config.trials} trials of {config.epochs} "
+             f"proxy epoch(s); constraints {result.info.get('constraints')}; storage `{result.storage}`", ""]
+    if result.best is not None:
+        b = result.best
+        lines += [f"**Chosen**: trial {b['trial']} — val accuracy {100 * b['val_accuracy']:.2f}%, "
+                  f"{b['macs']:,} MACs, {b['param_count']:,} params — `{_arch(b['spec'])}`", ""]
+    lines += ["## Pareto front", "", f"| trial | val accuracy | MACs | params | {label} | architecture |",
+              "|---|---|---|---|---|---|"]
+    for r in result.pareto:
+        lines.append(f"| {r['trial']} | {100 * r['val_accuracy']:.2f}% | {r['macs']:,} | {r['param_count']:,} | "
+                     f"{r[key]:.4g} | `{_arch(r['spec'])}` |")
+    top = sorted((r for r in result.rows if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])[:10]
+    lines += ["", "## Most accurate trials", "", "| trial | val accuracy | MACs | params | architecture |", "|---|---|---|---|---|"]
+    for r in top:
+        lines.append(f"| {r['trial']} | {100 * r['val_accuracy']:.2f}% | {r['macs']:,} | {r['param_count']:,} | `{_arch(r['spec'])}` |")
+    lines += ["", "![Pareto plot](pareto.png)", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,242 @@
+"""Search strategies as Optuna samplers, so every strategy runs on one engine with shared storage.
+
+* `RandomStrategy`     uniform over the space (the baseline every NAS method must beat).
+* `EvolutionStrategy`  regularized (aging) evolution (Real et al. 2019): tournament selection in
+                       the most recent `population` completed trials, one-decision mutations.
+* `ReinforceStrategy`  an LSTM controller trained with REINFORCE (Zoph & Le 2017, NASNet-style),
+                       reward = validation accuracy, moving-average baseline.
+* `GradientStrategy`   samples from architecture weights learned by the gradient-based supernet
+                       (`slimkit.search.gradient`); its first trial is their argmax.
+
+Each sampler proposes a full architecture in `sample_relative` and rejects candidates that break a
+hard constraint (so no trial is spent on an infeasible model). State lives in the study: a sampler
+rebuilds what it needs from the completed trials, so several workers (processes or machines) on one
+storage share it, and a resumed search continues where it stopped. Draws are seeded by
+(seed, trial number), so a trial's proposal does not depend on which worker ran it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import torch
+import torch.nn as nn
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.search.space import Decision
+
+STRATEGIES = ("random", "evolution", "rl", "gradient")
+
+
+class NASSampler(optuna.samplers.BaseSampler):
+    """Base: proposes whole architectures; `feasible(choices) -> bool` enforces hard constraints."""
+
+    name = "base"
+
+    def __init__(self, decisions: list[Decision], feasible: Callable[[dict[str, Any]], bool], *, seed: int = 0,
+                 max_tries: int = 500):
+        if not decisions:
+            raise ConfigError("the search space has no decisions")
+        self.decisions = decisions
+        self.feasible = feasible
+        self.seed = seed
+        self.max_tries = max_tries
+        self.rejected = 0  # infeasible proposals skipped (reported, so a tight budget is visible)
+
+    # -- optuna interface -------------------------------------------------------------
+    def infer_relative_search_space(self, study, trial) -> dict[str, CategoricalDistribution]:
+        return {d.name: CategoricalDistribution(list(d.choices)) for d in self.decisions}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        rng = np.random.default_rng([self.seed, trial.number])
+        history = [t for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                   if t.values and all(d.name in t.params for d in self.decisions)]
+        history.sort(key=lambda t: t.number)
+        self.observe(history)
+        for _ in range(self.max_tries):
+            choices = self.propose(history, rng)
+            if self.feasible(choices):
+                return choices
+            self.rejected += 1
+        raise InfeasibleError(f"{self.name}: {self.max_tries} proposals in a row broke the constraints; "
+                              "the feasible part of the space is too small for this strategy (relax the limits)")
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        # only reached for parameters outside the architecture (none today): uniform
+        rng = np.random.default_rng([self.seed, trial.number, len(param_name)])
+        return param_distribution.choices[int(rng.integers(len(param_distribution.choices)))]
+
+    # -- strategy interface -----------------------------------------------------------
+    def observe(self, history: list[FrozenTrial]) -> None:
+        """Learn from completed trials (sorted by number); called before each proposal."""
+
+    def propose(self, history: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def random_choices(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {d.name: d.choices[int(rng.integers(len(d.choices)))] for d in self.decisions}
+
+
+class RandomStrategy(NASSampler):
+    """Uniform random search over the feasible part of the space."""
+
+    name = "random"
+
+    def propose(self, history, rng):
+        return self.random_choices(rng)
+
+
+class EvolutionStrategy(NASSampler):
+    """Regularized (aging) evolution: the population is the `population` most recently completed
+    trials; each child mutates one decision of the most accurate of `sample_size` random members.
+    Until `population` trials are complete, proposals are random (the initial population)."""
+
+    name = "evolution"
+
+    def __init__(self, decisions, feasible, *, population: int = 10, sample_size: int = 3, **kw):
+        super().__init__(decisions, feasible, **kw)
+        if population < 2 or not 1 <= sample_size <= population:
+            raise ConfigError(f"evolution needs population >= 2 and 1 <= sample_size <= population "
+                              f"(got population={population}, sample_size={sample_size})")
+        self.population, self.sample_size = population, sample_size
+
+    def propose(self, history, rng):
+        if len(history) < self.population:
+            return self.random_choices(rng)
+        # aging: the oldest members die, whatever their accuracy
+        members = sorted(history, key=lambda t: (t.datetime_complete, t.number))[-self.population:]
+        picks = rng.choice(len(members), size=self.sample_size, replace=False)
+        parent = max((members[i] for i in picks), key=lambda t: (t.values[0], -t.number))
+        child = dict(parent.params)
+        mutable = [d for d in self.decisions if len(d.choices) > 1]
+        if mutable:
+            d = mutable[int(rng.integers(len(mutable)))]
+            others = [c for c in d.choices if c != child[d.name]]
+            child[d.name] = others[int(rng.integers(len(others)))]
+        return child
+
+
+class Controller(nn.Module):
+    """NASNet-style controller: an LSTM emits one decision per step; the embedding of each choice
+    is the next step's input."""
+
+    def __init__(self, decisions: list[Decision], hidden: int = 32):
+        super().__init__()
+        self.sizes = [len(d.choices) for d in decisions]
+        self.start = nn.Parameter(torch.zeros(1, hidden))
+        self.cell = nn.LSTMCell(hidden, hidden)
+        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in self.sizes)
+        self.embeds = nn.ModuleList(nn.Embedding(n, hidden) for n in self.sizes)
+
+    def forward(self, indices: list[int] | None = None, generator: torch.Generator | None = None):
+        """Sample (indices None) or score given indices; returns (indices, log-prob, entropy)."""
+        h = c = torch.zeros(1, self.start.shape[1])
+        x = self.start
+        out, logp, entropy = [], torch.zeros(()), torch.zeros(())
+        for i, (head, embed) in enumerate(zip(self.heads, self.embeds)):
+            h, c = self.cell(x, (h, c))
+            log_probs = torch.log_softmax(head(h)[0], dim=-1)
+            if indices is None:
+                k = int(torch.multinomial(log_probs.exp().detach(), 1, generator=generator))
+            else:
+                k = indices[i]
+            out.append(k)
+            logp = logp + log_probs[k]
+            entropy = entropy - (log_probs.exp() * log_probs).sum()
+            x = embed(torch.tensor([k]))
+        return out, logp, entropy
+
+
+class ReinforceStrategy(NASSampler):
+    """REINFORCE on an LSTM controller. Each completed trial (any worker's, in trial order) is one
+    policy-gradient step with advantage = accuracy - moving-average baseline. Trials sampled by an
+    older policy are used as they are (a small off-policy error, the price of many workers)."""
+
+    name = "rl"
+
+    def __init__(self, decisions, feasible, *, lr: float = 0.05, baseline_decay: float = 0.8,
+                 entropy_weight: float = 1e-3, hidden: int = 32, **kw):
+        super().__init__(decisions, feasible, **kw)
+        torch.manual_seed(self.seed)
+        self.controller = Controller(decisions, hidden)
+        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
+        self.baseline: float | None = None
+        self.baseline_decay, self.entropy_weight = baseline_decay, entropy_weight
+        self.seen: set[int] = set()
+
+    def _indices(self, params: dict[str, Any]) -> list[int]:
+        return [d.choices.index(params[d.name]) for d in self.decisions]
+
+    def update(self, params: dict[str, Any], reward: float) -> float:
+        """One REINFORCE step for an architecture and its reward; returns the advantage."""
+        if self.baseline is None:
+            self.baseline = reward
+        advantage = reward - self.baseline
+        _, logp, entropy = self.controller(self._indices(params))
+        loss = -advantage * logp - self.entropy_weight * entropy
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
+        return advantage
+
+    def observe(self, history):
+        for t in history:
+            if t.number not in self.seen:
+                self.seen.add(t.number)
+                self.update(t.params, float(t.values[0]))
+
+    def propose(self, history, rng):
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        with torch.no_grad():
+            indices, _, _ = self.controller(generator=gen)
+        return {d.name: d.choices[k] for d, k in zip(self.decisions, indices)}
+
+    def probabilities(self) -> dict[str, list[float]]:
+        """The controller's greedy-path choice probabilities (for reports)."""
+        with torch.no_grad():
+            h = c = torch.zeros(1, self.controller.start.shape[1])
+            x = self.controller.start
+            out = {}
+            for d, head, embed in zip(self.decisions, self.controller.heads, self.controller.embeds):
+                h, c = self.controller.cell(x, (h, c))
+                p = torch.softmax(head(h)[0], -1)
+                out[d.name] = [round(float(v), 4) for v in p]
+                x = embed(p.argmax().view(1))
+        return out
+
+
+class GradientStrategy(NASSampler):
+    """Samples from the architecture distribution a gradient-based supernet learned
+    (`probabilities`: decision name -> choice probabilities). The argmax architecture itself is
+    enqueued as a fixed trial by `slimkit.search.nas`, so it is evaluated exactly once."""
+
+    name = "gradient"
+
+    def __init__(self, decisions, feasible, *, probabilities: dict[str, list[float]], **kw):
+        super().__init__(decisions, feasible, **kw)
+        missing = [d.name for d in decisions if d.name not in probabilities]
+        if missing:
+            raise ConfigError(f"gradient strategy: the supernet gave no probabilities for {missing}")
+        self.probabilities = probabilities
+
+    def propose(self, history, rng):
+        out = {}
+        for d in self.decisions:
+            p = np.asarray(self.probabilities[d.name], dtype=float)
+            out[d.name] = d.choices[int(rng.choice(len(d.choices), p=p / p.sum()))]
+        return out
+
+
+def make_sampler(strategy: str, decisions: list[Decision], feasible, *, seed: int = 0, **options: Any) -> NASSampler:
+    """The sampler for `strategy` ('random', 'evolution', 'rl' or 'gradient')."""
+    classes = {"random": RandomStrategy, "evolution": EvolutionStrategy, "rl": ReinforceStrategy,
+               "gradient": GradientStrategy}
+    if strategy not in classes:
+        raise ConfigError(f"unknown search strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
+    return classes[strategy](decisions, feasible, seed=seed, **options)
