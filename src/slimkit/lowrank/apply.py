@@ -23,7 +23,15 @@ from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, SelectorError, UnsupportedLayerError
 from slimkit.lowrank.config import LowRankConfig
-from slimkit.lowrank.decompose import cost, factorize_layer, max_rank, spectra, unfoldings
+from slimkit.lowrank.decompose import (
+    cost,
+    factorize_layer,
+    input_moments,
+    max_rank,
+    response_basis,
+    spectra,
+    unfoldings,
+)
 from slimkit.lowrank.modules import KINDS
 from slimkit.lowrank.rank import energy_rank, kept_energy, largest_rank_within, vbmf_rank
 
@@ -60,11 +68,14 @@ def _as_rank(kind: str, value: int | list[int]) -> int | list[int]:
     return value
 
 
-def _rank_by_rule(kind: str, layer: nn.Module, config: LowRankConfig, energy: float | None = None):
-    """Rank from energy / ratio / vbmf (not fixed or sensitivity)."""
+def _rank_by_rule(kind: str, layer: nn.Module, config: LowRankConfig, energy: float | None = None,
+                  response: tuple | None = None):
+    """Rank from energy / ratio / vbmf (not fixed or sensitivity). `response`: (singular values,
+    basis) of the layer's responses when data-aware; energy then refers to output energy."""
     rule = "energy" if energy is not None else config.rank_selection
     if rule == "energy":
-        ranks = [energy_rank(s, energy if energy is not None else config.energy) for s in spectra(kind, layer)]
+        values = [response[0]] if response is not None else spectra(kind, layer)
+        ranks = [energy_rank(s, energy if energy is not None else config.energy) for s in values]
     elif rule == "vbmf":
         ranks = [vbmf_rank(m) for m in unfoldings(kind, layer)]
     elif rule == "ratio":
@@ -94,29 +105,30 @@ def _validate_rank(name: str, kind: str, layer: nn.Module, rank) -> str | None:
     return None
 
 
-def _describe(kind: str, layer: nn.Module, rank) -> dict[str, Any]:
+def _describe(kind: str, layer: nn.Module, rank, response: tuple | None = None) -> dict[str, Any]:
     p0, m0 = cost(None, layer)
     p1, m1 = cost(kind, layer, rank)
-    energies = [kept_energy(s, r) for s, r in zip(spectra(kind, layer), rank if isinstance(rank, list) else [rank])]
+    values = [response[0]] if response is not None else spectra(kind, layer)
+    energies = [kept_energy(s, r) for s, r in zip(values, rank if isinstance(rank, list) else [rank])]
     return {"kind": kind, "rank": rank, "params_before": p0, "params_after": p1, "macs_before": m0, "macs_after": m1,
             "energy_kept": [round(e, 6) for e in energies] if kind == "tucker2" else round(energies[0], 6)}
 
 
 def _sensitivity_rank(model: nn.Module, name: str, kind: str, layer: nn.Module, config: LowRankConfig, task: Task,
-                      baseline: float):
+                      baseline: float, response: tuple | None = None):
     """Smallest rank (over SENSITIVITY_ENERGIES) whose factorization of this layer alone keeps the
     validation accuracy within max_accuracy_drop; None if no candidate does."""
     from slimkit.core.trainer import accuracy
 
     tried = []
     for energy in SENSITIVITY_ENERGIES:
-        rank = _rank_by_rule(kind, layer, config, energy=energy)
+        rank = _rank_by_rule(kind, layer, config, energy=energy, response=response)
         if rank in tried:
             continue
         tried.append(rank)
         if config.only_if_smaller and not _is_smaller(kind, layer, rank):
             break  # larger energies only give larger ranks
-        set_submodule(model, name, factorize_layer(kind, layer, rank))
+        set_submodule(model, name, factorize_layer(kind, layer, rank, response))
         try:
             acc = accuracy(model, task, "val")
         finally:
@@ -145,8 +157,8 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
     The per-layer ranks and skipped layers are recorded in the stage structure and as notes.
     """
     config = config or LowRankConfig()
-    if (config.rank_selection == "sensitivity" or config.recovery != "none") and task is None:
-        raise ConfigError("LowRankConfig: rank_selection='sensitivity' and recovery need a task (pass task=...)")
+    if (config.rank_selection == "sensitivity" or config.recovery != "none" or config.data_aware) and task is None:
+        raise ConfigError("LowRankConfig: rank_selection='sensitivity', data_aware and recovery need a task (pass task=...)")
     new = copy_model(model)
     selected = select(new, config.selector, default_types=(nn.Linear, nn.Conv2d), what="factorize")
     names = {n for n, _ in selected}
@@ -160,6 +172,13 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
         from slimkit.core.trainer import accuracy
 
         baseline = accuracy(new, task, "val")
+    responses: dict[str, tuple] = {}
+    if config.data_aware:
+        candidates = {n: m for n, m in selected if method_for(m, config)[0] in ("svd", "channel")
+                      and not isinstance(getattr(m, "padding", 0), str) and getattr(m, "padding_mode", "zeros") == "zeros"}
+        moments = input_moments(new, candidates, task.calibration_batches(max_samples=config.calibration_samples))
+        responses = {n: response_basis(method_for(m, config)[0], m, moments[n]) for n, m in candidates.items()
+                     if n in moments}
     layers: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     plans: list[tuple[str, str, nn.Module, Any]] = []
@@ -184,13 +203,13 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
                     skipped[name] = problem
                     continue
             elif config.rank_selection == "sensitivity":
-                rank = _sensitivity_rank(new, name, kind, layer, config, task, baseline)
+                rank = _sensitivity_rank(new, name, kind, layer, config, task, baseline, responses.get(name))
                 if rank is None:
                     skipped[name] = (f"no candidate rank keeps validation accuracy within "
                                      f"{100 * config.max_accuracy_drop:.2f} points (or none is smaller)")
                     continue
             else:
-                rank = _rank_by_rule(kind, layer, config)
+                rank = _rank_by_rule(kind, layer, config, response=responses.get(name))
             if config.only_if_smaller and not _is_smaller(kind, layer, rank):
                 p0, m0 = cost(None, layer)
                 p1, m1 = cost(kind, layer, rank)
@@ -200,9 +219,13 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
             plans.append((name, kind, layer, rank))
     with progress_bar("factorize: decompose", len(plans)) as advance:
         for name, kind, layer, rank in plans:
-            replacement = factorize_layer(kind, layer, rank).train(layer.training)
+            response = responses.get(name)
+            replacement = factorize_layer(kind, layer, rank, response).train(layer.training)
             set_submodule(new, name, replacement)
-            layers[name] = _describe(kind, layer, rank)
+            layers[name] = _describe(kind, layer, rank, response)
+            if response is not None:
+                layers[name]["basis"] = "responses"
+                layers[name]["bias"] = True  # the mean-response correction lives in the bias
             advance(1)
     record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
@@ -247,7 +270,8 @@ def restore(model: nn.Module, config: LowRankConfig, structure: dict[str, Any]) 
         kind = info["kind"]
         if kind not in KINDS:
             raise ConfigError(f"factorize stage: unknown factorization kind {kind!r} for layer {name!r}")
-        set_submodule(model, name, KINDS[kind].like(layer, info["rank"]))
+        extra = {"bias": info["bias"]} if "bias" in info else {}
+        set_submodule(model, name, KINDS[kind].like(layer, info["rank"], **extra))
     return model
 
 

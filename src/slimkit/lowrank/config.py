@@ -25,6 +25,10 @@ class LowRankConfig(Config):
       matrix SVD ("channel").
     only_if_smaller: leave a layer alone (and report it) when its factors would not have fewer
       parameters and MACs than the layer; False forces the factorization (e.g. to check full rank).
+    data_aware: factor each Linear / matrix-SVD convolution along the principal directions of its
+      responses on `calibration_samples` task inputs (Zhang et al. 2016) instead of its weights'
+      SVD; energy then means the fraction of output energy on real data. Tucker-2 and spatial
+      SVD stay weight-based. Needs a task.
     recovery: "distill" (KD from the original model), "finetune" or "none"; needs a task.
     """
 
@@ -39,6 +43,8 @@ class LowRankConfig(Config):
     conv_method: Literal["tucker2", "channel", "spatial", "none"] = "tucker2"
     selector: Selector = Field(default_factory=Selector)
     only_if_smaller: bool = True
+    data_aware: bool = False
+    calibration_samples: int = Field(512, ge=1)
     recovery: Literal["none", "distill", "finetune"] = "none"
     recovery_epochs: int = Field(2, ge=0)
     recovery_lr: float = Field(1e-3, gt=0)

@@ -59,6 +59,56 @@ def max_rank(kind: str, layer: nn.Module) -> list[int]:
     return [min(m.shape) for m in unfoldings(kind, layer)]
 
 
+# -- data-aware basis ----------------------------------------------------------------------------
+@torch.no_grad()
+def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and covariance of each layer's inputs (unfolded patches for convolutions), in float64,
+    from one pass over `batches`. Statistics only; nothing is changed."""
+    sums: dict[str, list] = {}
+
+    def hook(name: str, layer: nn.Module):
+        def fn(_m, inp):
+            x = inp[0].detach()
+            if isinstance(layer, nn.Conv2d):
+                x = torch.nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+                x = x.transpose(1, 2).reshape(-1, x.shape[1])  # rows: (image, position); cols: (cin, kh, kw)
+            else:
+                x = x.reshape(-1, x.shape[-1])
+            x = x.float()
+            update = [(x.T @ x).double(), x.sum(0).double(), len(x)]  # float32 products, float64 sums
+            sums[name] = update if name not in sums else [a + b for a, b in zip(sums[name], update)]
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    stats = {}
+    for name, (second, first, n) in sums.items():
+        mean = first / n
+        stats[name] = (mean, second / n - torch.outer(mean, mean))
+    return stats
+
+
+def response_basis(kind: str, layer: nn.Module, stats: tuple[torch.Tensor, torch.Tensor]):
+    """(singular values, basis U, input mean) of the layer's centered responses on calibration
+    inputs, from W Cov(x) W^T = U diag(s^2) U^T (Zhang et al., 2016). Factoring along U keeps the
+    response variance the data actually excites and ignores weight directions no input reaches;
+    the mean response is restored exactly through the bias (see `factorize_layer`)."""
+    mean, cov = stats
+    w = unfoldings(kind, layer)[0]
+    with single_threaded_blas():
+        eigvals, eigvecs = np.linalg.eigh((w @ cov @ w.T).numpy())
+    order = np.argsort(eigvals)[::-1]
+    return np.sqrt(np.clip(eigvals[order], 0, None)), torch.from_numpy(np.ascontiguousarray(eigvecs[:, order])), mean
+
+
 # -- costs -------------------------------------------------------------------------------------
 def cost(kind: str | None, layer: nn.Module, rank=None) -> tuple[int, int]:
     """(parameters, MACs per output position) of `layer` (kind None) or of its factorization.
@@ -100,11 +150,28 @@ def _split_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def factorize_layer(kind: str, layer: nn.Module, rank) -> nn.Module:
-    """Build the factorized replacement of `layer` with the given rank, weights set."""
+def factorize_layer(kind: str, layer: nn.Module, rank, response: tuple | None = None) -> nn.Module:
+    """Build the factorized replacement of `layer` with the given rank, weights set.
+
+    response: (s, U, input mean) from `response_basis` (svd/channel only): W ~= U_r (U_r^T W), the
+    projection of the layer onto its top-r response directions, and the bias gains
+    (I - U_r U_r^T) W mean so the mean response is kept exactly.
+    """
     dtype = layer.weight.dtype
     w = _w64(layer)
-    if kind == "svd":
+    if response is not None and kind in ("svd", "channel"):
+        cls = LowRankLinear if kind == "svd" else ChannelSVDConv
+        new = cls.like(layer, rank, bias=True)
+        u, mean = response[1][:, :rank], response[2]
+        w2 = w.reshape(w.shape[0], -1)
+        new.first.weight.copy_((u.T @ w2).reshape(new.first.weight.shape).to(dtype))
+        new.second.weight.copy_(u.reshape(new.second.weight.shape).to(dtype))
+        mean_response = w2 @ mean
+        correction = mean_response - u @ (u.T @ mean_response)
+        bias = correction + (layer.bias.detach().to(torch.float64) if layer.bias is not None else 0)
+        new.second.bias.copy_(bias.to(dtype))
+        return new.to(layer.weight.device)
+    elif kind == "svd":
         new = LowRankLinear.like(layer, rank)
         left, right = _split_svd(w, rank)
         new.first.weight.copy_(right.to(dtype))

@@ -21,23 +21,24 @@ class LowRankLinear(nn.Sequential):
         self.rank = rank
 
     @classmethod
-    def like(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
-        return cls(layer.in_features, layer.out_features, rank, layer.bias is not None)
+    def like(cls, layer: nn.Linear, rank: int, bias: bool | None = None) -> "LowRankLinear":
+        return cls(layer.in_features, layer.out_features, rank, layer.bias is not None if bias is None else bias)
 
 
 class ChannelSVDConv(nn.Sequential):
     """Conv kxk (Cin -> Cout) as conv kxk (Cin -> rank, stride/padding/dilation kept) -> conv 1x1 (rank -> Cout)."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int):
+    def __init__(self, conv: nn.Conv2d, rank: int, bias: bool | None = None):
         super().__init__(OrderedDict(
             first=nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                             bias=False, padding_mode=conv.padding_mode),
-            second=nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)))
+            second=nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None if bias is None else bias)))
         self.rank = rank
 
     @classmethod
-    def like(cls, conv: nn.Conv2d, rank: int) -> "ChannelSVDConv":
-        return cls(conv, rank)
+    def like(cls, conv: nn.Conv2d, rank: int, bias: bool | None = None) -> "ChannelSVDConv":
+        """bias: force a bias on the 1x1 (data-aware factors carry a mean correction); None: as `conv`."""
+        return cls(conv, rank, bias)
 
 
 class SpatialSVDConv(nn.Sequential):
