@@ -1,0 +1,122 @@
+"""NAS searches on a tiny space (8x8 digits, a few steps per trial): several workers on one storage,
+kill-and-resume, export for slimkit.load, CLI errors."""
+import json
+import multiprocessing
+import time
+
+import optuna
+import pytest
+import torch
+
+import slimkit
+from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.search.nas import NASConfig, open_storage, search
+
+TINY_SPACE = {"widths": [0.5], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3], "se": [False, True]}
+
+
+def tiny(**kw):
+    base = dict(space_options=TINY_SPACE, trials=4, epochs=1, max_steps=2, train_fraction=0.3, population=2,
+                sample_size=1)
+    return NASConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    from slimkit import data
+
+    return data.digits(size=8)
+
+
+def events(out_dir):
+    return [json.loads(line) for line in (out_dir / "events.jsonl").read_text().splitlines()]
+
+
+def complete_numbers(storage_url, study_name):
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    return sorted(t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def test_two_workers_share_one_study_no_trial_lost_or_run_twice(small_digits, tmp_path):
+    result = search(small_digits, tiny(strategy="evolution", trials=5), out_dir=tmp_path, workers=2, progress=False)
+    done = [e for e in events(tmp_path) if e["event"] == "done"]
+    started = [e for e in events(tmp_path) if e["event"] == "start"]
+    assert sorted(e["trial"] for e in done) == sorted({e["trial"] for e in done})  # none twice
+    assert len(done) == 5 and len(started) == 5  # exactly N ran: no surplus trial was trained
+    assert len(complete_numbers(result.storage, result.study_name)) == 5
+    assert len({(e["host"], e["pid"]) for e in started}) == 2  # both worker processes took trials
+    # the chosen architecture is exported for slimkit.load and matches the returned model
+    model = slimkit.load(tmp_path / "best.safetensors")
+    x = small_digits.example_input(4)
+    assert torch.allclose(model(x), result.model.eval()(x), atol=1e-6)
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["best"]["trial"] == result.best["trial"]
+    assert result.best["val_accuracy"] == max(r["val_accuracy"] for r in result.pareto)
+
+
+def _search_forever(task, out_dir):
+    search(task, tiny(strategy="random", trials=6, max_steps=3), out_dir=out_dir, progress=False)
+
+
+def test_killed_search_resumes_and_completes(small_digits, tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_search_forever, args=(small_digits, tmp_path))
+    proc.start()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it once some trials are done and one is running
+        evs = events(tmp_path) if (tmp_path / "events.jsonl").exists() else []
+        if sum(e["event"] == "done" for e in evs) >= 2 and evs[-1]["event"] == "start":
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.join()
+    before = {e["trial"] for e in events(tmp_path) if e["event"] == "done"}
+    assert 2 <= len(before) < 6
+    result = search(small_digits, tiny(strategy="random", trials=6, max_steps=3), out_dir=tmp_path, progress=False)
+    done = [e["trial"] for e in events(tmp_path) if e["event"] == "done"]
+    assert len(done) == 6 and len(set(done)) == 6
+    assert before <= set(done)  # finished trials were kept, not re-run
+    states = {r["trial"]: r for r in result.rows}
+    killed = [r for r in states.values() if r["state"] == "FAIL"]
+    assert all(r["failure"] == "worker died" for r in killed)
+    assert sum(r["state"] == "COMPLETE" for r in states.values()) == 6
+
+
+def test_resume_with_other_settings_is_refused(small_digits, tmp_path):
+    search(small_digits, tiny(strategy="random", trials=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="different settings"):
+        search(small_digits, tiny(strategy="random", trials=2, epochs=2), out_dir=tmp_path, progress=False)
+
+
+def test_infeasible_budget_and_gradient_on_cell_space(small_digits, tmp_path):
+    with pytest.raises(InfeasibleError, match="max_params=10"):
+        search(small_digits, tiny(max_params=10), out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="gradient strategy supports the 'mbconv' space"):
+        search(small_digits, tiny(space="cell", space_options={}, strategy="gradient"), out_dir=tmp_path,
+               progress=False)
+    assert not (tmp_path / "best.safetensors").exists()
+
+
+def test_gradient_supernet_meets_the_budget(small_digits, tmp_path):
+    from slimkit.search.cost import Constraints, CostModel
+    from slimkit.search.gradient import supernet_search
+    from slimkit.search.space import MBConvSpace
+
+    space = MBConvSpace.for_task(small_digits, **{**TINY_SPACE, "widths": [0.5, 1.0]})
+    cheapest = CostModel().costs(space.spec(space.cheapest()))["macs"]
+    budget = int(cheapest * 1.5)
+    cost = CostModel(Constraints(max_macs=budget))
+    found = supernet_search(space, small_digits, cost, budget=budget, epochs=1, max_steps=4, progress=False)
+    assert cost.feasible(space.spec(found["choices"]))
+    for name, probs in found["probabilities"].items():
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5), name
+
+
+def test_cli_search_errors_exit_2(capsys, tmp_path):
+    from slimkit.cli.main import main
+
+    code = main(["search", "--max-macs", "10", "--trials", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "max_macs=10" in err and "cheapest candidate" in err
+    assert main(["search", "--strategy", "annealing", "--out", str(tmp_path)]) == 2

@@ -1,0 +1,92 @@
+"""Strategies as Optuna samplers, on a synthetic objective (no training): constraints honored,
+evolution mutates one decision of a population member, REINFORCE moves toward rewarded choices."""
+import optuna
+import pytest
+import torch
+
+from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.search.space import Decision
+from slimkit.search.strategies import Controller, ReinforceStrategy, make_sampler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DECISIONS = [Decision("a", (0, 1, 2, 3)), Decision("b", (0, 1, 2, 3)), Decision("c", ("x", "y"))]
+
+
+def feasible(choices):  # a hard constraint: a + b <= 4
+    return choices["a"] + choices["b"] <= 4
+
+
+def reward(choices):
+    return choices["a"] + choices["b"] + (0.5 if choices["c"] == "y" else 0.0)
+
+
+def run(strategy, n=30, **options):
+    sampler = make_sampler(strategy, DECISIONS, feasible, seed=1, **options)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lambda t: reward({d.name: t.suggest_categorical(d.name, list(d.choices)) for d in DECISIONS}),
+                   n_trials=n)
+    return study, sampler
+
+
+@pytest.mark.parametrize("strategy,options", [("random", {}), ("evolution", {"population": 6, "sample_size": 3}),
+                                              ("rl", {"lr": 0.1}),
+                                              ("gradient", {"probabilities": {"a": [0.1, 0.2, 0.3, 0.4],
+                                                                              "b": [0.25] * 4, "c": [0.5, 0.5]}})])
+def test_every_strategy_honors_the_constraint(strategy, options):
+    study, sampler = run(strategy, **options)
+    assert len(study.trials) == 30
+    assert all(feasible(t.params) for t in study.trials)
+    if strategy == "random":
+        assert sampler.rejected > 0  # the constraint did cut proposals (a + b > 4 is 3/16 of the space)
+
+
+def test_evolution_children_differ_from_a_member_in_one_decision():
+    study, _ = run("evolution", n=20, population=6, sample_size=2)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    for child in trials[6:]:
+        earlier = [t.params for t in trials if t.number < child.number]
+        diffs = min(sum(child.params[k] != p[k] for k in child.params) for p in earlier)
+        assert diffs <= 1
+
+
+def test_evolution_beats_random_on_average():
+    best = {s: [] for s in ("random", "evolution")}
+    for seed in range(3):
+        for s in best:
+            opts = {"population": 6, "sample_size": 3} if s == "evolution" else {}
+            sampler = make_sampler(s, DECISIONS, feasible, seed=seed, **opts)
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            study.optimize(lambda t: reward({d.name: t.suggest_categorical(d.name, list(d.choices)) for d in DECISIONS}),
+                           n_trials=25)
+            best[s].append(sum(t.value for t in study.trials[-10:]) / 10)
+    assert sum(best["evolution"]) > sum(best["random"])
+
+
+def test_reinforce_raises_the_probability_of_rewarded_choices():
+    sampler = ReinforceStrategy(DECISIONS, feasible, seed=0, lr=0.1)
+    before = sampler.probabilities()["c"][1]
+    for _ in range(40):
+        sampler.update({"a": 0, "b": 0, "c": "y"}, 1.0)
+        sampler.update({"a": 0, "b": 0, "c": "x"}, 0.0)
+    assert sampler.probabilities()["c"][1] > before + 0.2
+
+
+def test_controller_scores_what_it_samples():
+    controller = Controller(DECISIONS)
+    indices, logp, _ = controller(generator=torch.Generator().manual_seed(0))
+    _, logp_again, _ = controller(indices)
+    assert torch.allclose(logp, logp_again)
+
+
+def test_bad_strategy_settings_raise():
+    with pytest.raises(ConfigError, match="unknown search strategy"):
+        make_sampler("bayes", DECISIONS, feasible)
+    with pytest.raises(ConfigError, match="population"):
+        make_sampler("evolution", DECISIONS, feasible, population=3, sample_size=5)
+    with pytest.raises(ConfigError, match="no probabilities"):
+        make_sampler("gradient", DECISIONS, feasible, probabilities={"a": [1, 0, 0, 0]})
+    sampler = make_sampler("random", DECISIONS, lambda c: False, max_tries=20)
+    study = optuna.create_study(sampler=sampler)
+    with pytest.raises(InfeasibleError, match="20 proposals"):
+        study.optimize(lambda t: t.suggest_categorical("a", [0, 1, 2, 3]), n_trials=1)
