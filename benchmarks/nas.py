@@ -1,0 +1,279 @@
+"""NAS on digits: evolution, REINFORCE and the gradient-based supernet vs random search, under a MACs
+budget of half the zoo's mobilenetv2_small; latency-table accuracy; two workers on one storage;
+kill-and-resume; typed errors for infeasible budgets and bad spaces.
+
+    python benchmarks/nas.py --out nas.json                       # full run (issue 7 settings)
+    python benchmarks/nas.py --size 16 --trials 8 --epochs 3 --out nas.json   # reduced run
+
+Every strategy gets the same number of trials and proxy epochs; the zoo net is trained with the
+same epochs. Chosen models (most accurate on validation) are compared on the test split. CPU time
+(user + system, this process and its children) is measured per strategy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def test_accuracy(model, task) -> float:
+    from slimkit.evaluate import predict, topk_accuracy
+
+    return topk_accuracy(*predict(model, task, "test"), ks=(1,))["top1"]
+
+
+def run_strategies(task, args, budget, work: Path) -> list[dict]:
+    from slimkit.search.nas import NASConfig, search
+
+    rows = []
+    for strategy in args.strategies:
+        cfg = NASConfig(strategy=strategy, trials=args.trials, epochs=args.epochs, max_macs=budget,
+                        population=args.population, sample_size=args.sample_size, supernet_epochs=args.epochs,
+                        seed=args.seed, train_threads=args.threads)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        result = search(task, cfg, out_dir=work / strategy, progress=False)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        best = result.best
+        complete = [r for r in result.rows if r["state"] == "COMPLETE"]
+        rows.append({"part": "search", "strategy": strategy, "trials": len(complete), "epochs": args.epochs,
+                     "best_trial": best["trial"], "val_accuracy": best["val_accuracy"],
+                     "test_accuracy": test_accuracy(result.model, task), "macs": best["macs"],
+                     "params": best["param_count"], "budget_macs": budget, "within_budget": best["macs"] <= budget,
+                     "all_trials_within_budget": all(r["macs"] <= budget for r in complete),
+                     "pareto_size": len(result.pareto), "wall_s": round(wall, 1), "cpu_minutes": round(cpu / 60, 2),
+                     "supernet_s": result.info.get("supernet_seconds"),
+                     "architecture": best["spec"], "report": result.artifacts.get("report")})
+        print(f"{strategy}: val {best['val_accuracy']:.4f} test {rows[-1]['test_accuracy']:.4f} "
+              f"macs {best['macs']:,} wall {wall:.0f}s cpu {cpu / 60:.1f} min", flush=True)
+    return rows
+
+
+def latency_rows(task, args) -> list[dict]:
+    """Calibrate the table's scale on `calib` candidates, then check it on `samples` other candidates."""
+    import numpy as np
+    import torch
+
+    from slimkit.search.cost import LatencyTable, check_table
+    from slimkit.search.space import MBConvSpace, build
+
+    space = MBConvSpace.for_task(task)
+    decisions = space.decisions()
+    rng = np.random.default_rng(args.seed + 11)
+
+    def sample(k):
+        return [build(space.spec({d.name: d.choices[int(rng.integers(len(d.choices)))] for d in decisions}))
+                for _ in range(k)]
+
+    calib, models = sample(args.latency_calibration), sample(args.latency_samples)
+    torch.set_num_threads(1)
+    rows = []
+    for statistic in ("median_ms", "p10_ms"):
+        table = LatencyTable("torch", threads=1, batch_size=1, runs=args.latency_runs, statistic=statistic)
+        t0 = time.perf_counter()
+        scale = table.calibrate(calib)
+        for i, r in enumerate(check_table(table, models)):
+            rows.append({"part": "latency", "statistic": statistic, "candidate": i, "scale": round(scale, 4),
+                         "runtime": "torch-eager", "threads": 1, "batch_size": 1, "runs": args.latency_runs,
+                         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
+        print(f"latency table ({statistic}): scale {scale:.3f}, {len(table.entries)} entries, "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+    torch.set_num_threads(args.threads)
+    return rows
+
+
+def _killed_search(task, out_dir, cfg_dict):
+    from slimkit.search.nas import NASConfig, search
+
+    search(task, NASConfig.from_dict(cfg_dict), out_dir=out_dir, progress=False)
+
+
+def scale_out_rows(work: Path, args) -> list[dict]:
+    """Two worker processes on one journal storage; then a search killed mid-way and resumed."""
+    from slimkit import data
+    from slimkit.search.nas import NASConfig, search
+
+    task = data.digits(size=8)
+    tiny = dict(space_options={"widths": [0.5], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3]},
+                epochs=1, max_steps=3, train_fraction=0.3, population=2, sample_size=1, seed=args.seed)
+
+    def read_events(d):
+        p = d / "events.jsonl"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    rows = []
+    n = args.scale_trials
+    out = work / "two-workers"
+    result = search(task, NASConfig(strategy="evolution", trials=n, **tiny), out_dir=out, workers=2, progress=False)
+    ev = read_events(out)
+    done = [e["trial"] for e in ev if e["event"] == "done"]
+    rows.append({"part": "scale-out", "test": "two workers, one journal storage", "trials_requested": n,
+                 "trials_completed": sum(r["state"] == "COMPLETE" for r in result.rows), "trials_started": sum(
+                     e["event"] == "start" for e in ev), "distinct_done": len(set(done)), "done_events": len(done),
+                 "workers_used": len({(e["host"], e["pid"]) for e in ev if e["event"] == "start"})})
+    out = work / "resume"
+    cfg = NASConfig(strategy="random", trials=n, **tiny)
+    proc = multiprocessing.get_context("fork").Process(target=_killed_search, args=(task, out, cfg.to_dict()))
+    proc.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ev = read_events(out)
+        if sum(e["event"] == "done" for e in ev) >= 2 and ev[-1]["event"] == "start":
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.join()
+    before = {e["trial"] for e in read_events(out) if e["event"] == "done"}
+    result = search(task, cfg, out_dir=out, progress=False)
+    done = [e["trial"] for e in read_events(out) if e["event"] == "done"]
+    rows.append({"part": "scale-out", "test": "killed mid-way, resumed", "trials_requested": n,
+                 "done_before_kill": len(before), "trials_completed": sum(r["state"] == "COMPLETE" for r in result.rows),
+                 "failed_by_kill": sum(r["failure"] == "worker died" for r in result.rows),
+                 "distinct_done": len(set(done)), "done_events": len(done), "kept_before_kill": before <= set(done)})
+    return rows
+
+
+def bad_input_rows(task, work: Path) -> list[dict]:
+    from slimkit.errors import SlimkitError
+    from slimkit.search.nas import NASConfig, search
+
+    cases = {
+        "budget no candidate meets (max_macs=1000)": lambda: search(task, NASConfig(max_macs=1000, trials=1),
+                                                                    out_dir=work / "bad", progress=False),
+        "empty space (kernels=[])": lambda: search(task, NASConfig(space_options={"kernels": []}, trials=1),
+                                                   out_dir=work / "bad", progress=False),
+        "contradictory space (6 stride-2 stages on small images)": lambda: search(
+            task, NASConfig(space_options={"stage_channels": [8] * 6, "stage_strides": [2] * 6}, trials=1),
+            out_dir=work / "bad", progress=False),
+    }
+    rows = []
+    for name, fn in cases.items():
+        try:
+            fn()
+            rows.append({"part": "bad-input", "case": name, "error": None, "message": None, "typed": False})
+        except SlimkitError as err:
+            rows.append({"part": "bad-input", "case": name, "error": type(err).__name__, "message": str(err)[:200],
+                         "typed": True})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--size", type=int, default=28, help="digits image size (28: the default task)")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--population", type=int, default=10)
+    parser.add_argument("--sample-size", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=["random", "evolution", "rl", "gradient"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--latency-calibration", type=int, default=3)
+    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--scale-trials", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")
+    args = parser.parse_args()
+    os.environ.setdefault("SLIMKIT_PROGRESS", "0")
+    import optuna
+    import torch
+
+    from slimkit import data, zoo
+    from slimkit.core.trainer import TrainConfig, accuracy, fit
+    from slimkit.evaluate import count_macs, count_params
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="slimkit-nas-bench-"))
+    env = environment(command=" ".join(["python", *sys.argv]), digits_size=args.size, trials=args.trials,
+                      epochs=args.epochs, train_threads=args.threads,
+                      note="machine shared with other jobs; compare figures within this run only")
+    task = data.digits(size=args.size)
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    zoo_net = fit(zoo.for_task("mobilenetv2_small", task), task, TrainConfig(epochs=args.epochs, lr=2e-3, seed=args.seed),
+                  progress=False).model
+    zoo_macs = count_macs(zoo_net, task.example_input(1))
+    budget = zoo_macs // 2
+    rows = [{"part": "baseline", "model": "zoo:mobilenetv2_small", "epochs": args.epochs, "macs": zoo_macs,
+             "params": count_params(zoo_net)["params"], "val_accuracy": accuracy(zoo_net, task, "val"),
+             "test_accuracy": test_accuracy(zoo_net, task), "wall_s": round(time.perf_counter() - t0, 1),
+             "cpu_minutes": round((cpu_seconds() - cpu0) / 60, 2)}]
+    print(f"zoo mobilenetv2_small: {zoo_macs:,} MACs, test {rows[0]['test_accuracy']:.4f}; budget {budget:,} MACs",
+          flush=True)
+    rows += run_strategies(task, args, budget, work)
+    rows += latency_rows(task, args)
+    rows += scale_out_rows(work, args)
+    rows += bad_input_rows(task, work)
+
+    base = rows[0]
+    search_rows = {r["strategy"]: r for r in rows if r["part"] == "search"}
+    print_table([r for r in rows if r["part"] in ("baseline", "search")],
+                ["part", "strategy", "model", "trials", "epochs", "val_accuracy", "test_accuracy", "macs", "params",
+                 "within_budget", "wall_s", "cpu_minutes"], title="search under half the zoo net's MACs")
+    checks = []
+    for s in ("evolution", "rl"):
+        if s in search_rows:
+            r = search_rows[s]
+            checks.append(check(f"{s}: test accuracy >= zoo net ({args.epochs} epochs), MACs <= budget, <= 20 CPU-min",
+                                {"test_accuracy": r["test_accuracy"], "zoo_test_accuracy": base["test_accuracy"],
+                                 "delta_pp": round(100 * (r["test_accuracy"] - base["test_accuracy"]), 2),
+                                 "macs": r["macs"], "budget": budget, "cpu_minutes": r["cpu_minutes"]},
+                                ">= zoo, <= budget, <= 20",
+                                r["test_accuracy"] >= base["test_accuracy"] and r["within_budget"]
+                                and r["cpu_minutes"] <= 20))
+    if "random" in search_rows:
+        same = {r["trials"] for r in search_rows.values() if r["strategy"] in ("random", "evolution", "rl")}
+        checks.append(check("random search reported with the same number of trials",
+                            {s: r["trials"] for s, r in search_rows.items()}, "equal trial counts", len(same) == 1))
+    checks.append(check("every completed trial honored the MACs budget",
+                        {s: r["all_trials_within_budget"] for s, r in search_rows.items()}, "all true",
+                        all(r["all_trials_within_budget"] for r in search_rows.values())))
+    lat = [r for r in rows if r["part"] == "latency"]
+    print_table(lat, ["statistic", "candidate", "predicted_ms", "measured_ms", "relative_error", "within_tolerance"],
+                title="latency table vs end-to-end (torch eager, 1 thread, batch 1)")
+    for statistic in ("median_ms", "p10_ms"):
+        sel = [r for r in lat if r["statistic"] == statistic]
+        frac = sum(r["within_tolerance"] for r in sel) / max(len(sel), 1)
+        checks.append(check(f"latency table ({statistic}) within 15% of end-to-end", round(frac, 3),
+                            ">= 0.8 of candidates", frac >= 0.8))
+    scale = [r for r in rows if r["part"] == "scale-out"]
+    print_table(scale, title="scale-out and resume")
+    two, resumed = scale[0], scale[1]
+    checks.append(check("two workers on one storage: N completed, none lost, none run twice",
+                        {k: two[k] for k in ("trials_requested", "trials_completed", "trials_started", "distinct_done",
+                                             "workers_used")}, "completed == started == distinct == N, 2 workers",
+                        two["trials_completed"] == two["trials_started"] == two["distinct_done"] == two["done_events"]
+                        == two["trials_requested"] and two["workers_used"] == 2))
+    checks.append(check("killed search resumes and completes",
+                        {k: resumed[k] for k in ("done_before_kill", "trials_completed", "failed_by_kill",
+                                                 "kept_before_kill")}, "completed == N, finished trials kept",
+                        resumed["trials_completed"] == resumed["trials_requested"] and resumed["kept_before_kill"]
+                        and resumed["distinct_done"] == resumed["done_events"]))
+    bad = [r for r in rows if r["part"] == "bad-input"]
+    print_table(bad, ["case", "error", "message"], title="bad input")
+    checks.append(check("bad input raises typed errors naming the constraint",
+                        {r["case"]: r["error"] for r in bad}, "InfeasibleError / ConfigError",
+                        bad[0]["error"] == "InfeasibleError" and "max_macs" in (bad[0]["message"] or "")
+                        and all(r["typed"] for r in bad)))
+    write_result(args.out, "nas", env, rows, checks)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
