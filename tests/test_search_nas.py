@@ -120,3 +120,37 @@ def test_cli_search_errors_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "max_macs=10" in err and "cheapest candidate" in err
     assert main(["search", "--strategy", "annealing", "--out", str(tmp_path)]) == 2
+
+
+def test_latency_objective_and_limit_use_the_calibrated_table(small_digits, tmp_path):
+    from slimkit.search.cost import load_table
+
+    cfg = tiny(strategy="random", trials=2, objective="latency", max_latency_ms=1e4, calibrate_latency=1,
+               latency_runs=3)
+    result = search(small_digits, cfg, out_dir=tmp_path, progress=False)
+    done = [r for r in result.rows if r["state"] == "COMPLETE"]
+    assert len(done) == 2 and all(r["latency_ms_predicted"] > 0 for r in done)
+    table = load_table(tmp_path / "latency_table.json")
+    assert table.scale > 0 and table.statistic == "median_ms" and table.entries
+    assert result.info["latency_table"]["runtime"] == "torch"
+
+
+def test_nas_technique_runs_as_a_stage_and_reloads(small_digits, tmp_path):
+    from slimkit import zoo
+    from slimkit.core import registry
+    from slimkit.core.state import stages
+
+    technique = registry.get("nas")
+    assert technique.demo(None, small_digits) is None  # a search is too slow for the demo
+    task = small_digits
+
+    reference = zoo.for_task("mobilenetv2_small", task)
+    cfg = tiny(strategy="random", trials=2, max_macs_ratio=0.9)
+    model = registry.apply(reference, cfg, task=task, out_dir=str(tmp_path), progress=False)
+    assert stages(model)[-1]["technique"] == "nas"
+    path = slimkit.save(model, tmp_path / "stage.safetensors")
+    again = slimkit.load(path)
+    x = task.example_input(3)
+    assert torch.allclose(model.eval()(x), again(x), atol=1e-6)
+    with pytest.raises(ConfigError, match="needs data"):
+        registry.apply(reference, cfg)

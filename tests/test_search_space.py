@@ -90,3 +90,13 @@ def test_latency_table_sums_units_and_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a slimkit latency table"):
         load_table(tmp_path / "bad.json")
+
+
+def test_onnx_runtime_latency_table(tmp_path):
+    pytest.importorskip("onnxruntime")
+    space = CellSpace(input_size=8, widths=[0.5], stage_channels=[8, 16])
+    table = LatencyTable("ort", threads=1, batch_size=2, runs=3)
+    model = build(space.spec(space.cheapest()))
+    assert table.predict(model) > 0
+    assert table.measure_end_to_end(model) > 0
+    assert table.to_dict()["versions"]["onnxruntime"]

@@ -66,6 +66,7 @@ class NASConfig(Config):
     latency_threads: int = Field(1, ge=1)
     latency_batch: int = Field(1, ge=1)
     latency_statistic: Literal["median_ms", "p10_ms"] = "median_ms"
+    latency_runs: int = Field(30, ge=1)
     calibrate_latency: int = Field(3, ge=0)
     # strategy settings
     population: int = Field(10, ge=2)
@@ -171,7 +172,7 @@ class _Context:
         if config.objective == "latency" or constraints.max_latency_ms is not None:
             path = self.out_dir / "latency_table.json"
             table = LatencyTable(config.runtime, threads=config.latency_threads, batch_size=config.latency_batch,
-                                 statistic=config.latency_statistic)
+                                 statistic=config.latency_statistic, runs=config.latency_runs)
             if path.is_file():
                 old = load_table(path)
                 if (old.runtime, old.threads, old.batch_size, old.statistic) == (
