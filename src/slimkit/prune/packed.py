@@ -127,11 +127,14 @@ def _candidates(flat: np.ndarray):
                 yield ({"kind": "codes", "bits": code_bits, "layout": layout, "count": len(entries),
                         "codebook": {"dtype": cb_dtype, "size": len(codebook)}},
                        {"values": _codes_bytes(codes, code_bits, layout), "codebook": cb_bytes})
+        vals = entries.astype(np.float32)
+        if filler is not None:
+            vals[filler] = 0.0
+        # raw values: a codebook costs more than it saves when a layer has few non-zeros
+        if _float16_exact(vals):
+            yield ({"kind": "float16", "count": len(vals)}, {"values": vals.astype(np.float16).tobytes()})
         else:
-            vals = entries.copy()
-            if filler is not None:
-                vals[filler] = 0.0
-            yield ({"kind": "float32", "count": len(vals)}, {"values": vals.astype(np.float32).tobytes()})
+            yield ({"kind": "float32", "count": len(vals)}, {"values": vals.tobytes()})
 
     # dense codes: every element coded, no index (only with a codebook; raw dense is the fallback)
     if codebook is not None:
@@ -169,6 +172,19 @@ def _encode_tensor(name: str, tensor: torch.Tensor, compressor, index: str) -> t
     return {**entry, **best[0]}, best[1]
 
 
+def _compact_stage(stage: dict[str, Any]) -> dict[str, Any]:
+    """The stage with its config reduced to non-default keys: on a model of ~5 kB the full configs
+    would be a tenth of the file. Loading rebuilds the same config (defaults fill the rest)."""
+    from slimkit.core import registry
+
+    try:
+        cls = registry.get(stage["technique"]).config_cls
+        config = cls.from_dict(stage.get("config", {})).model_dump(mode="json", exclude_defaults=True)
+    except Exception:  # unknown technique or config: keep it as recorded, load will report it
+        return stage
+    return {**stage, "config": config}
+
+
 def write_packed(model: nn.Module, path: str | Path, *, index: str = "auto", level: int = 19) -> dict[str, Any]:
     """Write `model` as a `.slim` file (lossless for the values it holds); returns the bytes of
     every part: {"header", "index", "values", "codebook", "dense", "total", "path"}."""
@@ -196,7 +212,7 @@ def write_packed(model: nn.Module, path: str | Path, *, index: str = "auto", lev
         streams[s] = [len(blob), len(buffers[s]), zlib.crc32(blob)]
         blobs.append(blob)
     manifest = {"format": FORMAT, "slimkit_version": slimkit.__version__, "torch_version": torch.__version__,
-                "source": state["source"], "stages": state["stages"]}
+                "source": state["source"], "stages": [_compact_stage(s) for s in state["stages"]]}
     header = compressor.compress(json.dumps({"manifest": manifest, "streams": streams, "tensors": tensors},
                                             separators=(",", ":")).encode())
     path = Path(path)
@@ -273,7 +289,7 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
             raise ValueError("value code outside the codebook")
         values = codebook[codes]
     else:
-        values = np.frombuffer(part("values"), dtype=np.float32)
+        values = np.frombuffer(part("values"), dtype=np.dtype(val["kind"])).astype(np.float32)
         if len(values) != val["count"]:
             raise ValueError("value count mismatch")
     flat = np.zeros(numel, dtype=np.float32)
@@ -337,6 +353,6 @@ def packed_info(path: str | Path) -> dict[str, Any]:
         else:
             idx, val = e["index"], e["values"]
             ind = idx["kind"] + (f" {idx['bits']}-bit" if "bits" in idx else "")
-            v = f"{val['bits']}-bit codes ({val['codebook']['size']} shared values)" if val["kind"] == "codes" else "float32"
+            v = f"{val['bits']}-bit codes ({val['codebook']['size']} shared values)" if val["kind"] == "codes" else val["kind"]
             layers[e["name"]] = f"{ind} index, {v}"
     return {"bytes": sizes, "tensors": layers, "manifest": meta["manifest"]}

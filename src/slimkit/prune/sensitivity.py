@@ -44,39 +44,46 @@ def sensitivity_analysis(model: nn.Module, task: Task, *, grid: list[float] | No
 
 
 def allocate_sparsity(analysis: dict, target: float) -> dict[str, float]:
-    """Per-layer sparsities that reach `target` over all analysed weights while keeping the
-    worst single-layer accuracy drop as small as possible.
+    """Per-layer sparsities that reach `target` over all analysed weights at the least measured cost.
 
-    For a tolerated drop t, each layer takes the largest grid sparsity whose drop (and the drops
-    of all lower sparsities) is <= t; the smallest t reaching the target is chosen, and the last
-    step is interpolated so the overall sparsity equals `target` exactly.
+    Greedy on the curves: repeatedly take the next grid step of the layer whose accuracy drop grows
+    least per weight removed (so big, robust layers are pruned first and small sensitive ones
+    last); the final step is interpolated so the overall sparsity equals `target` exactly.
+    Drops are made monotone (a running maximum) so a noisy curve cannot skip a harmful sparsity.
     """
     baseline, curves, sizes = analysis["baseline"], analysis["curves"], analysis["sizes"]
     total = sum(sizes.values())
-    # running max: a layer may not jump over a sparsity that already hurt more than t
-    drops = {}
+    steps: dict[str, list[tuple[float, float]]] = {}
     for name, curve in curves.items():
-        worst, points = 0.0, []
-        for s, acc in curve:
+        worst, points = 0.0, [(0.0, 0.0)]
+        for s, acc in sorted(curve):
             worst = max(worst, baseline - acc)
             points.append((s, worst))
-        drops[name] = points
-
-    def allocation(tolerance: float) -> dict[str, float]:
-        return {n: max([s for s, d in pts if d <= tolerance], default=0.0) for n, pts in drops.items()}
-
-    def overall(alloc: dict[str, float]) -> float:
-        return sum(sizes[n] * s for n, s in alloc.items()) / total
-
-    candidates = sorted({d for pts in drops.values() for _, d in pts})
-    previous = {n: 0.0 for n in drops}
-    for tol in candidates:
-        current = allocation(tol)
-        reached = overall(current)
-        if reached >= target:
-            before = overall(previous)
-            alpha = (target - before) / max(reached - before, 1e-12)
-            return {n: previous[n] + alpha * (current[n] - previous[n]) for n in drops}
-        previous = current
-    raise InfeasibleError(f"sensitivity allocation: the grid reaches at most {100 * overall(previous):.1f}% "
-                          f"sparsity, below the target {100 * target:.1f}%; extend sensitivity_grid")
+        steps[name] = points
+    position = {n: 0 for n in steps}
+    alloc = {n: 0.0 for n in steps}
+    need = target * total
+    zeros = 0.0
+    while zeros < need - 1e-9:
+        best, best_cost = None, None
+        for n, pts in steps.items():
+            i = position[n]
+            if i + 1 >= len(pts):
+                continue
+            gained = sizes[n] * (pts[i + 1][0] - pts[i][0])
+            cost = (pts[i + 1][1] - pts[i][1]) / max(gained, 1e-12)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = n, cost
+        if best is None:
+            raise InfeasibleError(f"sensitivity allocation: the grid reaches at most {100 * zeros / total:.1f}% "
+                                  f"sparsity, below the target {100 * target:.1f}%; extend sensitivity_grid")
+        i = position[best]
+        (s0, _), (s1, _) = steps[best][i], steps[best][i + 1]
+        gained = sizes[best] * (s1 - s0)
+        if zeros + gained >= need:  # partial last step: land exactly on the target
+            alloc[best] = s0 + (need - zeros) / sizes[best]
+            break
+        zeros += gained
+        alloc[best] = s1
+        position[best] = i + 1
+    return alloc

@@ -1,0 +1,300 @@
+"""Pruning and Deep-Compression benchmark, side by side with torch.nn.utils.prune and torch-pruning.
+
+    python benchmarks/prune.py --out prune.json [--quick]
+
+Sections (one table each, all rows in the JSON):
+  unstructured  LeNet-300-100 and LeNet-5 on digits: slimkit global vs layer-wise (sensitivity-chosen)
+                vs torch.nn.utils.prune.global_unstructured, same fine-tuning budget.
+  deep-compression  LeNet-5: prune + k-means shared weights + sparse index + zstd (.slim) vs the fp32
+                safetensors file; peer: what torch.nn.utils.prune leaves on disk at the same sparsity.
+  structured    small ResNet and MobileNetV2-style net to half the MACs: slimkit vs torch-pruning's
+                MetaPruner at the same MACs; latency at batch 64 in PyTorch eager and ONNX Runtime.
+  n:m           2:4 sparsity on LeNet-300-100: exactness per group and bytes on disk (no speed claim).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.core.state import copy_model  # noqa: E402
+from slimkit.core.trainer import TrainConfig, accuracy, fit  # noqa: E402
+from slimkit.evaluate import count_macs, ort_latency, torch_latency  # noqa: E402
+from slimkit.export import export_onnx  # noqa: E402
+from slimkit.prune import PackConfig, PruneConfig, StructuredPruneConfig, check_nm  # noqa: E402
+
+THREADS = 1
+
+
+def train_baseline(name: str, task, epochs: int, out_dir: Path, lr: float = 2e-3) -> nn.Module:
+    """Train (or reuse, when a previous run in the same --artifacts folder trained it) a baseline."""
+    path = out_dir / f"baseline_{name}_{epochs}ep.safetensors"
+    if path.is_file():
+        return sk.load(path)
+    model = sk.zoo.for_task(name, task)
+    model = fit(model, task, TrainConfig(epochs=epochs, lr=lr, seed=0), description=f"baseline {name}").model
+    sk.save(model, path)
+    return model
+
+
+def test_acc(model: nn.Module, task) -> float:
+    return 100 * accuracy(model, task, "test")
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    ws = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def torch_prune_peer(model: nn.Module, task, sparsity: float, epochs: int, lr: float) -> nn.Module:
+    """torch.nn.utils.prune: global L1 unstructured over the same layers, same fine-tuning (its
+    forward pre-hooks keep the masks applied while training)."""
+    import torch.nn.utils.prune as tprune
+
+    peer = copy_model(model)
+    params = [(m, "weight") for m in peer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=sparsity)
+    return fit(peer, task, TrainConfig(epochs=epochs, lr=lr, seed=0), description="peer torch prune",
+               in_place=True).model
+
+
+def file_bytes(write) -> tuple[int, int]:
+    """Bytes of a file written by write(path), raw and zipped (DEFLATE level 9)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f"
+        write(path)
+        raw = path.stat().st_size
+        zpath = Path(tmp) / "f.zip"
+        with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+            z.write(path, "f")
+        return raw, zpath.stat().st_size
+
+
+def section_unstructured(task, args, rows, checks, baselines):
+    for name, sparsity in (("lenet300_100", 0.9), ("lenet5", 0.9)):
+        base = baselines[name]
+        base_acc = test_acc(base, task)
+        configs = {
+            "slimkit global": PruneConfig(sparsity=sparsity, scope="global", finetune_epochs=args.ft, lr=1e-3),
+            "slimkit layer-wise (sensitivity)": PruneConfig(sparsity=sparsity, scope="sensitivity",
+                                                            finetune_epochs=args.ft, lr=1e-3),
+        }
+        for label, cfg in configs.items():
+            t0 = time.perf_counter()
+            pruned = sk.prune(base, cfg, task=task)
+            rows.append({"section": "unstructured", "model": name, "method": label, "sparsity": weight_sparsity(pruned),
+                         "accuracy": test_acc(pruned, task), "baseline_accuracy": base_acc,
+                         "drop_points": base_acc - test_acc(pruned, task), "finetune_epochs": args.ft,
+                         "seconds": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        peer = torch_prune_peer(base, task, sparsity, args.ft, 1e-3)
+        rows.append({"section": "unstructured", "model": name, "method": "torch.nn.utils.prune global L1",
+                     "sparsity": weight_sparsity(peer), "accuracy": test_acc(peer, task), "baseline_accuracy": base_acc,
+                     "drop_points": base_acc - test_acc(peer, task), "finetune_epochs": args.ft,
+                     "seconds": time.perf_counter() - t0})
+        for row in rows[-3:-1]:
+            checks.append(check(f"{name} {row['method']}: sparsity >= 90% with drop <= 0.5 points",
+                                {"sparsity": round(row["sparsity"], 4), "drop_points": round(row["drop_points"], 2)},
+                                ">= 0.90 and <= 0.5", row["sparsity"] >= 0.9 - 1e-6 and row["drop_points"] <= 0.5))
+
+
+def section_deep_compression(task, args, rows, checks, baselines, out_dir: Path):
+    import torch.nn.utils.prune as tprune
+
+    base = baselines["lenet5"]
+    base_acc = test_acc(base, task)
+    fp32 = sk.save(base, out_dir / "lenet5_fp32.safetensors").stat().st_size
+    cfg = PackConfig(prune=PruneConfig(sparsity=args.dc_sparsity, scope="global", finetune_epochs=args.dc_ft, lr=1e-3),
+                     quantization="kmeans", bits=5, conv_bits=8, codebook_epochs=2, dense_dtype="float16")
+    t0 = time.perf_counter()
+    result = sk.pack(base, out_dir / "lenet5_deep_compression.slim", cfg, task=task)
+    seconds = time.perf_counter() - t0
+    loaded = sk.load(out_dir / "lenet5_deep_compression.slim")  # the accuracy of what is on disk
+    acc = test_acc(loaded, task)
+    parts = result["bytes"]
+    rows.append({"section": "deep-compression", "model": "lenet5", "method": "slimkit pack (.slim)",
+                 "sparsity": weight_sparsity(loaded), "accuracy": acc, "baseline_accuracy": base_acc,
+                 "drop_points": base_acc - acc, "bytes": parts["total"], "fp32_safetensors_bytes": fp32,
+                 "compression": fp32 / parts["total"], "parts_bytes": parts, "seconds": seconds,
+                 "config": cfg.to_dict()})
+    # peer: torch.nn.utils.prune at the same sparsity (masks kept, as users save it), raw and zipped
+    peer = copy_model(base)
+    params = [(m, "weight") for m in peer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=args.dc_sparsity)
+    raw, zipped = file_bytes(lambda p: torch.save(peer.state_dict(), p))
+    rows.append({"section": "deep-compression", "model": "lenet5", "method": "torch.nn.utils.prune (weight_orig + mask), torch.save",
+                 "sparsity": args.dc_sparsity, "bytes": raw, "zipped_bytes": zipped, "fp32_safetensors_bytes": fp32,
+                 "compression": fp32 / raw, "compression_zipped": fp32 / zipped})
+    for m, n in params:
+        tprune.remove(m, n)
+    raw, zipped = file_bytes(lambda p: torch.save(peer.state_dict(), p))
+    rows.append({"section": "deep-compression", "model": "lenet5", "method": "torch.nn.utils.prune + prune.remove, torch.save",
+                 "sparsity": args.dc_sparsity, "bytes": raw, "zipped_bytes": zipped, "fp32_safetensors_bytes": fp32,
+                 "compression": fp32 / raw, "compression_zipped": fp32 / zipped})
+    dc = rows[-3]
+    checks.append(check("Deep Compression LeNet-5: .slim >= 40x smaller than fp32 safetensors",
+                        round(dc["compression"], 2), ">= 40", dc["compression"] >= 40))
+    checks.append(check("Deep Compression LeNet-5: accuracy drop <= 0.5 points (model loaded from .slim)",
+                        round(dc["drop_points"], 2), "<= 0.5", dc["drop_points"] <= 0.5))
+
+
+def latency_pair(model: nn.Module, example: torch.Tensor, tmp: Path, label: str, runs: int) -> tuple[float, float]:
+    eager = torch_latency(model, example, threads=THREADS, warmup=5, runs=runs)["median_ms"]
+    onnx = export_onnx(model, tmp / f"{label}.onnx", example[:1])
+    ort = ort_latency(onnx, example, threads=THREADS, warmup=5, runs=runs)["median_ms"]
+    return eager, ort
+
+
+def tp_peer(model: nn.Module, task, target: float, epochs: int) -> nn.Module:
+    """torch-pruning's own MetaPruner (default group L2 magnitude, uniform), stepped until the same
+    MACs target, then plain fine-tuning (its documented recipe)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    peer = copy_model(model).eval()
+    example = task.example_input(1, split="train")
+    base = count_macs(peer, example)
+    classifier = [m for m in peer.modules() if isinstance(m, nn.Linear)][-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(peer, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.9, iterative_steps=40, ignored_layers=[classifier])
+        for _ in range(40):
+            pruner.step()
+            if count_macs(peer, example) <= target * base:
+                break
+    for p in peer.parameters():
+        p.requires_grad_(True)
+    return fit(peer, task, TrainConfig(epochs=epochs, lr=1e-3, seed=0), description="peer torch-pruning").model
+
+
+def section_structured(task, args, rows, checks, baselines, out_dir: Path):
+    example = task.example_input(64)
+    one = example[:1]
+    for name in ("resnet_small", "mobilenetv2_small"):
+        base = baselines[name]
+        base_acc = test_acc(base, task)
+        base_macs = count_macs(base, one)
+        cfg = StructuredPruneConfig(target_macs=0.5, scope="uniform", importance="l2", recovery="distill",
+                                    finetune_epochs=args.sft, lr=1e-3)
+        t0 = time.perf_counter()
+        small = sk.prune(base, cfg, task=task)
+        seconds = time.perf_counter() - t0
+        path = sk.save(small, out_dir / f"{name}_structured.safetensors")
+        reloaded = sk.load(path)  # measured as a user would get it back
+        peer = tp_peer(base, task, 0.5, args.sft)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            lat = {label: latency_pair(m, example, tmp, label, args.runs)
+                   for label, m in (("dense", base), ("slimkit", reloaded), ("torch-pruning", peer))}
+        for label, m in (("dense baseline", base), ("slimkit prune_structured", reloaded), ("torch-pruning MetaPruner", peer)):
+            key = label.split()[0] if label != "dense baseline" else "dense"
+            eager, ort = lat[key]
+            rows.append({"section": "structured", "model": name, "method": label, "accuracy": test_acc(m, task),
+                         "baseline_accuracy": base_acc, "drop_points": base_acc - test_acc(m, task),
+                         "macs": count_macs(m, one), "macs_ratio": count_macs(m, one) / base_macs,
+                         "params": sum(p.numel() for p in m.parameters()),
+                         "torch_eager_ms_b64": eager, "ort_ms_b64": ort,
+                         "speedup_eager": lat["dense"][0] / eager, "speedup_ort": lat["dense"][1] / ort,
+                         "threads": THREADS, "batch_size": 64,
+                         "seconds": seconds if key == "slimkit" else None})
+        sl, pe = rows[-2], rows[-1]
+        checks.append(check(f"{name}: MACs <= 0.5 of dense", round(sl["macs_ratio"], 3), "<= 0.5", sl["macs_ratio"] <= 0.5))
+        checks.append(check(f"{name}: eager speed-up at batch 64", round(sl["speedup_eager"], 2), ">= 1.6",
+                            sl["speedup_eager"] >= 1.6))
+        checks.append(check(f"{name}: ONNX Runtime speed-up at batch 64", round(sl["speedup_ort"], 2), ">= 1.6",
+                            sl["speedup_ort"] >= 1.6))
+        checks.append(check(f"{name}: accuracy drop <= 1 point after fine-tuning", round(sl["drop_points"], 2), "<= 1",
+                            sl["drop_points"] <= 1.0))
+        checks.append(check(f"{name}: slimkit accuracy >= torch-pruning at the same MACs",
+                            {"slimkit": round(sl["accuracy"], 2), "torch-pruning": round(pe["accuracy"], 2),
+                             "macs_ratio": [round(sl["macs_ratio"], 3), round(pe["macs_ratio"], 3)]},
+                            ">=", sl["accuracy"] >= pe["accuracy"]))
+
+
+def section_nm(task, args, rows, checks, baselines, out_dir: Path):
+    base = baselines["lenet300_100"]
+    base_acc = test_acc(base, task)
+    pruned = sk.prune(base, PruneConfig(pattern="2:4", finetune_epochs=args.ft, lr=1e-3), task=task)
+    layers = [(n, m) for n, m in pruned.named_modules() if isinstance(m, nn.Linear)]
+    exact = all(bool(((m.weight.reshape(-1, 4) == 0).sum(1) >= 2).all()) and check_nm(m.weight, 2, 4) for _, m in layers)
+    groups = sum(m.weight.numel() // 4 for _, m in layers)
+    two_zero = sum(int(((m.weight.reshape(-1, 4) == 0).sum(1) == 2).sum()) for _, m in layers)
+    dense = sk.save(pruned, out_dir / "lenet300_100_2to4.safetensors").stat().st_size
+    slim = sk.pack(pruned, out_dir / "lenet300_100_2to4.slim", PackConfig(quantization="none"))["bytes"]["total"]
+    rows.append({"section": "n:m", "model": "lenet300_100", "method": "slimkit 2:4", "accuracy": test_acc(pruned, task),
+                 "baseline_accuracy": base_acc, "drop_points": base_acc - test_acc(pruned, task),
+                 "sparsity": weight_sparsity(pruned), "groups": groups, "groups_exactly_2_zero": two_zero,
+                 "dense_safetensors_bytes": dense, "slim_lossless_bytes": slim, "size_ratio": dense / slim,
+                 "note": "size result only; no sparse kernel on this CPU, so no speed claim"})
+    checks.append(check("2:4: every group of 4 has >= 2 zeros (mask prunes exactly 2)", exact, "true", exact))
+    checks.append(check("2:4: lossless .slim smaller than dense fp32", round(dense / slim, 2), "> 1", dense > slim))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs (smoke run; checks will likely fail)")
+    parser.add_argument("--sections", default="unstructured,deep-compression,structured,n:m")
+    parser.add_argument("--artifacts", default=None, help="folder for the files written (default: a temp folder)")
+    args = parser.parse_args()
+    args.base_epochs = 3 if args.quick else 30
+    args.cnn_epochs = 2 if args.quick else 10
+    args.ft = 1 if args.quick else 10
+    args.sft = 1 if args.quick else 6
+    args.dc_ft = 2 if args.quick else 20
+    args.dc_sparsity = 0.95
+    args.runs = 5 if args.quick else 20
+    sections = args.sections.split(",")
+    unknown = set(sections) - {"unstructured", "deep-compression", "structured", "n:m"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    torch.set_num_threads(2)
+    env = environment(latency_threads=THREADS, note="shared 2-core machine with other jobs running; compare ratios within this run")
+    task = sk.data.digits()
+    out_dir = Path(args.artifacts or tempfile.mkdtemp(prefix="slimkit-prune-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, checks = [], []
+    t0 = time.perf_counter()
+    baselines = {}
+    if {"unstructured", "deep-compression", "n:m"} & set(sections):
+        baselines["lenet5"] = train_baseline("lenet5", task, args.base_epochs, out_dir)
+        baselines["lenet300_100"] = train_baseline("lenet300_100", task, args.base_epochs, out_dir, lr=1e-3)
+    if "structured" in sections:
+        for name in ("resnet_small", "mobilenetv2_small"):
+            baselines[name] = train_baseline(name, task, args.cnn_epochs, out_dir)
+    runners = {"unstructured": lambda: section_unstructured(task, args, rows, checks, baselines),
+               "deep-compression": lambda: section_deep_compression(task, args, rows, checks, baselines, out_dir),
+               "structured": lambda: section_structured(task, args, rows, checks, baselines, out_dir),
+               "n:m": lambda: section_nm(task, args, rows, checks, baselines, out_dir)}
+    for section in sections:
+        runners[section]()
+        # rewrite the JSON after every section: a long run on a busy machine keeps what it measured
+        write_result(args.out, "prune", {**env, "partial": section != sections[-1]}, rows, checks)
+    env["seconds"] = time.perf_counter() - t0
+    env["load_average_1m_end"] = os.getloadavg()[0]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        sub = [r for r in rows if r["section"] == section]
+        cols = [c for c in ("model", "method", "sparsity", "accuracy", "drop_points", "bytes", "zipped_bytes",
+                            "compression", "macs_ratio", "torch_eager_ms_b64", "ort_ms_b64", "speedup_eager",
+                            "speedup_ort", "dense_safetensors_bytes", "slim_lossless_bytes") if any(c in r for r in sub)]
+        print_table(sub, cols, title=section)
+    write_result(args.out, "prune", env, rows, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
