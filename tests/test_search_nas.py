@@ -15,6 +15,15 @@ from slimkit.search.nas import NASConfig, open_storage, search
 TINY_SPACE = {"widths": [0.5], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3], "se": [False, True]}
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """NAS tests run tiny ops: one thread is faster than two on a loaded 2-core machine."""
+    from slimkit.evaluate.latency import torch_threads
+
+    with torch_threads(1):
+        yield
+
 def tiny(**kw):
     base = dict(space_options=TINY_SPACE, trials=4, epochs=1, max_steps=2, train_fraction=0.3, population=2,
                 sample_size=1)

@@ -28,6 +28,7 @@ from slimkit.core.config import Config
 from slimkit.core.io import write_text
 from slimkit.errors import ConfigError, InfeasibleError
 from slimkit.evaluate import count_macs, count_params, ort_latency, torch_latency
+from slimkit.evaluate.latency import torch_threads
 
 RUNTIMES = ("torch", "ort")
 STATISTICS = ("median_ms", "p10_ms")
@@ -170,8 +171,9 @@ class CostModel:
         key = json.dumps(spec, sort_keys=True)
         if key not in self._cache:
             model = build(spec)
-            c: dict[str, float] = {"params": count_params(model)["params"],
-                                   "macs": count_macs(model, torch.zeros(1, *model.unit_shapes[0]))}
+            with torch_threads(1):  # batch-1 counting pass: extra threads only add hand-off cost
+                c: dict[str, float] = {"params": count_params(model)["params"],
+                                       "macs": count_macs(model, torch.zeros(1, *model.unit_shapes[0]))}
             if self.table is not None:
                 c["latency_ms"] = self.table.predict(model)
             self._cache[key] = c

@@ -291,15 +291,20 @@ def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str,
     """Run trials of one study until `config.trials` have completed; returns how many this worker ran.
 
     Safe to run in any number of processes or machines at once on the same storage."""
+    from slimkit.evaluate.latency import torch_threads
+
+    with torch_threads(config.train_threads):  # restored afterwards: the caller's setting is not ours to keep
+        return _run_worker(task, config, storage_url, study_name, Path(out_dir), constraints, progress, heartbeat_s)
+
+
+def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraints, progress, heartbeat_s) -> int:
     from optuna.trial import TrialState
 
     from slimkit.core.artifact import save
     from slimkit.core.trainer import TrainConfig, accuracy, fit
     from slimkit.search.space import build
 
-    out_dir = Path(out_dir)
     (out_dir / "trials").mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.train_threads)
     constraints = constraints or config.constraints()
     ctx = _Context(task, config, out_dir, constraints)
     storage = open_storage(storage_url)
@@ -341,6 +346,10 @@ def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str,
                     study.tell(trial, state=TrialState.FAIL)
                     _log_event(out_dir, event="fail", trial=trial.number, error=str(err), **me)
                     continue
+                except BaseException as err:  # interrupted or a bug: free the slot now, not after a timeout
+                    trial.set_user_attr("failure", f"interrupted: {type(err).__name__}: {err}")
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
             study.tell(trial, values)
             _log_event(out_dir, event="done", trial=trial.number, accuracy=values[0], **me)
             ran += 1
@@ -421,10 +430,13 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
         from slimkit.search.gradient import supernet_search
 
         limit, objective = _gradient_budget(constraints, config)
+        from slimkit.evaluate.latency import torch_threads
+
         t0 = time.perf_counter()
-        found = supernet_search(ctx.space, ctx.proxy_task, ctx.cost, objective=objective, budget=limit,
-                                epochs=config.supernet_epochs, lr=config.lr, seed=config.seed,
-                                max_steps=config.supernet_max_steps, progress=progress)
+        with torch_threads(config.train_threads):
+            found = supernet_search(ctx.space, ctx.proxy_task, ctx.cost, objective=objective, budget=limit,
+                                    epochs=config.supernet_epochs, lr=config.lr, seed=config.seed,
+                                    max_steps=config.supernet_max_steps, progress=progress)
         supernet_seconds = time.perf_counter() - t0
         study.set_user_attr("supernet", {"probabilities": found["probabilities"], "choices": found["choices"],
                                          "width": found["width"], "seconds": round(supernet_seconds, 2)})

@@ -26,6 +26,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.evaluate.latency import torch_threads
 from slimkit.search.space import Decision
 
 STRATEGIES = ("random", "evolution", "rl", "gradient")
@@ -186,14 +187,16 @@ class ReinforceStrategy(NASSampler):
         return advantage
 
     def observe(self, history):
-        for t in history:
-            if t.number not in self.seen:
-                self.seen.add(t.number)
-                self.update(t.params, float(t.values[0]))
+        # the controller's ops are tiny: one thread avoids thread hand-offs that cost more than the math
+        with torch_threads(1):
+            for t in history:
+                if t.number not in self.seen:
+                    self.seen.add(t.number)
+                    self.update(t.params, float(t.values[0]))
 
     def propose(self, history, rng):
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(1):
             indices, _, _ = self.controller(generator=gen)
         return {d.name: d.choices[k] for d, k in zip(self.decisions, indices)}
 
