@@ -40,6 +40,17 @@ def mlp(hidden=16, classes=3, inputs=6, seed=0):
 
 
 @pytest.fixture(scope="module")
+def few_digits(digits_task):
+    """A slice of digits (28x28 images) so that LeNet-5 epochs take a few steps."""
+    def take(split, n):
+        ds = digits_task.split(split)
+        xs, ys = zip(*(ds[i] for i in range(n)))
+        return torch.stack(xs), torch.stack(ys)
+
+    return tensor_task("few-digits", *take("train", 192), *take("val", 96), *take("test", 96), num_classes=10)
+
+
+@pytest.fixture(scope="module")
 def blob_teacher(blobs):
     return sk.train(mlp(32), blobs, epochs=5, lr=1e-2)
 
@@ -126,6 +137,13 @@ def test_distill_learns_from_teacher(blobs, blob_teacher):
     assert sk.distill_model is sk.distill.distill
 
 
+def test_recover_runs_hooks_every_step_and_epoch(blobs, blob_teacher):
+    steps, epochs = [], []
+    recover(mlp(8), blob_teacher, blobs, epochs=2, lr=1e-2, device="cpu",
+            on_step=lambda m, step: steps.append(step), on_epoch=lambda m, epoch: epochs.append(epoch))
+    assert steps == list(range(1, 2 * math.ceil(160 / 32) + 1)) and epochs == [0, 1]
+
+
 # -- teacher-output cache ------------------------------------------------------------------------
 class CountingTeacher(nn.Module):
     calls = []  # class-level: the trainer works on copies
@@ -157,10 +175,10 @@ def test_cache_gives_identical_results_with_fewer_teacher_passes(blobs, blob_tea
 
 
 # -- feature distillation ----------------------------------------------------------------------
-def test_hint_and_attention_links_train_with_adapters(digits_task, trained_lenet5):
+def test_hint_and_attention_links_train_with_adapters(few_digits, trained_lenet5):
     from slimkit import zoo
 
-    small = zoo.for_task("lenet5", digits_task, width=0.5)
+    small = zoo.for_task("lenet5", few_digits, width=0.5)
     cfg = DistillConfig(epochs=1, device="cpu", features=[
         FeatureLink(student="features.3", teacher="features.3"),  # 8 -> 16 channels: 1x1 conv adapter
         FeatureLink(student="classifier.1", teacher="classifier.1"),  # 60 -> 120 units: linear adapter
@@ -168,14 +186,14 @@ def test_hint_and_attention_links_train_with_adapters(digits_task, trained_lenet
     ])
     from slimkit.distill import train_student
 
-    trained, info = train_student(small, trained_lenet5, digits_task, cfg)
+    trained, info = train_student(small, trained_lenet5, few_digits, cfg)
     assert info["adapters"] == (8 * 16 + 16) + (60 * 120 + 120)
     assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in trained.modules())  # adapters dropped
     assert sum(p.numel() for p in trained.parameters()) == sum(p.numel() for p in small.parameters())
     assert info["history"][-1]["train_loss"] > 0
 
 
-def test_feature_mapping_errors_name_the_layer(blobs, blob_teacher, digits_task, trained_lenet5):
+def test_feature_mapping_errors_name_the_layer(blobs, blob_teacher, few_digits, trained_lenet5):
     with pytest.raises(SelectorError, match="'features.9'"):
         distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(
             epochs=1, features=[FeatureLink(student="features.9", teacher="0")]))
@@ -191,7 +209,7 @@ def test_feature_mapping_errors_name_the_layer(blobs, blob_teacher, digits_task,
     from slimkit import zoo
 
     with pytest.raises(ConfigError, match="'classifier.1'"):  # a vector cannot be hinted onto a conv map
-        distill(zoo.for_task("lenet5", digits_task), trained_lenet5, task=digits_task, config=DistillConfig(
+        distill(zoo.for_task("lenet5", few_digits), trained_lenet5, task=few_digits, config=DistillConfig(
             epochs=1, features=[FeatureLink(student="classifier.1", teacher="features.0")]))
 
 
@@ -219,37 +237,38 @@ def test_config_validation():
 
 
 # -- as a stage ---------------------------------------------------------------------------------
-def test_stage_distills_into_a_narrower_zoo_student_and_reloads(digits_task, trained_lenet5, tmp_path):
+def test_stage_distills_into_a_narrower_zoo_student_and_reloads(few_digits, trained_lenet5, tmp_path):
     from slimkit.core import registry
 
     technique = registry.get("distill")
-    cfg = technique.demo(trained_lenet5, digits_task)
+    cfg = technique.demo(trained_lenet5, few_digits)
     assert cfg.student == "zoo:lenet5" and cfg.width == 0.5
     cfg = DistillConfig(**{**cfg.to_dict(), "epochs": 1})
-    student = sk.apply(trained_lenet5, cfg, task=digits_task)
+    student = sk.apply(trained_lenet5, cfg, task=few_digits)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in trained_lenet5.parameters())
     assert n_student < 0.4 * n_teacher
     path = sk.save(student, tmp_path / "student.safetensors")
     loaded = sk.load(path)
-    x = digits_task.example_input(4)
+    x = few_digits.example_input(4)
     assert torch.allclose(loaded(x), student(x))
     with pytest.raises(ConfigError, match="student"):  # the verb already has its student
-        distill(student, trained_lenet5, task=digits_task, config=cfg)
+        distill(student, trained_lenet5, task=few_digits, config=cfg)
 
 
 def test_package_is_the_verb():
     import importlib
-    import sys
+
+    import slimkit
 
     assert callable(sk.distill) and sk.distill.recover is recover
-    # a fresh interpreter's first access returns the package too (not the same-named function)
-    import subprocess
-
-    code = "import slimkit as sk; print(type(sk.distill).__name__, sk.distill.recover.__name__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["VerbModule", "recover"]
     assert importlib.import_module("slimkit.distill") is sk.distill
+    # first access in a fresh interpreter goes through slimkit.__getattr__: the package, not the function
+    package = slimkit.__dict__.pop("distill")
+    try:
+        assert slimkit.__getattr__("distill") is package
+    finally:
+        slimkit.distill = package
 
 
 @pytest.mark.gpu
