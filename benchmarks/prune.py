@@ -262,7 +262,8 @@ def main() -> int:
     unknown = set(sections) - {"unstructured", "deep-compression", "structured", "n:m"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
-    torch.set_num_threads(2)
+    # one thread throughout: on a shared, oversubscribed machine a second OpenMP thread mostly spins
+    torch.set_num_threads(1)
     env = environment(latency_threads=THREADS, note="shared 2-core machine with other jobs running; compare ratios within this run")
     task = sk.data.digits()
     out_dir = Path(args.artifacts or tempfile.mkdtemp(prefix="slimkit-prune-bench-"))
