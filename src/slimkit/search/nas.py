@@ -326,13 +326,13 @@ def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraint
                 time.sleep(min(1.0, heartbeat_s))  # the remaining slots are taken; wait for them (or their death)
                 continue
             trial = study.ask()
+            trial.set_user_attr("worker", me)  # first, so a worker killed from here on is recognised as dead
             ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                      if t.number < trial.number]
             if len(ahead) >= n:  # another worker took the last slot between our check and ask
-                study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
+                trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            trial.set_user_attr("worker", me)
             trial.set_user_attr("heartbeat", time.time())
             _log_event(out_dir, event="start", trial=trial.number, **me)
             with _Heartbeat(study, trial._trial_id, heartbeat_s):
