@@ -300,10 +300,6 @@ def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str,
 def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraints, progress, heartbeat_s) -> int:
     from optuna.trial import TrialState
 
-    from slimkit.core.artifact import save
-    from slimkit.core.trainer import TrainConfig, accuracy, fit
-    from slimkit.search.space import build
-
     (out_dir / "trials").mkdir(parents=True, exist_ok=True)
     constraints = constraints or config.constraints()
     ctx = _Context(task, config, out_dir, constraints)
@@ -337,7 +333,7 @@ def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraint
             _log_event(out_dir, event="start", trial=trial.number, **me)
             with _Heartbeat(study, trial._trial_id, heartbeat_s):
                 try:
-                    values = _run_trial(trial, ctx, build, fit, accuracy, save, TrainConfig)
+                    values = _run_trial(trial, ctx)
                 except InfeasibleError:
                     study.tell(trial, state=TrialState.FAIL)
                     raise
@@ -358,7 +354,12 @@ def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraint
     return ran
 
 
-def _run_trial(trial, ctx: _Context, build, fit, accuracy, save, TrainConfig) -> list[float]:
+def _run_trial(trial, ctx: _Context) -> list[float]:
+    """Propose (through the sampler), check, proxy-train and score one candidate: [accuracy, cost]."""
+    from slimkit.core.artifact import save
+    from slimkit.core.trainer import TrainConfig, accuracy, fit
+    from slimkit.search.space import build
+
     cfg = ctx.config
     params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in ctx.space.decisions()}
     spec = ctx.space.spec(params)
