@@ -84,11 +84,12 @@ def markdown(result, config) -> str:
         b = result.best
         lines += [f"**Chosen**: trial {b['trial']} — val accuracy {100 * b['val_accuracy']:.2f}%, "
                   f"{b['macs']:,} MACs, {b['param_count']:,} params — `{_arch(b['spec'])}`", ""]
-    lines += ["## Pareto front", "", f"| trial | val accuracy | MACs | params | {label} | architecture |",
-              "|---|---|---|---|---|---|"]
+    latency = config.objective == "latency"  # MACs and params have their own columns already
+    lines += ["## Pareto front", "", "| trial | val accuracy | MACs | params |" + (f" {label} |" if latency else "")
+              + " architecture |", "|---|---|---|---|" + ("---|" if latency else "") + "---|"]
     for r in result.pareto:
         lines.append(f"| {r['trial']} | {100 * r['val_accuracy']:.2f}% | {r['macs']:,} | {r['param_count']:,} | "
-                     f"{r[key]:.4g} | `{_arch(r['spec'])}` |")
+                     + (f"{r[key]:.4g} | " if latency else "") + f"`{_arch(r['spec'])}` |")
     top = sorted((r for r in result.rows if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])[:10]
     lines += ["", "## Most accurate trials", "", "| trial | val accuracy | MACs | params | architecture |", "|---|---|---|---|---|"]
     for r in top:
