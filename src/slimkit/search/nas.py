@@ -368,7 +368,9 @@ def _run_trial(trial, ctx: _Context) -> list[float]:
     if bad:  # only enqueued trials can get here: samplers reject infeasible proposals
         raise ConfigError("candidate breaks " + "; ".join(bad))
     t0 = time.perf_counter()
-    model = fit(build(spec), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed + trial.number,
+    seed = cfg.seed + trial.number
+    torch.manual_seed(seed)  # initial weights depend on the trial only, not on what this worker ran before
+    model = fit(build(spec), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=seed,
                                                          max_steps=cfg.max_steps), progress=False).model
     acc = accuracy(model, ctx.task, "val")
     seconds = time.perf_counter() - t0
