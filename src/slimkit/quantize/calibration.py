@@ -66,7 +66,8 @@ class TensorStats:
         total = self.count + n
         k_new = min(n, max(1, round(self.sample_size * n / total)))
         k_old = min(self.sample.numel(), self.sample_size - k_new)
-        new = x[torch.randperm(n, generator=self._gen)[:k_new]]
+        # sampling with replacement (randint) is O(k), where a permutation of a 25 M-value batch is not
+        new = x[torch.randint(0, n, (k_new,), generator=self._gen)] if k_new < n else x
         old = self.sample[torch.randperm(self.sample.numel(), generator=self._gen)[:k_old]]
         self.sample = torch.cat([old, new])
         self.count = total
@@ -76,6 +77,22 @@ class TensorStats:
         if self.count == 0:
             raise CalibrationError(f"no calibration statistics for {self.name!r}: the calibration set is empty "
                                    "or the layer never ran")
+
+
+def _single_thread(fn):
+    """Threshold searches run many small tensor ops: one thread is as fast, and immune to the
+    oversubscription slow-down (100x) that multi-threaded small ops suffer on a busy machine."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(old)
+    return wrapper
 
 
 def _symmetric_threshold_candidates(amax: float, n: int = 100) -> np.ndarray:
@@ -109,14 +126,14 @@ def _kl_threshold(values: np.ndarray, levels: int, bins: int = 2048) -> float:
         p /= ps
         q /= qs
         mask = p > 0
-        if (q[mask] == 0).any():
-            continue
+        q = np.where(mask & (q == 0), 1e-8, q)  # smoothing: an empty source bin must not make KL infinite
         kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(edges[best_i])
 
 
+@_single_thread
 def thresholds(stats: TensorStats, method: str, spec: QuantSpec, *, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping range [lo, hi] (per tensor) from collected statistics."""
     stats.check()
@@ -134,6 +151,7 @@ def thresholds(stats: TensorStats, method: str, spec: QuantSpec, *, percentile: 
         return torch.quantile(sample, 1 - percentile / 100), torch.quantile(sample, percentile / 100)
     if method == "mse":
         lo, hi = stats.min, stats.max
+        sample = sample[:1 << 16]  # the reservoir is already shuffled; 65 k values fix the optimum well
         best, best_err = (lo, hi), float("inf")
         for frac in np.linspace(0.01, 1.0, 100):
             cand = (lo * float(frac), hi * float(frac))
@@ -153,6 +171,7 @@ def thresholds(stats: TensorStats, method: str, spec: QuantSpec, *, percentile: 
     raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
 
 
+@_single_thread
 def weight_thresholds(w: torch.Tensor, method: str, spec: QuantSpec, *, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping range of a weight at the spec's granularity (per tensor, channel or group).
 

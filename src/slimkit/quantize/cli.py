@@ -1,0 +1,71 @@
+"""`slimkit quantize MODEL --data D --out DIR`: quantize a trained model, write its int8 ONNX and
+slimkit model, print accuracy, bytes and ONNX Runtime latency before and after."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("quantize")
+    def quantize_command(
+        model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        weights_file: Optional[str] = typer.Option(None, "--weights-file", help="safetensors weights for a factory or zoo model"),
+        weights: str = typer.Option("int8", "--weights", help="weight type: int8, int16, int4, intN/uintN (2-16 bits)"),
+        activations: str = typer.Option("uint8", "--activations", help="activation type: uint8, int8, int16, ... or none"),
+        mode: str = typer.Option("static", "--mode", help="static | dynamic | weight_only"),
+        per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
+        calibration: str = typer.Option("percentile", "--calibration", help="minmax | ema_minmax | percentile | mse | kl"),
+        weight_calibration: str = typer.Option("minmax", "--weight-calibration", help="minmax | percentile | mse"),
+        samples: int = typer.Option(512, "--samples", help="calibration samples"),
+        equalize: bool = typer.Option(False, "--equalize", help="cross-layer equalization"),
+        bias_correction: bool = typer.Option(False, "--bias-correction", help="empirical bias correction"),
+        adaround: bool = typer.Option(False, "--adaround", help="learned rounding of weights"),
+        qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after PTQ"),
+        keep_float: list[str] = typer.Option([], "--keep-float", help="layer name patterns left in float (repeatable)"),
+        config: Optional[Path] = typer.Option(None, "--config", help="QuantConfig as YAML/JSON (replaces the options above)"),
+        out: Path = typer.Option(Path("slimkit-out/quantized"), "--out", "-o", help="output folder"),
+        threads: int = typer.Option(1, help="threads for latency"),
+        batch_size: int = typer.Option(64, "--batch-size", help="batch for latency"),
+    ) -> None:
+        """Quantize weights (and activations); write model.onnx (int8 QDQ) and model.safetensors."""
+        from slimkit.cli.common import console, load_model, load_task
+        from slimkit.core.artifact import save
+        from slimkit.evaluate import ort_latency, predict, topk_accuracy
+        from slimkit.export.onnx import export_onnx
+        from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize
+
+        if config is not None:
+            cfg = QuantConfig.from_file(config)
+        else:
+            cfg = QuantConfig(weights=weights, activations=activations, mode=mode, per_channel=per_channel,
+                              calibration=calibration, weight_calibration=weight_calibration,
+                              calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
+                              adaround=adaround, qat_epochs=qat_epochs, keep_float=keep_float)
+        task = load_task(data)
+        net = load_model(model, weights=weights_file, task=task)
+        q = quantize(net, cfg, task=task)
+        out.mkdir(parents=True, exist_ok=True)
+        example = task.example_input(1)
+        fp32_onnx = export_onnx(net, out / "fp32.onnx", example)
+        q_onnx = export_quantized(q, out / "model.onnx", example)
+        save(q, out / "model.safetensors")
+        parity = check_parity(q, q_onnx, task.example_input(batch_size))
+        rows = []
+        for label, m, path in (("fp32", net, fp32_onnx), ("quantized", q, q_onnx)):
+            acc = topk_accuracy(*predict(m, task, "test"))["top1"] if task.metric == "accuracy" else None
+            lat = ort_latency(path, task.example_input(batch_size), threads=threads, runs=20)["median_ms"]
+            rows.append((label, acc, path.stat().st_size, lat))
+        for label, acc, size, lat in rows:
+            acc_s = f"accuracy {100 * acc:.2f}%  " if acc is not None else ""
+            console.print(f"{label:<10} {acc_s}{size:>10,} bytes  {lat:.3f} ms (onnxruntime, {threads} thread(s), "
+                          f"batch {batch_size})", markup=False, highlight=False)
+        console.print(f"ONNX Runtime vs simulation: max |diff| {parity['max_abs_diff']:.3g}"
+                      + (f", top-1 agreement {parity['top1_agreement']:.4f}" if "top1_agreement" in parity else ""),
+                      markup=False, highlight=False)
+        for note in getattr(q, "slimkit_notes", []):
+            console.print(f"note: {note}", markup=False, highlight=False)
+        console.print(f"wrote {q_onnx}, {out / 'model.safetensors'}", markup=False, highlight=False)

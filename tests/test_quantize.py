@@ -1,0 +1,133 @@
+"""Quantization of tiny models: accuracy, QDQ export parity with the simulation, int8 kernels in
+ONNX Runtime, save/load, int16, dynamic, error paths, CLI."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import slimkit as sk
+from slimkit.core.trainer import accuracy
+from slimkit.errors import CalibrationError, ConfigError, SelectorError
+from slimkit.quantize import QuantConfig, check_parity, export_quantized
+from slimkit.quantize.export import onnx_op_counts
+
+
+@pytest.fixture(scope="module")
+def q_lenet(trained_lenet5, digits_task):
+    return sk.quantize(trained_lenet5, QuantConfig(weights="int8", activations="uint8", calibration_samples=256),
+                       task=digits_task)
+
+
+def test_static_int8_accuracy_and_input_untouched(trained_lenet5, digits_task, q_lenet):
+    before = accuracy(trained_lenet5, digits_task, "test")
+    after = accuracy(q_lenet, digits_task, "test")
+    assert after >= before - 0.01
+    assert not any("Quant" in type(m).__name__ for m in trained_lenet5.modules())  # input not mutated
+    assert q_lenet.slimkit_simulated is False
+
+
+def test_qdq_export_runs_int8_kernels_and_matches_simulation(q_lenet, trained_lenet5, digits_task, tmp_path):
+    path = sk.export(q_lenet, tmp_path / "q.onnx", example_input=digits_task.example_input(1))
+    fp32 = sk.export(trained_lenet5, tmp_path / "f.onnx", example_input=digits_task.example_input(1))
+    parity = check_parity(q_lenet, path, digits_task.example_input(64))
+    assert parity["top1_agreement"] == 1.0
+    assert parity["max_abs_diff"] < 1e-3 * parity["output_std"] + 1e-4
+    ops = onnx_op_counts(path)
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("QGemm", 0) >= 1
+    assert path.stat().st_size < 0.35 * fp32.stat().st_size  # int8 weights really stored as int8
+
+
+def test_save_load_roundtrip(q_lenet, digits_task, tmp_path):
+    path = sk.save(q_lenet, tmp_path / "q.safetensors")
+    loaded = sk.load(path)
+    x = digits_task.example_input(16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), q_lenet(x), atol=1e-5)
+
+
+def test_int16_static_roundtrip(trained_mlp, digits_task, tmp_path):
+    task = sk.data.digits(flatten=True)
+    q = sk.quantize(trained_mlp, QuantConfig(weights="int16", activations="int16", per_channel=True,
+                                             calibration="minmax", calibration_samples=128), task=task)
+    x = task.example_input(32)
+    with torch.no_grad():
+        ref, out = trained_mlp(x), q(x)
+    assert sk.sqnr_db(ref, out) > 60  # 16 bits: ~float accuracy
+    path = export_quantized(q, tmp_path / "q16.onnx", task.example_input(1))
+    parity = check_parity(q, path, x)
+    assert parity["max_abs_diff"] < 1e-3 * parity["output_std"]
+
+
+def test_dynamic_int8_linear(trained_mlp, tmp_path):
+    task = sk.data.digits(flatten=True)
+    q = sk.quantize(trained_mlp, QuantConfig(weights="int8", activations="uint8", mode="dynamic"))
+    assert accuracy(q, task, "test") >= accuracy(trained_mlp, task, "test") - 0.01
+    path = export_quantized(q, tmp_path / "dyn.onnx", task.example_input(1))
+    parity = check_parity(q, path, task.example_input(64))
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-2 * parity["output_std"]
+    ops = onnx_op_counts(path)
+    assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 3
+
+
+def test_weight_only_int4_is_labelled(trained_lenet5, digits_task):
+    q = sk.quantize(trained_lenet5, QuantConfig(weights="int3", activations="none"))
+    assert q.slimkit_simulated is True
+    assert any("simulated" in n for n in q.slimkit_notes)
+
+
+def test_bad_inputs_raise_typed_errors(trained_lenet5, digits_task):
+    with pytest.raises(ConfigError, match="out of range"):
+        QuantConfig(weights="int32")
+    with pytest.raises(ConfigError, match="out of range"):
+        QuantConfig(activations="uint1")
+    with pytest.raises(ConfigError, match="not an integer type"):
+        QuantConfig(weights="fp8")
+    bad = digits_task.example_input(8).clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN"):
+        sk.quantize(trained_lenet5, QuantConfig(), calibration_data=bad)
+    with pytest.raises(CalibrationError, match="empty"):
+        sk.quantize(trained_lenet5, QuantConfig(), calibration_data=torch.empty(0, 1, 28, 28))
+    with pytest.raises(CalibrationError, match="calibration data"):
+        sk.quantize(trained_lenet5, QuantConfig())
+    with pytest.raises(SelectorError):
+        sk.quantize(trained_lenet5, QuantConfig(selector={"include": ["nope"]}), task=digits_task)
+
+
+class _WithDeconv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.head = nn.Linear(4 * 56 * 56, 10)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.relu(self.up(torch.relu(self.conv(x)))), 1))
+
+
+def test_unquantizable_layer_stays_float_and_is_listed(digits_task):
+    q = sk.quantize(_WithDeconv(), QuantConfig(calibration_samples=32), task=digits_task)
+    assert any("up (ConvTranspose2d)" in n for n in q.slimkit_notes)
+    assert isinstance(q.get_submodule("up"), nn.ConvTranspose2d)
+
+
+def test_cli_quantize(tmp_path, trained_lenet5):
+    from slimkit.cli.main import main
+
+    model = sk.save(trained_lenet5, tmp_path / "m.safetensors")
+    out = tmp_path / "q"
+    assert main(["quantize", str(model), "--samples", "64", "--out", str(out)]) == 0
+    assert (out / "model.onnx").stat().st_size < (out / "fp32.onnx").stat().st_size
+    assert main(["quantize", str(model), "--weights", "int1", "--out", str(out)]) == 2
+    assert main(["quantize", str(model), "--calibration", "nope", "--out", str(out)]) == 2
+
+
+def test_registered_for_demo_and_recipes(trained_lenet5, digits_task):
+    from slimkit.core import registry
+
+    tech = registry.get("quantize")
+    assert tech.runtime == "ort" and tech.write_artifact is not None
+    cfg = tech.demo(trained_lenet5, digits_task)
+    assert cfg.per_channel and cfg.mode == "static" and cfg.activations in ("int8", "uint8")
+    assert sk.QuantConfig is QuantConfig
+    assert np.isfinite(QuantConfig.from_yaml(cfg.to_yaml()).percentile)
