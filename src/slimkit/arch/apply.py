@@ -35,6 +35,8 @@ def unsupported_reason(layer: nn.Module, config: SeparableConfig) -> str | None:
     """Why `layer` cannot be converted (None if it can)."""
     if not isinstance(layer, nn.Conv2d):
         return f"{type(layer).__name__} is not a Conv2d"
+    if type(layer).forward is not nn.Conv2d.forward:
+        return f"{type(layer).__name__} has its own forward (e.g. custom padding) that a block would not reproduce"
     if layer.groups != 1:
         return f"grouped convolution (groups={layer.groups}) is already cheaper than a separable block"
     if _pair(layer.kernel_size) == (1, 1):

@@ -50,6 +50,10 @@ def method_for(layer: nn.Module, config: LowRankConfig) -> tuple[str | None, str
     if layer.groups != 1:
         return None, f"grouped convolution (groups={layer.groups}): low-rank factors of a grouped kernel are not grouped"
     kh, kw = (layer.kernel_size, layer.kernel_size) if isinstance(layer.kernel_size, int) else layer.kernel_size
+    if type(layer).forward is not nn.Conv2d.forward and not ((kh, kw) == (1, 1) and layer.stride in (1, (1, 1))):
+        # e.g. EfficientNet's Conv2dStaticSamePadding pads in its own forward; factors built from
+        # the layer's attributes would lose that (a 1x1, stride-1 kernel needs no padding at all)
+        return None, f"{type(layer).__name__} has its own forward (e.g. custom padding); only its 1x1 kernels are factorized"
     if (kh, kw) == (1, 1) or (config.conv_method == "spatial" and (kh == 1 or kw == 1)):
         return "channel", None  # a 1x1 (or 1-D) kernel is a matrix: plain SVD
     if config.conv_method == "spatial" and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):

@@ -1,0 +1,129 @@
+"""Low-rank factorization and depthwise-separable conversion on digits: what they save, what they cost.
+
+    python benchmarks/lowrank.py --out lowrank.json
+
+Rows (one per model): LeNet-300-100 baseline, SVD at 95% energy (weight basis and response basis)
+each recovered by at most 2 epochs of KD; VGG-small baseline, Tucker-2 and depthwise-separable
+conversion, each recovered by KD. Every row records test accuracy, parameters, MACs (batch 1),
+bytes of the saved file, and median latency at batch 1 and 64 in PyTorch eager and ONNX Runtime
+(1 thread). Checks are the acceptance figures of issue 5, computed from these rows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.core.trainer import TrainConfig, accuracy, fit  # noqa: E402
+from slimkit.evaluate import count_macs, count_params, ort_latency, torch_latency  # noqa: E402
+from slimkit.export import export_onnx  # noqa: E402
+
+THREADS = 1
+
+
+def measure(name: str, model, task, workdir: Path, *, latency: bool, runs: int, **extra) -> dict:
+    """One row: accuracy, params, MACs, bytes of the saved file, latency (torch eager + ORT)."""
+    model = model.eval()
+    path = sk.save(model, workdir / f"{name}.safetensors")
+    row = {"model": name, "test_accuracy": accuracy(model, task, "test"), "params": count_params(model)["params"],
+           "macs": count_macs(model, task.example_input(1)), "size_bytes": path.stat().st_size, **extra}
+    if latency:
+        onnx_path = export_onnx(model, workdir / f"{name}.onnx", task.example_input(1))
+        for batch in (1, 64):
+            x = task.example_input(batch)
+            row[f"torch_b{batch}_ms"] = torch_latency(model, x, threads=THREADS, runs=runs)["median_ms"]
+            row[f"ort_b{batch}_ms"] = ort_latency(onnx_path, x, threads=THREADS, runs=runs)["median_ms"]
+    print(f"  {name}: accuracy {100 * row['test_accuracy']:.2f}%, {row['params']:,} params, {row['macs']:,} MACs",
+          flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--mlp-epochs", type=int, default=20, help="training epochs of the LeNet-300-100 baseline")
+    parser.add_argument("--cnn-epochs", type=int, default=6, help="training epochs of the VGG-small baseline")
+    parser.add_argument("--recovery-epochs", type=int, default=2, help="KD recovery epochs after each conversion")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per latency figure (median reported)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    task = sk.data.digits()
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # -- LeNet-300-100: SVD of Linear layers at 95% energy ---------------------------------------------------
+        print("LeNet-300-100 on digits", flush=True)
+        mlp = fit(sk.zoo.for_task("lenet300_100", task), task, TrainConfig(epochs=args.mlp_epochs, lr=1e-3),
+                  description="train lenet300_100").model
+        rows.append(measure("lenet300_100", mlp, task, work, latency=False, runs=args.runs, technique="baseline"))
+        for basis, aware in (("weights", False), ("responses", True)):
+            cfg = sk.LowRankConfig(energy=0.95, data_aware=aware)
+            small = sk.factorize(mlp, cfg, task=task)
+            before = accuracy(small, task, "test")
+            recovered = sk.distill.recover(small, mlp, task, epochs=args.recovery_epochs)
+            ranks = {k: v["rank"] for k, v in sk.lowrank.factorization_report(small)["layers"].items()}
+            rows.append(measure(f"lenet300_100 svd95 ({basis})", recovered, task, work, latency=False, runs=args.runs,
+                                technique=f"factorize energy=0.95 basis={basis} + KD {args.recovery_epochs} ep",
+                                accuracy_before_recovery=before, ranks=ranks))
+        # -- VGG-small: Tucker-2 and depthwise-separable ---------------------------------------------------------
+        print("VGG-small on digits", flush=True)
+        vgg = fit(sk.zoo.for_task("vgg_small", task), task, TrainConfig(epochs=args.cnn_epochs, lr=2e-3),
+                  description="train vgg_small").model
+        rows.append(measure("vgg_small", vgg, task, work, latency=True, runs=args.runs, technique="baseline"))
+        tucker_cfg = sk.LowRankConfig(conv_method="tucker2", rank_selection="ratio", param_ratio=0.2,
+                                      selector={"include": ["features.*"]})
+        tucker = sk.factorize(vgg, tucker_cfg, task=task)
+        before = accuracy(tucker, task, "test")
+        tucker = sk.distill.recover(tucker, vgg, task, epochs=args.recovery_epochs)
+        rows.append(measure("vgg_small tucker2", tucker, task, work, latency=True, runs=args.runs,
+                            technique=f"factorize tucker2 param_ratio=0.2 + KD {args.recovery_epochs} ep",
+                            accuracy_before_recovery=before,
+                            ranks={k: v["rank"] for k, v in sk.lowrank.factorization_report(tucker)["layers"].items()}))
+        mobile = sk.separable(vgg, sk.SeparableConfig(recovery="none"), task=task)
+        before = accuracy(mobile, task, "test")
+        mobile = sk.distill.recover(mobile, vgg, task, epochs=args.recovery_epochs)
+        rows.append(measure("vgg_small separable", mobile, task, work, latency=True, runs=args.runs,
+                            technique=f"separable (least-squares init) + KD {args.recovery_epochs} ep",
+                            accuracy_before_recovery=before,
+                            converted=sorted(sk.arch.conversion_report(mobile)["layers"])))
+    by = {r["model"]: r for r in rows}
+    checks = []
+    base = by["lenet300_100"]
+    for basis in ("responses", "weights"):
+        r = by[f"lenet300_100 svd95 ({basis})"]
+        checks.append(check(f"lenet300_100 SVD 95% energy ({basis} basis): parameter reduction",
+                            round(base["params"] / r["params"], 2), ">= 2x", base["params"] / r["params"] >= 2))
+        drop = 100 * (base["test_accuracy"] - r["test_accuracy"])
+        checks.append(check(f"lenet300_100 SVD 95% energy ({basis} basis): accuracy drop after <= 2 epochs KD",
+                            round(drop, 2), "<= 0.5 points", drop <= 0.5))
+    vbase = by["vgg_small"]
+    for name in ("tucker2", "separable"):
+        r = by[f"vgg_small {name}"]
+        checks.append(check(f"vgg_small {name}: MAC reduction", round(vbase["macs"] / r["macs"], 2), ">= 3x",
+                            vbase["macs"] / r["macs"] >= 3))
+        for rt in ("torch", "ort"):
+            speedup = vbase[f"{rt}_b64_ms"] / r[f"{rt}_b64_ms"]
+            checks.append(check(f"vgg_small {name}: {'PyTorch eager' if rt == 'torch' else 'ONNX Runtime'} speedup at batch 64",
+                                round(speedup, 2), ">= 2x", speedup >= 2))
+        drop = 100 * (vbase["test_accuracy"] - r["test_accuracy"])
+        checks.append(check(f"vgg_small {name}: accuracy drop after recovery", round(drop, 2), "<= 1 point", drop <= 1))
+    columns = ["model", "test_accuracy", "params", "macs", "size_bytes", "torch_b1_ms", "torch_b64_ms", "ort_b1_ms",
+               "ort_b64_ms", "accuracy_before_recovery"]
+    print_table(rows, columns, title="lowrank / separable on digits (latency: median ms, 1 thread)")
+    env = environment(threads=THREADS, seconds=round(time.perf_counter() - t0, 1),
+                      note="shared 2-core machine; other engineers' jobs were running during this benchmark")
+    write_result(args.out, "lowrank", env, rows, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
