@@ -131,3 +131,21 @@ def test_registered_for_demo_and_recipes(trained_lenet5, digits_task):
     assert cfg.per_channel and cfg.mode == "static" and cfg.activations in ("int8", "uint8")
     assert sk.QuantConfig is QuantConfig
     assert np.isfinite(QuantConfig.from_yaml(cfg.to_yaml()).percentile)
+
+
+def test_mixed_precision_keeps_sensitive_layers_high(trained_lenet5, digits_task):
+    from slimkit.quantize import MixedPrecisionConfig
+    from slimkit.quantize.mixed import layer_sensitivity
+
+    cfg = QuantConfig(weights="int8", activations="none", calibration_samples=64,
+                      mixed_precision=MixedPrecisionConfig(candidates=[2, 8], size_fraction=0.6))
+    q = sk.quantize(trained_lenet5, cfg, task=digits_task)
+    bits = next(s for s in sk.core.state.stages(q) if s["technique"] == "quantize")["structure"]["bits"]
+    sens = layer_sensitivity(trained_lenet5, cfg, digits_task.example_input(64), 2)
+    low = [n for n, b in bits.items() if b == 2]
+    high = [n for n, b in bits.items() if b == 8]
+    assert low and high
+    assert min(sens[n] for n in low) >= max(sens[n] for n in high)  # the sensitive ones stayed at 8 bits
+    sizes = {n: trained_lenet5.get_submodule(n).weight.numel() for n in bits}
+    assert sum(sizes[n] * bits[n] for n in bits) <= 0.6 * 8 * sum(sizes.values())
+    assert any("mixed precision" in n for n in q.slimkit_notes) and q.slimkit_simulated

@@ -1,0 +1,261 @@
+"""Quantization benchmark: slimkit side by side with ONNX Runtime's own quantizers on the same models
+and data. Prints a table, writes JSON (`--out`), exits 0 whether or not the checks pass.
+
+    python benchmarks/quantize.py --out quantize.json [--parts cnn,lowbit,effnet,minilm]
+
+Parts:
+  cnn     digits CNNs (vgg_small, LeNet-5): static int8 accuracy, bytes, latency (ORT int8 vs ORT fp32 vs
+          PyTorch eager, batch 64, 1 thread), and ORT's quantize_static on the same model and data.
+  lowbit  LeNet-5 at 4-bit weights / 8-bit activations: round-to-nearest vs AdaRound vs QAT (LSQ).
+  effnet  EfficientNet-Lite0 (ImageNet weights), natural-image crops: top-1 agreement with fp32 and
+          latency at batch 8, slimkit vs ORT quantize_static (per-channel MinMax).
+  minilm  all-MiniLM-L6-v2 dynamic int8: cosine similarity to fp32 over real sentences, batch-1 latency,
+          slimkit vs ORT quantize_dynamic.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.evaluate import ort_latency, torch_latency  # noqa: E402
+from slimkit.export.onnx import export_onnx, run_onnx  # noqa: E402
+from slimkit.quantize import QuantConfig, check_parity, export_quantized  # noqa: E402
+from slimkit.quantize.export import onnx_op_counts  # noqa: E402
+
+
+def ort_static(fp32_path: Path, out_path: Path, calib: np.ndarray, per_channel: bool = True) -> Path:
+    """ONNX Runtime's own static quantizer (QDQ, per-channel MinMax, U8S8) on the same calibration data."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out_path
+
+
+def ort_predict(path: Path, x, batch: int = 64) -> torch.Tensor:
+    outs = [torch.as_tensor(run_onnx(path, x[i:i + batch], threads=2)) for i in range(0, len(x), batch)]
+    return torch.cat(outs)
+
+
+def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
+    from slimkit.core.trainer import TrainConfig, fit
+
+    task = sk.data.digits()
+    x_test = torch.stack([task.test[i][0] for i in range(len(task.test))])
+    y_test = torch.stack([task.test[i][1] for i in range(len(task.test))])
+    calib = torch.cat(list(task.calibration_batches(max_samples=512))).numpy()
+    for name in ("vgg_small", "lenet5"):
+        model = fit(sk.zoo.for_task(name, task), task, TrainConfig(epochs=epochs, lr=2e-3), description=name).model
+        q = sk.quantize(model, QuantConfig(weights="int8", activations="uint8", calibration="percentile"), task=task)
+        fp32 = export_onnx(model, tmp / f"{name}_fp32.onnx", task.example_input(1))
+        qpath = export_quantized(q, tmp / f"{name}_int8.onnx", task.example_input(1))
+        ortq = ort_static(fp32, tmp / f"{name}_ortq.onnx", calib)
+        x64 = task.example_input(64)
+        lat = {"torch_fp32": torch_latency(model, x64, threads=1, runs=30)["median_ms"],
+               "ort_fp32": ort_latency(fp32, x64, threads=1, runs=50)["median_ms"],
+               "slimkit_int8": ort_latency(qpath, x64, threads=1, runs=50)["median_ms"],
+               "ort_quantizer_int8": ort_latency(ortq, x64, threads=1, runs=50)["median_ms"]}
+        with torch.no_grad():
+            acc_fp32 = (model(x_test).argmax(1) == y_test).float().mean().item()
+        acc = {"fp32": acc_fp32,
+               "slimkit_int8": (ort_predict(qpath, x_test).argmax(1) == y_test).float().mean().item(),
+               "ort_quantizer_int8": (ort_predict(ortq, x_test).argmax(1) == y_test).float().mean().item()}
+        parity = check_parity(q, qpath, x64)
+        ops = onnx_op_counts(qpath)
+        for variant, path in (("fp32", fp32), ("slimkit_int8", qpath), ("ort_quantizer_int8", ortq)):
+            rows.append({"part": "cnn", "model": name, "variant": variant, "accuracy": acc[variant],
+                         "bytes": path.stat().st_size, "ort_ms_b64_1t": lat["ort_fp32" if variant == "fp32" else variant],
+                         "torch_eager_ms_b64_1t": lat["torch_fp32"] if variant == "fp32" else None,
+                         "parity_max_abs_diff": parity["max_abs_diff"] if variant == "slimkit_int8" else None,
+                         "int8_kernels": ops.get("QLinearConv", 0) + ops.get("QGemm", 0) if variant == "slimkit_int8" else None})
+        if name == "vgg_small":  # the small CNN of the acceptance checks (LeNet-5 is too small for int8 to pay)
+            drop = 100 * (acc["fp32"] - acc["slimkit_int8"])
+            checks.append(check("cnn: static int8 accuracy drop (points, ORT int8, vgg_small)", round(drop, 3), "<= 0.3", drop <= 0.3))
+            s1 = lat["ort_fp32"] / lat["slimkit_int8"]
+            checks.append(check("cnn: speed-up vs ORT fp32 (b64, 1 thread)", round(s1, 2), ">= 2.0", s1 >= 2.0))
+            s2 = lat["torch_fp32"] / lat["slimkit_int8"]
+            checks.append(check("cnn: speed-up vs PyTorch fp32 eager (b64, 1 thread)", round(s2, 2), ">= 2.5", s2 >= 2.5))
+            ratio = qpath.stat().st_size / fp32.stat().st_size
+            checks.append(check("cnn: int8 file bytes / fp32 file bytes", round(ratio, 3), "<= 0.3", ratio <= 0.3))
+            checks.append(check("cnn: ORT int8 vs slimkit simulation top-1 agreement", parity["top1_agreement"], "== 1.0",
+                                parity["top1_agreement"] == 1.0))
+
+
+def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
+    from slimkit.core.trainer import TrainConfig, accuracy, fit
+
+    task = sk.data.digits()
+    model = fit(sk.zoo.for_task("lenet5", task), task, TrainConfig(epochs=epochs, lr=2e-3), description="lenet5").model
+    base = accuracy(model, task, "test")
+    common = dict(weights="int4", activations="uint8", weight_calibration="mse", calibration="percentile",
+                  calibration_samples=256)
+    variants = {"rtn": QuantConfig(**common), "adaround": QuantConfig(**common, adaround=True, adaround_iters=500),
+                "qat_lsq": QuantConfig(**common, qat_epochs=3, qat_lr=5e-4)}
+    accs = {}
+    for label, cfg in variants.items():
+        t0 = time.perf_counter()
+        q = sk.quantize(model, cfg, task=task)
+        accs[label] = accuracy(q, task, "test")
+        rows.append({"part": "lowbit", "model": "lenet5", "variant": f"W4A8 {label}", "accuracy": accs[label],
+                     "fp32_accuracy": base, "seconds": round(time.perf_counter() - t0, 1), "simulated": True})
+    for label in ("adaround", "qat_lsq"):
+        drop = 100 * (base - accs[label])
+        checks.append(check(f"lowbit: W4A8 {label} accuracy drop (points; RTN drop {100 * (base - accs['rtn']):.2f})",
+                            round(drop, 3), "<= 1.0", drop <= 1.0))
+
+
+def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int) -> None:
+    model = sk.zoo.efficientnet_lite0()
+    x_eval = sk.data.natural_images(n_eval, seed=1)
+    x_cal = sk.data.natural_images(n_calib, seed=2)  # a different seed: disjoint crops for calibration
+    with torch.no_grad():
+        ref = torch.cat([model(x_eval[i:i + 32]) for i in range(0, n_eval, 32)])
+    cfg = QuantConfig(weights="int8", activations="uint8", calibration="percentile", bias_correction=True,
+                      keep_float=["_conv_stem", "_blocks.0._depthwise_conv"], calibration_samples=n_calib)
+    q = sk.quantize(model, cfg, calibration_data=x_cal)
+    fp32 = export_onnx(model, tmp / "effnet_fp32.onnx", x_eval[:1])
+    qpath = export_quantized(q, tmp / "effnet_int8.onnx", x_eval[:1])
+    ortq = ort_static(fp32, tmp / "effnet_ortq.onnx", x_cal.numpy())
+    x8 = x_eval[:8]
+    for variant, path in (("fp32", fp32), ("slimkit_int8", qpath), ("ort_quantizer_int8", ortq)):
+        out = ort_predict(path, x_eval, batch=32)
+        agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+        lat = ort_latency(path, x8, threads=1, runs=10, warmup=3)["median_ms"]
+        rows.append({"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
+                     "bytes": path.stat().st_size, "ort_ms_b8_1t": lat, "eval_crops": n_eval, "calib_crops": n_calib})
+    r = {row["variant"]: row for row in rows if row["part"] == "effnet"}
+    a = r["slimkit_int8"]["top1_agreement"]
+    checks.append(check(f"effnet: static int8 top-1 agreement with fp32 (ORT quantizer: "
+                        f"{r['ort_quantizer_int8']['top1_agreement']:.4f})", round(a, 4), ">= 0.95", a >= 0.95))
+    s = r["fp32"]["ort_ms_b8_1t"] / r["slimkit_int8"]["ort_ms_b8_1t"]
+    checks.append(check("effnet: speed-up vs ORT fp32 (b8, 1 thread)", round(s, 2), ">= 1.8", s >= 1.8))
+
+
+def sentences(n: int) -> list[str]:
+    """Real English sentences from documentation shipped in installed packages (no download)."""
+    import re
+
+    import sklearn
+
+    texts = []
+    for f in sorted((Path(sklearn.__file__).parent / "datasets" / "descr").glob("*.rst")):
+        texts.append(f.read_text(errors="ignore"))
+    # package descriptions (README text in each installed distribution's METADATA)
+    site = Path(sklearn.__file__).parent.parent
+    for f in sorted(site.glob("*.dist-info/METADATA")):
+        body = f.read_text(errors="ignore").split("\n\n", 1)
+        if len(body) == 2:
+            texts.append(re.sub(r"\(?https?://\S+", " ", body[1]))
+    out, seen = [], set()
+    for text in texts:
+        text = re.sub(r"[`*:|=\-_#]+", " ", text)
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 30 <= len(s) <= 300 and s not in seen and sum(c.isalpha() for c in s) > 0.6 * len(s):
+                seen.add(s)
+                out.append(s)
+    return out[:n]
+
+
+def part_minilm(tmp: Path, rows: list, checks: list, n: int) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from slimkit.zoo.pretrained import minilm_tokenizer
+
+    model = sk.zoo.minilm()
+    tok = minilm_tokenizer()
+    sents = sentences(n)
+    enc = tok(sents, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        ref = torch.cat([model(ids[i:i + 32], mask[i:i + 32]) for i in range(0, len(sents), 32)])
+    q = sk.quantize(model, QuantConfig(weights="int8", activations="uint8", mode="dynamic"))
+    # one padded length for every sentence (masked mean pooling makes padding exact), batch axis dynamic
+    ex1 = (ids[:1], mask[:1])
+    fp32 = export_onnx(model, tmp / "minilm_fp32.onnx", ex1)
+    qpath = export_quantized(q, tmp / "minilm_int8.onnx", ex1)
+    ortq = tmp / "minilm_ortq.onnx"
+    quantize_dynamic(str(fp32), str(ortq), weight_type=QuantType.QInt8, per_channel=True)
+    for variant, path in (("fp32", fp32), ("slimkit_dynamic_int8", qpath), ("ort_quantizer_dynamic_int8", ortq)):
+        emb = torch.cat([torch.as_tensor(run_onnx(path, (ids[i:i + 16], mask[i:i + 16]), threads=2))
+                         for i in range(0, len(sents), 16)])
+        cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+        lat = ort_latency(path, ex1, threads=1, runs=30)["median_ms"]
+        rows.append({"part": "minilm", "model": "all-MiniLM-L6-v2", "variant": variant, "sentences": len(sents),
+                     "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+                     "bytes": path.stat().st_size, "ort_ms_b1_1t": lat})
+    r = {row["variant"]: row for row in rows if row["part"] == "minilm"}
+    s = r["slimkit_dynamic_int8"]
+    checks.append(check("minilm: dynamic int8 cosine mean", round(s["cosine_mean"], 4), ">= 0.99", s["cosine_mean"] >= 0.99))
+    checks.append(check("minilm: dynamic int8 cosine min", round(s["cosine_min"], 4), ">= 0.98", s["cosine_min"] >= 0.98))
+    sp = r["fp32"]["ort_ms_b1_1t"] / s["ort_ms_b1_1t"]
+    checks.append(check("minilm: speed-up vs ORT fp32 (b1, 1 thread)", round(sp, 2), ">= 1.8", sp >= 1.8))
+    checks.append(check("minilm: sentences", s["sentences"], ">= 200", s["sentences"] >= 200))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="cnn,lowbit,effnet,minilm")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--eval-crops", type=int, default=256)
+    ap.add_argument("--calib-crops", type=int, default=128)
+    ap.add_argument("--sentences", type=int, default=200)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows: list = []
+    checks: list = []
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for part in parts:
+            t0 = time.perf_counter()
+            try:
+                if part == "cnn":
+                    part_cnn(tmp, rows, checks, args.epochs)
+                elif part == "lowbit":
+                    part_lowbit(tmp, rows, checks, args.epochs)
+                elif part == "effnet":
+                    part_effnet(tmp, rows, checks, args.eval_crops, args.calib_crops)
+                elif part == "minilm":
+                    part_minilm(tmp, rows, checks, args.sentences)
+                else:
+                    print(f"unknown part {part!r}", file=sys.stderr)
+                    return 2
+            except Exception as err:  # a failing part is a finding; the others still run
+                import traceback
+
+                traceback.print_exc()
+                checks.append(check(f"{part}: ran", f"{type(err).__name__}: {err}", "no error", False))
+            print(f"[{part}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print_table(rows, sorted({k for r in rows for k in r}, key=lambda k: (k not in ("part", "model", "variant"), k)),
+                title="quantize")
+    env = environment(note="shared 2-core machine with other jobs running; compare ratios within this run")
+    import onnxruntime
+
+    env["onnxruntime"] = onnxruntime.__version__
+    write_result(args.out, "quantize", env, rows, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
