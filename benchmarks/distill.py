@@ -253,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     t0 = time.perf_counter()
     ctx = None
+
+    def save_partial(done: str) -> None:
+        # a long run on a busy machine keeps what it measured so far (rows + checks of the parts done)
+        import json
+
+        from slimkit.core.io import write_text
+
+        write_text(args.out, json.dumps({"benchmark": "distill", "environment": {**env, "complete": False,
+                                         "parts_done": done}, "rows": rows, "checks": checks}, indent=2, default=str))
+
     if "hinton" not in args.skip:
         ctx = hinton(args, rows)
         hard = statistics.mean(r["hard_errors"] for r in ctx["rows"])
@@ -261,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(check("hinton_kd_over_hard_errors", round(ratio, 3),
                             f"<= 0.8 (mean test errors over {len(ctx['rows'])} seeds: KD {kd:g}, hard labels {hard:g}, "
                             f"teacher {ctx['rows'][0]['teacher_errors']})", ratio <= 0.8))
+        save_partial("hinton")
         if "cache" not in args.skip:
             off, on = cache_timing(args, ctx, rows)
             checks.append(check("cache_same_result", on["same_result"], "cached == uncached", on["same_result"]))
             speedup = off["seconds"] / on["seconds"]
             checks.append(check("cache_speedup", round(speedup, 2), "> 1 (teacher runs once per example)", speedup > 1))
+            save_partial("hinton, cache")
     if "recovery" not in args.skip:
         for name, part in recovery(args, ctx, rows).items():
             ft = statistics.mean(r["finetune_accuracy"] for r in part)
@@ -274,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f">= 0 (mean test accuracy over {len(part)} seeds: KD {kd:.4f}, fine-tune {ft:.4f}; "
                                 f"pruned {part[0]['pruned_accuracy']:.4f})", kd >= ft))
     env["seconds"] = round(time.perf_counter() - t0, 1)
+    env["complete"] = True
     write_result(args.out, "distill", env, rows, checks)
     return 0
 
