@@ -46,7 +46,8 @@ def test_least_squares_init_beats_data_free_init(trained_lenet5, digits_task):
 def test_conversion_with_recovery_keeps_accuracy(trained_lenet5, digits_task):
     from slimkit.core.trainer import accuracy
 
-    model = separable(trained_lenet5, SeparableConfig(recovery="distill", recovery_epochs=1), task=digits_task)
+    model = separable(trained_lenet5, SeparableConfig(recovery="distill", recovery_epochs=1, calibration_samples=128),
+                      task=digits_task)
     assert isinstance(model.features[3], DepthwiseSeparableConv)
     skipped = conversion_report(model)["skipped"]
     assert "min_in_channels" in skipped["features.0"]  # the 1-channel image convolution stays
@@ -99,7 +100,7 @@ def test_cli_separable(tmp_path, trained_lenet5):
 
     src = sk.save(trained_lenet5, tmp_path / "lenet.safetensors")
     out = tmp_path / "mobile.safetensors"
-    assert main(["separable", str(src), "--recovery", "none", "--out", str(out)]) == 0
+    assert main(["separable", str(src), "--init", "svd", "--recovery", "none", "--out", str(out)]) == 0
     assert isinstance(sk.load(out).features[3], DepthwiseSeparableConv)
     assert main(["separable", str(src), "--block", "ghost", "--out", str(out)]) == 2
     assert main(["separable", str(src), "--include", "features.0", "--recovery", "none", "--out", str(out)]) == 2

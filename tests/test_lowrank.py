@@ -165,23 +165,50 @@ def test_sensitivity_needs_task_and_keeps_accuracy(trained_mlp, digits_task):
     assert accuracy(small, digits_task, "val") >= accuracy(trained_mlp, digits_task, "val") - 0.03
 
 
-def test_data_aware_full_rank_is_exact_and_energy_is_output_energy(trained_mlp, digits_task):
-    x = digits_task.example_input(16)
-    full = factorize(trained_mlp, LowRankConfig(energy=1.0, data_aware=True, only_if_smaller=False), task=digits_task)
-    torch.testing.assert_close(full(x), trained_mlp(x), atol=1e-4, rtol=1e-4)
-    small = factorize(trained_mlp, LowRankConfig(energy=0.99, data_aware=True), task=digits_task)
-    layer = factorization_report(small)["layers"]["1"]
-    assert layer["basis"] == "responses" and layer["energy_kept"] >= 0.99
-    # kept response variance on the calibration inputs, measured directly; the mean is kept exactly
+def test_response_basis_keeps_stated_variance_and_the_mean(trained_mlp, digits_task):
+    from slimkit.lowrank.decompose import factorize_layer, input_moments, response_basis
+
+    layer = trained_mlp[1]
+    stats = input_moments(trained_mlp, {"1": layer}, digits_task.calibration_batches())["1"]
+    response = response_basis("svd", layer, stats)
     inputs = torch.cat(list(digits_task.calibration_batches())).flatten(1)
     with torch.no_grad():
-        y = trained_mlp[1](inputs)
-        y_small = small[1](inputs)
+        y = layer(inputs)
+        torch.testing.assert_close(factorize_layer("svd", layer, 300, response)(inputs), y, atol=1e-4, rtol=1e-4)
+        rank = energy_rank(response[0], 0.99)
+        y_small = factorize_layer("svd", layer, rank, response)(inputs)
     torch.testing.assert_close(y_small.mean(0), y.mean(0), atol=1e-4, rtol=1e-4)
     kept = ((y_small - y_small.mean(0)) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert 0.99 - 1e-4 <= kept <= 1 + 1e-4
+    assert rank < 50  # digits responses live in a low-dimensional subspace
+
+
+def test_data_aware_factorize(trained_mlp, digits_task):
+    x = digits_task.example_input(16)
+    full = factorize(trained_mlp, LowRankConfig(energy=1.0, data_aware=True, only_if_smaller=False, calibration_samples=128),
+                    task=digits_task)
+    ref = trained_mlp(x)
+    # full rank: exact up to the least-squares refit's small ridge term
+    assert (full(x) - ref).abs().max() < 1e-2 * ref.abs().max()
+    small = factorize(trained_mlp, LowRankConfig(energy=0.99, data_aware=True, calibration_samples=128), task=digits_task)
+    layer = factorization_report(small)["layers"]["1"]
+    assert layer["basis"] == "responses" and layer["energy_kept"] >= 0.99
     with pytest.raises(ConfigError, match="task"):
         factorize(trained_mlp, LowRankConfig(data_aware=True))
+
+
+def test_data_aware_refit_reduces_conv_error_and_reloads(trained_lenet5, digits_task, tmp_path):
+    x = digits_task.example_input(64)
+    cfg = dict(conv_method="tucker2", rank_selection="ratio", param_ratio=0.3, calibration_samples=128)
+    with torch.no_grad():
+        ref = trained_lenet5(x)
+        plain = factorize(trained_lenet5, LowRankConfig(**cfg))
+        aware = factorize(trained_lenet5, LowRankConfig(data_aware=True, **cfg), task=digits_task)
+        assert ((aware(x) - ref) ** 2).mean() < ((plain(x) - ref) ** 2).mean()
+    info = factorization_report(aware)["layers"]["features.3"]
+    assert info["bias"] is True and 0 <= info["refit_relative_error"] < 1
+    loaded = sk.load(sk.save(aware, tmp_path / "aware.safetensors"))
+    torch.testing.assert_close(loaded(x), aware(x))
 
 
 def test_recovery_by_finetuning_keeps_accuracy(trained_mlp, digits_task):

@@ -28,7 +28,8 @@ from slimkit.core.registry import Technique
 from slimkit.core.selector import get_submodule, select, set_submodule
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
-from slimkit.errors import CalibrationError, ConfigError, UnsupportedLayerError
+from slimkit.errors import ConfigError, UnsupportedLayerError
+from slimkit.lowrank.refit import refit_last_layer
 
 
 def unsupported_reason(layer: nn.Module, config: SeparableConfig) -> str | None:
@@ -111,77 +112,13 @@ def svd_init(conv: nn.Conv2d, block: nn.Module) -> nn.Module:
     return block
 
 
-class _Stop(Exception):
-    """Raised by a hook once the activations it needs are captured (skips the rest of the forward)."""
-
-
-def _run_until(model: nn.Module, x: torch.Tensor) -> None:
-    try:
-        model(x)
-    except _Stop:
-        pass
-
-
-@torch.no_grad()
 def fit_projection(original: nn.Module, original_layer: nn.Module, converted: nn.Module, block: nn.Module,
                    task: Task, config: SeparableConfig) -> float:
     """Solve the block's 1x1 projection + bias by ridge least squares so that its output matches
     `original_layer`'s output on calibration images; returns the relative residual error."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab_target(_m, _inp, out):
-        captured["target"] = out
-        raise _Stop
-
-    def grab_features(_m, inp):
-        captured["features"] = inp[0]
-
-    def grab_block_input(_m, inp, _out):
-        captured["input"] = inp[0]
-        raise _Stop
-
-    handles = [original_layer.register_forward_hook(grab_target),
-               block.projection.register_forward_pre_hook(grab_features),
-               block.register_forward_hook(grab_block_input)]
     residual = isinstance(block, InvertedResidualConv) and block.use_residual
-    gram = rhs = None
-    target_energy = error_energy = 0.0
-    n = 0
-    try:
-        for x in task.calibration_batches(max_samples=config.calibration_samples):
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"calibration data of {task.name!r} contains NaN or Inf")
-            _run_until(original, x)
-            _run_until(converted, x)
-            z = captured["features"].float()
-            y = captured["target"].float()
-            if residual:
-                y = y - captured["input"].float()
-            z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            z = torch.cat([z, torch.ones(len(z), 1)], 1)
-            y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-            # products per batch in float32 (fast), sums across batches in float64 (accurate)
-            g, r = (z.T @ z).double(), (z.T @ y).double()
-            gram = g if gram is None else gram + g
-            rhs = r if rhs is None else rhs + r
-            target_energy += float((y.double() ** 2).sum())
-            n += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n == 0:
-        raise CalibrationError(f"calibration split of {task.name!r} is empty")
-    # ridge relative to the mean feature energy keeps the solve well posed for dead channels
-    reg = config.ridge * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
-    reg[-1, -1] = 0.0  # do not shrink the bias
-    solution = torch.linalg.solve(gram + reg, rhs)  # (hidden + 1, cout)
-    weight, bias = solution[:-1].T, solution[-1]
-    proj = block.projection
-    proj.weight.copy_(weight[:, :, None, None].to(proj.weight.dtype))
-    proj.bias.copy_(bias.to(proj.bias.dtype))
-    # residual energy ||y - z P||^2 = ||y||^2 - 2 tr(P^T rhs) + tr(P^T gram P)
-    error_energy = target_energy - 2 * float((solution * rhs).sum()) + float((solution * (gram @ solution)).sum())
-    return max(error_energy, 0.0) / max(target_energy, 1e-30)
+    return refit_last_layer(original, original_layer, converted, block, block.projection, task,
+                            samples=config.calibration_samples, ridge=config.ridge, residual=residual)
 
 
 def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: Task | None = None) -> nn.Module:

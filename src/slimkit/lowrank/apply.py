@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from slimkit.core import registry
@@ -32,7 +33,8 @@ from slimkit.lowrank.decompose import (
     spectra,
     unfoldings,
 )
-from slimkit.lowrank.modules import KINDS
+from slimkit.lowrank.modules import KINDS, last_layer
+from slimkit.lowrank.refit import refit_last_layer
 from slimkit.lowrank.rank import energy_rank, kept_energy, largest_rank_within, vbmf_rank
 
 # energies tried, cheapest first, when ranks are chosen by per-layer sensitivity
@@ -221,21 +223,51 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
                                  f"{m1:,} vs {m0:,} MACs per output)")
                 continue
             plans.append((name, kind, layer, rank))
+    if config.data_aware and plans:
+        reference = copy_model(model).eval()  # the outputs each refit reproduces
+        reference_layers = dict(reference.named_modules())
+        was_training = new.training
+        new.eval()
     with progress_bar("factorize: decompose", len(plans)) as advance:
         for name, kind, layer, rank in plans:
             response = responses.get(name)
-            replacement = factorize_layer(kind, layer, rank, response).train(layer.training)
+            replacement = factorize_layer(kind, layer, rank, response)
             set_submodule(new, name, replacement)
+            refit_error = None
+            if config.data_aware and kind != "spatial":  # a spatial SVD ends in a 1xk conv, not a 1x1
+                replacement = _with_bias(kind, layer, rank, replacement)
+                set_submodule(new, name, replacement)
+                replacement.eval()
+                refit_error = refit_last_layer(reference, reference_layers[name], new, replacement,
+                                               last_layer(replacement), task, samples=config.calibration_samples,
+                                               ridge=1e-4)
+            replacement.train(layer.training)
             layers[name] = _describe(kind, layer, rank, response)
             if response is not None:
                 layers[name]["basis"] = "responses"
-                layers[name]["bias"] = True  # the mean-response correction lives in the bias
+            if refit_error is not None:
+                layers[name]["bias"] = True  # mean correction / least-squares refit live in the bias
+                layers[name]["refit_relative_error"] = round(refit_error, 6)
             advance(1)
+    if config.data_aware and plans:
+        new.train(was_training)
     record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
     if config.recovery != "none" and config.recovery_epochs > 0 and layers:
         new = _recover(new, model, task, config.recovery, config.recovery_epochs, config.recovery_lr)
     return new
+
+
+def _with_bias(kind: str, layer: nn.Module, rank, module: nn.Module) -> nn.Module:
+    """`module` with a bias on its last factor (the least-squares refit solves one)."""
+    if last_layer(module).bias is not None:
+        return module
+    biased = KINDS[kind].like(layer, rank, bias=True)
+    missing = biased.load_state_dict(module.state_dict(), strict=False).missing_keys
+    assert all(k.endswith("bias") for k in missing)
+    with torch.no_grad():
+        last_layer(biased).bias.zero_()
+    return biased.to(layer.weight.device)
 
 
 def _recover(student: nn.Module, teacher: nn.Module, task: Task, how: str, epochs: int, lr: float) -> nn.Module:

@@ -27,8 +27,10 @@ class LowRankConfig(Config):
       parameters and MACs than the layer; False forces the factorization (e.g. to check full rank).
     data_aware: factor each Linear / matrix-SVD convolution along the principal directions of its
       responses on `calibration_samples` task inputs (Zhang et al. 2016) instead of its weights'
-      SVD; energy then means the fraction of output energy on real data. Tucker-2 and spatial
-      SVD stay weight-based. Needs a task.
+      SVD; energy then means the fraction of response variance on real data (Tucker-2 and spatial
+      SVD ranks stay weight-based). Then, layer by layer, the last factor of every factorized layer
+      (a 1x1 conv or Linear; not spatial SVD's 1xk) is refit by least squares on calibration activations so the layer reproduces the original
+      output given the already-factorized layers before it. Needs a task.
     recovery: "distill" (KD from the original model), "finetune" or "none"; needs a task.
     """
 

@@ -44,34 +44,39 @@ class ChannelSVDConv(nn.Sequential):
 class SpatialSVDConv(nn.Sequential):
     """Conv kh x kw as conv kh x 1 (Cin -> rank) then conv 1 x kw (rank -> Cout) (Jaderberg et al. 2014)."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int):
+    def __init__(self, conv: nn.Conv2d, rank: int, bias: bool | None = None):
         (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
         (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
         super().__init__(OrderedDict(
             first=nn.Conv2d(conv.in_channels, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False),
             second=nn.Conv2d(rank, conv.out_channels, (1, kw), (1, sw), (0, pw), (1, dw),
-                             bias=conv.bias is not None)))
+                             bias=conv.bias is not None if bias is None else bias)))
         self.rank = rank
 
     @classmethod
-    def like(cls, conv: nn.Conv2d, rank: int) -> "SpatialSVDConv":
-        return cls(conv, rank)
+    def like(cls, conv: nn.Conv2d, rank: int, bias: bool | None = None) -> "SpatialSVDConv":
+        return cls(conv, rank, bias)
 
 
 class Tucker2Conv(nn.Sequential):
     """Conv kxk as 1x1 (Cin -> r_in) -> kxk core (r_in -> r_out) -> 1x1 (r_out -> Cout) (Kim et al. 2016)."""
 
-    def __init__(self, conv: nn.Conv2d, rank_out: int, rank_in: int):
+    def __init__(self, conv: nn.Conv2d, rank_out: int, rank_in: int, bias: bool | None = None):
         super().__init__(OrderedDict(
             first=nn.Conv2d(conv.in_channels, rank_in, 1, bias=False),
             core=nn.Conv2d(rank_in, rank_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                            bias=False, padding_mode=conv.padding_mode),
-            last=nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None)))
+            last=nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None if bias is None else bias)))
         self.rank = [rank_out, rank_in]
 
     @classmethod
-    def like(cls, conv: nn.Conv2d, rank: list[int]) -> "Tucker2Conv":
-        return cls(conv, rank[0], rank[1])
+    def like(cls, conv: nn.Conv2d, rank: list[int], bias: bool | None = None) -> "Tucker2Conv":
+        return cls(conv, rank[0], rank[1], bias)
+
+
+def last_layer(module: nn.Module) -> nn.Module:
+    """The final linear layer of a factorized module (the one a least-squares refit solves)."""
+    return module.last if isinstance(module, Tucker2Conv) else module.second
 
 
 KINDS: dict[str, type[nn.Module]] = {"svd": LowRankLinear, "channel": ChannelSVDConv, "spatial": SpatialSVDConv,
