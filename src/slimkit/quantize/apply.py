@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from slimkit.core import registry
@@ -198,4 +197,3 @@ def _register_exporter() -> None:
 
 
 _register_exporter()
-_ = torch

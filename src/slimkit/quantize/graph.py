@@ -14,7 +14,6 @@ The same function rebuilds the architecture on load (`restore`), so it must stay
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -205,6 +204,3 @@ def act_quantizers(model: nn.Module) -> list[ActQuant]:
 
 def weight_layers(model: nn.Module) -> dict[str, _QuantWeightLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeightLayer)}
-
-
-_ = operator  # operator.add nodes are ordinary tensors to quantize at (kept for readers of the rules)

@@ -3,7 +3,6 @@ correction and learned rounding (AdaRound). Statistics passes never change the m
 transformations use the statistics they are given."""
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -284,6 +283,3 @@ def batches_from(data, *, batch_size: int = 64, max_samples: int | None = None) 
         return list(data)
     raise CalibrationError(f"calibration data must be a Task, a tensor or an iterable of batches, "
                            f"got {type(data).__name__}")
-
-
-_ = math
