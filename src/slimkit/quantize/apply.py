@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from slimkit.core import registry
@@ -131,8 +132,9 @@ def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
     for m in model.modules():
         if isinstance(m, (ActQuant, _QuantWeightLayer)):
             m.learnable()
-    result = fit(model, task, TrainConfig(epochs=config.qat_epochs, lr=config.qat_lr, optimizer="adam"),
-                 description="qat")
+    with torch.enable_grad():  # callers may be inside no_grad
+        result = fit(model, task, TrainConfig(epochs=config.qat_epochs, lr=config.qat_lr, optimizer="adam"),
+                     description="qat")
     out = result.model
     for m in out.modules():  # back to plain buffers: the learned step sizes are now fixed values
         if isinstance(m, ActQuant) and isinstance(m.scale, nn.Parameter):

@@ -223,6 +223,8 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
             v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))
             opt = torch.optim.Adam([v], lr=lr)
             warmup = int(0.2 * iters)
+            grad_ctx = torch.enable_grad()  # callers may be inside no_grad; rounding is learned
+            grad_ctx.__enter__()
             for it in range(iters):
                 idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
                 layer.round_offset = _rectified_sigmoid(v)
@@ -239,6 +241,7 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
                 opt.step()
                 if it % 50 == 0:
                     advance(50 if it + 50 <= iters else iters - it, layer=name, rec=float(rec))
+            grad_ctx.__exit__(None, None, None)
             with torch.no_grad():  # bake the hard decision: weights sit exactly on the chosen grid point
                 layer.round_offset = (_rectified_sigmoid(v) >= 0.5).float()
                 layer.layer.weight.copy_(layer.quantized_weight())
