@@ -36,3 +36,41 @@ def register(app: typer.Typer) -> None:
         for c in result["sections"].get("constraints", []):
             console.print(f"constraint {c['name']}: {c['value']} (limit {c['limit']}) {'ok' if c['ok'] else 'NOT MET'}")
         console.print(f"wrote {out / 'report.html'}")
+
+    @app.command()
+    def auto(
+        model: str = typer.Argument(..., help="zoo:NAME (trained first if no --weights), a saved model, or a factory"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory/zoo model"),
+        max_accuracy_drop: float = typer.Option(0.5, help="accuracy points you accept to lose"),
+        max_size_kb: Optional[float] = typer.Option(None, help="largest deployable file, KiB"),
+        max_latency_ms: Optional[float] = typer.Option(None, help="slowest acceptable latency, ms"),
+        runtime: str = typer.Option("ort", help="ort | torch: where latency is measured"),
+        batch_size: int = typer.Option(64, help="batch size of the latency objective"),
+        trials: int = typer.Option(14, help="recipes the search evaluates"),
+        seed: int = typer.Option(0, help="random seed"),
+        out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="output folder"),
+    ) -> None:
+        """Which technique? Sensitivity analysis + multi-objective recipe search -> recommended model, recipe, report."""
+        from slimkit.pipeline.advisor import AutoConfig, advise, describe
+
+        config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
+                            runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
+        task = load_task(data)
+        net = load_model(model, weights=weights, task=task)
+        if model.startswith("zoo:") and not weights:
+            from slimkit.core.trainer import TrainConfig, fit
+            from slimkit.pipeline.demo import DEMO_TRAIN
+
+            console.print(f"{model} has no weights: training it first (30 epochs)")
+            net = fit(net, task, TrainConfig(epochs=30, **{**DEMO_TRAIN, "seed": seed}), description="train").model
+        result = advise(net, task, config, out, model_name=model)
+        base, final = result["stages"][0]["metrics"], result["stages"][-1]["metrics"]
+        console.print(f"[bold]recommended[/bold]: {describe(result['sections']['recommendation']['params'])}")
+        for reason in result["sections"]["recommendation"]["reasons"]:
+            console.print(f"  - {reason}")
+        console.print(f"test accuracy {100 * base['accuracy']:.2f}% -> {100 * final['accuracy']:.2f}%, "
+                      f"{base['size_bytes']:,} -> {final['size_bytes']:,} bytes")
+        for c in result["sections"].get("constraints", []):
+            console.print(f"constraint {c['name']}: {c['value']:.3f} (limit {c['limit']}) {'ok' if c['ok'] else 'NOT MET'}")
+        console.print(f"wrote {out / 'report.html'}, {out / 'recipe.yaml'}")

@@ -32,17 +32,24 @@ class StageOutcome:
 
 def evaluate_stage(model: nn.Module, task: Task, artifact: Path | None, *, reference: nn.Module | None,
                    runtimes: tuple[str, ...] = ("torch", "ort"), threads: int = 1,
-                   batch_sizes: tuple[int, ...] = (1, 64), torch_runs: bool = True) -> Metrics:
-    """Evaluate a stage's result. An .onnx artifact is timed in ONNX Runtime as written."""
+                   batch_sizes: tuple[int, ...] = (1, 64), torch_runs: bool = True, split: str = "test",
+                   latency_runs: int = 30) -> Metrics:
+    """Evaluate a stage's result. An .onnx artifact is timed in ONNX Runtime as written; any other
+    artifact (safetensors, packed .slim) is timed in ONNX Runtime through an fp32 export of the
+    model it loads into, and the metrics say so."""
     onnx_path = artifact if artifact is not None and artifact.suffix == ".onnx" else None
     rts = tuple(rt for rt in runtimes if torch_runs or rt != "torch")
-    return evaluate(model, task, reference=reference, artifact=artifact, runtimes=rts, onnx_path=onnx_path,
-                    threads=threads, batch_sizes=batch_sizes)
+    metrics = evaluate(model, task, reference=reference, artifact=artifact, runtimes=rts, onnx_path=onnx_path,
+                       threads=threads, batch_sizes=batch_sizes, split=split, latency_runs=latency_runs)
+    if "ort" in rts and onnx_path is None and artifact is not None:
+        metrics.notes.append(f"ONNX Runtime latency: fp32 dense ONNX export of the model {artifact.suffix} loads into")
+    return metrics
 
 
 def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, name: str | None = None,
               reference: nn.Module | None = None, runtimes: tuple[str, ...] = ("torch", "ort"),
-              threads: int = 1, batch_sizes: tuple[int, ...] = (1, 64)) -> StageOutcome:
+              threads: int = 1, batch_sizes: tuple[int, ...] = (1, 64), split: str = "test",
+              latency_runs: int = 30) -> StageOutcome:
     """Apply `config`'s technique to `model` and measure the result. Failures become an error entry."""
     technique = registry.for_config(config)
     name = name or technique.name
@@ -59,9 +66,10 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     simulated = bool(getattr(new, "slimkit_simulated", False))
     # a model that only simulates its format in PyTorch is timed on its deployable artifact only
     metrics = evaluate_stage(new, task, artifact, reference=reference, runtimes=runtimes, threads=threads,
-                             batch_sizes=batch_sizes, torch_runs=technique.runtime != "ort")
-    metrics.notes.extend(notes)
+                             batch_sizes=batch_sizes, torch_runs=technique.runtime != "ort", split=split,
+                             latency_runs=latency_runs)
+    metrics.notes[:0] = notes
     entry = stage_entry(name, technique=technique.name, family=technique.family, config=config.to_dict(),
                         metrics=metrics.to_dict(), artifact=str(artifact), runtime=technique.runtime,
-                        simulated=simulated, notes=notes, seconds=seconds)
+                        simulated=simulated, notes=metrics.notes, seconds=seconds)
     return StageOutcome(new, entry, artifact, metrics)

@@ -1,0 +1,420 @@
+"""The advisor: "which technique should I use?" answered by measurement.
+
+    result = slimkit.pipeline.advisor.advise(model, task, AutoConfig(max_accuracy_drop=0.5), out="auto-out")
+
+1. Sensitivity: every layer's accuracy under sparsity, truncated rank and low-bit weights
+   (`sensitivity.analyse`), on the validation split.
+2. Search (Optuna, NSGA-II, three objectives: validation accuracy, bytes of the deployable file,
+   latency on the target runtime) over recipes built from the registered techniques:
+   distillation into a cheaper student, structured pruning to a MACs target, and a deployable
+   format — fp32 ONNX, int8 QDQ ONNX, or a packed `.slim` file (unstructured sparsity + k-means
+   weight sharing + zstd) that loads into a dense model. Expensive prefixes (a trained student,
+   a pruned network) are computed once and shared by the trials that start with them.
+3. The Pareto front, and one recommendation: among the candidates that meet every constraint on
+   validation data, the one with the smallest product of size and latency relative to the original.
+   It is re-run from scratch as a recipe through `compress` (test-split metrics, checkpoints,
+   report), and explained in words from the measurements.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch.nn as nn
+from pydantic import Field
+
+from slimkit.core import registry
+from slimkit.core.config import Config
+from slimkit.core.io import write_text
+from slimkit.core.progress import console
+from slimkit.core.task import Task
+from slimkit.errors import InfeasibleError
+from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
+from slimkit.pipeline.sensitivity import analyse, heatmap
+from slimkit.pipeline.stage import evaluate_stage, run_stage
+from slimkit.report import write_html, write_json
+from slimkit.report.html import figure_png
+
+FORMATS = ("fp32", "int8", "pack")
+
+
+class AutoConfig(Config):
+    """What the advisor optimizes for.
+
+    max_accuracy_drop: points of accuracy the user accepts to lose (validation during the search,
+        test in the final report). max_size_kb / max_latency_ms: optional hard limits.
+    runtime / latency_batch_size: where latency is measured for the search ("ort" or "torch").
+    trials: recipes evaluated by the search. student_epochs / recovery_epochs: training budget of
+        distillation into a student and of recovery after structured pruning.
+    """
+
+    max_accuracy_drop: float = Field(0.5, ge=0)
+    max_size_kb: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    runtime: Literal["ort", "torch"] = "ort"
+    latency_batch_size: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1)
+    trials: int = Field(14, ge=1)
+    student_epochs: int = Field(40, ge=1)
+    recovery_epochs: int = Field(10, ge=0)
+    structured_targets: list[float] = Field(default_factory=lambda: [0.5, 0.35])
+    sparsities: list[float] = Field(default_factory=lambda: [0.8, 0.9])
+    max_students: int = Field(3, ge=0)
+    seed: int = 0
+
+
+# -- candidate recipes --------------------------------------------------------------------------
+def student_candidates(model: nn.Module, task: Task, limit: int) -> list[tuple[str, float, int]]:
+    """Zoo students (name, width, MACs) at most half the model's MACs, cheapest first. Only for
+    image classifiers; a model of unknown architecture gets none."""
+    from slimkit import zoo
+    from slimkit.evaluate import count_macs
+
+    if task.num_classes is None or len(task.input_shape) != 3 or limit == 0:
+        return []
+    macs = count_macs(model, task.example_input(1))
+    found = []
+    for name, entry in zoo.ZOO.items():
+        if entry.kind != "image" or entry.extra:
+            continue
+        for width in (0.25, 0.5):
+            try:
+                student_macs = count_macs(zoo.for_task(name, task, width=width), task.example_input(1))
+            except Exception:  # a zoo net that does not fit this input shape is simply not a candidate
+                continue
+            if student_macs <= 0.5 * macs:
+                found.append((name, width, student_macs))
+    found.sort(key=lambda c: c[2])
+    # keep the cheapest and spread the rest, rather than several near-identical students
+    picked = found[:1] + found[2::2] if len(found) > limit else found
+    return picked[:limit]
+
+
+def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
+    """The recipe stages of one point of the search space."""
+    stages = []
+    if params["student"] != "none":
+        name, width = params["student"].rsplit("@", 1)
+        stages.append(Stage(technique="distill", config={
+            "student": f"zoo:{name}", "width": float(width), "epochs": config.student_epochs, "lr": 2e-3,
+            "cache_teacher": True, "seed": config.seed}))
+    if params["structured"] < 1.0:
+        stages.append(Stage(technique="prune_structured", config={
+            "target_macs": params["structured"], "finetune_epochs": config.recovery_epochs, "lr": 2e-3,
+            "recovery": "distill", "seed": config.seed}))
+    if params["format"] == "int8":
+        stages.append(Stage(technique="quantize", config={"weights": "int8", "activations": "uint8",
+                                                          "per_channel": True, "mode": "static"}))
+    elif params["format"] == "pack":
+        prune = None
+        if params.get("sparsity", 0.0) > 0:
+            prune = {"sparsity": params["sparsity"], "scope": "global", "finetune_epochs": 3, "recovery": "distill",
+                     "seed": config.seed}
+        stages.append(Stage(technique="pack", config={"quantization": "kmeans", "bits": 5, "conv_bits": 8,
+                                                      "codebook_epochs": 1, "prune": prune, "seed": config.seed}))
+    return stages
+
+
+class _Runner:
+    """Evaluates search points, sharing models of common stage prefixes between trials."""
+
+    def __init__(self, model: nn.Module, task: Task, config: AutoConfig, work: Path):
+        self.model, self.task, self.config, self.work = model, task, config, work
+        self.cache: dict[str, nn.Module] = {}
+        self.eval_kw = dict(runtimes=(config.runtime,), threads=config.threads,
+                            batch_sizes=(config.latency_batch_size,), split="val", latency_runs=20)
+
+    def _prefix_model(self, stages: list[Stage]) -> nn.Module:
+        if not stages:
+            return self.model
+        key = repr([s.to_dict() for s in stages])
+        if key not in self.cache:
+            parent = self._prefix_model(stages[:-1])
+            stage = stages[-1]
+            self.cache[key] = registry.get(stage.technique).apply(parent, stage.technique_config(), task=self.task)
+        return self.cache[key]
+
+    def evaluate(self, number: int, stages: list[Stage]):
+        name = f"trial-{number:02d}"
+        last = stages[-1] if stages else None
+        if last is not None and last.technique in ("quantize", "pack"):
+            parent = self._prefix_model(stages[:-1])
+            outcome = run_stage(parent, last.technique_config(), self.task, self.work, name=name,
+                                reference=self.model, **self.eval_kw)
+            return outcome.metrics
+        model = self._prefix_model(stages)
+        from slimkit.export import export_onnx
+
+        artifact = export_onnx(model, self.work / f"{name}.onnx", self.task.example_input(1))
+        return evaluate_stage(model, self.task, artifact, reference=self.model, **self.eval_kw)
+
+
+def _objectives(metrics, config: AutoConfig) -> tuple[float, float, float]:
+    latency = metrics.latency_ms(None, config.latency_batch_size)
+    return metrics.accuracy, float(metrics.size_bytes), float(latency)
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points not dominated in (accuracy up, size down, latency down)."""
+    front = []
+    for p in points:
+        dominated = any(q is not p and q["accuracy"] >= p["accuracy"] and q["size_bytes"] <= p["size_bytes"]
+                        and q["latency_ms"] <= p["latency_ms"] and
+                        (q["accuracy"], -q["size_bytes"], -q["latency_ms"]) != (p["accuracy"], -p["size_bytes"], -p["latency_ms"])
+                        for q in points)
+        if not dominated:
+            front.append(p)
+    return front
+
+
+def feasible(point: dict, base: dict, config: AutoConfig) -> bool:
+    if 100 * (base["accuracy"] - point["accuracy"]) > config.max_accuracy_drop + 1e-9:
+        return False
+    if config.max_size_kb is not None and point["size_bytes"] / 1024 > config.max_size_kb:
+        return False
+    if config.max_latency_ms is not None and point["latency_ms"] > config.max_latency_ms:
+        return False
+    return True
+
+
+def score(point: dict, base: dict) -> float:
+    """Lower is better: log size ratio + log latency ratio (each halving counts the same)."""
+    return math.log(point["size_bytes"] / base["size_bytes"]) + math.log(point["latency_ms"] / base["latency_ms"])
+
+
+def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tuple[dict, list[dict]]:
+    """Run the multi-objective search; returns (baseline point, trial points)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    runner = _Runner(model, task, config, work)
+    base_metrics = runner.evaluate(0, [])
+    acc, size, lat = _objectives(base_metrics, config)
+    base = {"trial": 0, "params": {"student": "none", "structured": 1.0, "format": "fp32"}, "accuracy": acc,
+            "size_bytes": size, "latency_ms": lat, "stages": [], "metrics": base_metrics.to_dict()}
+
+    students = ["none"] + [f"{n}@{w}" for n, w, _ in student_candidates(model, task, config.max_students)]
+    structured = [1.0] + list(config.structured_targets)
+    sparsities = [0.0] + list(config.sparsities)
+    sampler = optuna.samplers.NSGAIISampler(seed=config.seed, population_size=max(4, config.trials // 3))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    # Start from the points the sensitivity and the runtime facts make most promising: each student
+    # packed at the highest sparsity, the original network in int8 and packed.
+    seeds = [{"student": s, "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]} for s in students]
+    seeds += [{"student": "none", "structured": 1.0, "format": "int8"},
+              {"student": "none", "structured": structured[-1], "format": "pack", "sparsity": sparsities[-1]}]
+    for params in seeds[: config.trials]:
+        study.enqueue_trial(params)
+    points: list[dict] = []
+    seen: dict[str, dict] = {}
+    from slimkit.core.progress import progress_bar
+
+    with progress_bar("advisor search", config.trials) as advance:
+        for _ in range(config.trials):
+            trial = study.ask()
+            params = {"student": trial.suggest_categorical("student", students),
+                      "structured": trial.suggest_categorical("structured", structured),
+                      "format": trial.suggest_categorical("format", list(FORMATS))}
+            if params["format"] == "pack":
+                params["sparsity"] = trial.suggest_categorical("sparsity", sparsities)
+            key = repr(sorted(params.items()))
+            if key in seen:  # the sampler proposed a point already measured: reuse it
+                point = seen[key]
+            else:
+                stages = build_stages(params, config)
+                t0 = time.perf_counter()
+                metrics = runner.evaluate(trial.number + 1, stages)
+                a, s, latency = _objectives(metrics, config)
+                point = {"trial": trial.number + 1, "params": params, "accuracy": a, "size_bytes": s,
+                         "latency_ms": latency, "stages": [st.to_dict() for st in stages],
+                         "metrics": metrics.to_dict(), "seconds": time.perf_counter() - t0}
+                seen[key] = point
+                points.append(point)
+            study.tell(trial, [point["accuracy"], point["size_bytes"], point["latency_ms"]])
+            advance(1, acc=point["accuracy"], kb=point["size_bytes"] / 1024)
+    return base, points
+
+
+# -- explanation --------------------------------------------------------------------------------
+def _drop_at(analysis: dict, layer: str, value) -> float:
+    for v, acc in analysis["curves"][layer]:
+        if v == value:
+            return 100 * (analysis["baseline"] - acc)
+    return float("nan")
+
+
+def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict], config: AutoConfig) -> list[str]:
+    """Plain-language reasons, every number taken from the measurements."""
+    lines = []
+    sp = sens["sparsity"]
+    grid = [v for v, _ in next(iter(sp["curves"].values()))]
+    high = 0.9 if 0.9 in grid else grid[-1]
+    robust = [n for n in sp["curves"] if _drop_at(sp, n, high) <= 0.5]
+    fragile = max(sp["curves"], key=lambda n: _drop_at(sp, n, high))
+    if robust:
+        lines.append(f"Layers {', '.join(robust)} keep accuracy within 0.5 points at {int(100 * high)}% sparsity "
+                     f"(each pruned alone, validation split), so unstructured pruning and packing shrink them cheaply.")
+    lines.append(f"{fragile} is the layer most sensitive to pruning: it loses {_drop_at(sp, fragile, high):.1f} points "
+                 f"at {int(100 * high)}% sparsity on its own, so a global threshold prunes it least.")
+    bits = sens["bits"]
+    worst4 = max(bits["curves"], key=lambda n: _drop_at(bits, n, 4))
+    lines.append(f"With 4-bit per-channel weights the worst layer ({worst4}) loses {_drop_at(bits, worst4, 4):.1f} points; "
+                 f"at 8 bits no layer loses more than "
+                 f"{max(_drop_at(bits, n, 8) for n in bits['curves']):.1f}.")
+    per_tensor = sens["bits_per_tensor"]
+    gaps = {n: _drop_at(per_tensor, n, 4) - _drop_at(bits, n, 4) for n in bits["curves"]}
+    worst_gap = max(gaps, key=gaps.get)
+    if gaps[worst_gap] > 1.0:
+        lines.append(f"{worst_gap} loses {_drop_at(per_tensor, worst_gap, 4):.1f} points with one 4-bit scale per tensor "
+                     f"but {_drop_at(bits, worst_gap, 4):.1f} with per-channel scales, so per-channel scales are used.")
+    rank = sens["rank"]
+    low_rank_ok = [n for n in rank["curves"] if _drop_at(rank, n, 0.8) <= 0.5]
+    if low_rank_ok:
+        lines.append(f"Layers {', '.join(low_rank_ok)} keep accuracy with 80% of their singular-value energy.")
+
+    # runtime facts from the trials: int8 vs fp32 on the same network
+    for p in points:
+        if p["params"]["format"] == "int8":
+            twin = next((q for q in points if q["params"]["format"] == "fp32" and q["params"]["student"] == p["params"]["student"]
+                         and q["params"]["structured"] == p["params"]["structured"]), None)
+            ref = twin or (base if p["params"]["student"] == "none" and p["params"]["structured"] == 1.0 else None)
+            if ref is not None:
+                ratio = ref["latency_ms"] / p["latency_ms"]
+                verdict = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+                why = " (on layers this small the quantize/dequantize overhead decides)" if ratio < 1 else ""
+                lines.append(f"int8 QDQ in {config.runtime} ran {verdict} than fp32 on the same network "
+                             f"(batch {config.latency_batch_size}, {config.threads} thread){why}.")
+                break
+    size_x = base["size_bytes"] / chosen["size_bytes"]
+    speed_x = base["latency_ms"] / chosen["latency_ms"]
+    drop = 100 * (base["accuracy"] - chosen["accuracy"])
+    desc = describe(chosen["params"])
+    lines.append(f"Recommended: {desc}. On validation data it is {size_x:.1f}x smaller on disk and {speed_x:.1f}x faster "
+                 f"in {config.runtime} (batch {config.latency_batch_size}) for {drop:+.2f} points of accuracy "
+                 f"(budget {config.max_accuracy_drop}).")
+    if chosen["params"]["format"] == "pack":
+        lines.append("The packed .slim file is what ships; slimkit.load() unpacks it into a dense model, which runs in "
+                     "ONNX Runtime as fp32 (the latency above is that model's).")
+    return lines
+
+
+def describe(params: dict) -> str:
+    parts = []
+    if params["student"] != "none":
+        name, width = params["student"].rsplit("@", 1)
+        parts.append(f"distill into {name} at width {width}")
+    if params["structured"] < 1.0:
+        parts.append(f"remove channels down to {int(100 * params['structured'])}% of the MACs")
+    if params["format"] == "int8":
+        parts.append("int8 static quantization (ONNX QDQ, per-channel)")
+    elif params["format"] == "pack":
+        sp = params.get("sparsity", 0.0)
+        parts.append((f"prune {int(100 * sp)}% of the weights, " if sp else "") + "5/8-bit k-means weight sharing, "
+                     "packed .slim")
+    else:
+        parts.append("fp32 ONNX")
+    return ", then ".join(parts)
+
+
+# -- plots --------------------------------------------------------------------------------------
+def pareto_plot(base: dict, points: list[dict], front: list[dict], chosen: dict | None, x: str, xlabel: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[x] for p in points], [100 * p["accuracy"] for p in points], c="#bbbbbb", label="trials")
+    front_sorted = sorted(front, key=lambda p: p[x])
+    ax.plot([p[x] for p in front_sorted], [100 * p["accuracy"] for p in front_sorted], "o-", c="#1f77b4", label="Pareto front")
+    ax.scatter([base[x]], [100 * base["accuracy"]], marker="s", c="k", label="original")
+    if chosen is not None:
+        ax.scatter([chosen[x]], [100 * chosen["accuracy"]], marker="*", s=200, c="#d62728", label="recommended")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dict | None) -> str:
+    import html
+
+    rows = ["<tr><th>trial</th><th class=l>recipe</th><th>val accuracy</th><th>&Delta; pts</th><th>bytes</th>"
+            "<th>&times; smaller</th><th>latency ms</th><th>&times; faster</th><th>Pareto</th></tr>"]
+    for p in [base] + sorted(points, key=lambda p: p["trial"]):
+        mark = "&#9733;" if chosen is p else ("&#9679;" if p in front else "")
+        rows.append(f"<tr><td>{p['trial']}</td><td class=l>{html.escape(describe(p['params']) if p is not base else 'original (fp32 ONNX)')}</td>"
+                    f"<td>{100 * p['accuracy']:.2f}%</td><td>{100 * (p['accuracy'] - base['accuracy']):+.2f}</td>"
+                    f"<td>{int(p['size_bytes']):,}</td><td>{base['size_bytes'] / p['size_bytes']:.1f}</td>"
+                    f"<td>{p['latency_ms']:.3f}</td><td>{base['latency_ms'] / p['latency_ms']:.1f}</td><td>{mark}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+# -- entry point --------------------------------------------------------------------------------
+def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: str | Path = "slimkit-auto", *,
+           model_name: str | None = None) -> dict[str, Any]:
+    """Analyse, search, recommend, and build the recommended model with its recipe and report."""
+    import html
+
+    from slimkit.pipeline.runner import compress
+
+    config = config or AutoConfig()
+    out = Path(out)
+    work = out / "search"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    console.print("[bold]advisor[/bold]: per-layer sensitivity (sparsity, rank, bit width)")
+    sens = analyse(model, task)
+    console.print(f"[bold]advisor[/bold]: searching {config.trials} recipes")
+    base, points = search(model, task, config, work)
+    front = pareto_front(points + [base])
+    candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
+    if not candidates:
+        closest = min(points, key=lambda p: base["accuracy"] - p["accuracy"])
+        raise InfeasibleError(
+            f"no recipe met the constraints (max accuracy drop {config.max_accuracy_drop} points"
+            + (f", max size {config.max_size_kb} KiB" if config.max_size_kb else "")
+            + (f", max latency {config.max_latency_ms} ms" if config.max_latency_ms else "")
+            + f"); the most accurate candidate ({describe(closest['params'])}) loses "
+            f"{100 * (base['accuracy'] - closest['accuracy']):.2f} points at {closest['size_bytes'] / 1024:.1f} KiB, "
+            f"{closest['latency_ms']:.3f} ms")
+    chosen = candidates[0]
+    reasons = explain(sens, base, chosen, points, config)
+    recipe = Recipe(name="auto", seed=config.seed, stages=[Stage.from_dict(s) for s in chosen["stages"]],
+                    evaluation=Evaluation(runtimes=["torch", "ort"], threads=config.threads, batch_sizes=[1, 64]),
+                    constraints=Constraints(max_accuracy_drop=config.max_accuracy_drop, max_size_kb=config.max_size_kb,
+                                            max_latency_ms=config.max_latency_ms, latency_runtime=config.runtime,
+                                            latency_batch_size=config.latency_batch_size))
+    write_text(out / "recipe.yaml", recipe.to_yaml())
+    console.print(f"[bold]advisor[/bold]: recommended {describe(chosen['params'])}; building it from the recipe")
+    result = compress(model, recipe, task, out / "recommended", resume=False, model_name=model_name)
+    final = result["stages"][-1]
+    save_path = out / "recommended" / "checkpoints" / f"stage-{len(recipe.stages):02d}.safetensors"
+
+    result["sections"]["recommendation"] = {"html": (
+        f"<div class=card><p><b>{html.escape(describe(chosen['params']))}</b></p><ul>"
+        + "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
+        + f"</ul><p>Recipe: <code>recipe.yaml</code>; deployable file: <code>{html.escape(str(final['artifact']))}</code>; "
+        f"reloadable model: <code>{html.escape(str(save_path))}</code>.</p></div>"), "reasons": reasons,
+        "params": chosen["params"]}
+    plots = [pareto_plot(base, points, front, chosen, "size_bytes", "bytes on disk (log)"),
+             pareto_plot(base, points, front, chosen, "latency_ms",
+                         f"latency ms, {config.runtime}, batch {config.latency_batch_size} (log)")]
+    result["sections"]["pareto front (validation split)"] = {
+        "html": "<div class=plots>" + "".join(f'<img alt="Pareto plot" src="{p}">' for p in plots) + "</div>"
+                + _trials_table(base, points, front, chosen),
+        "baseline": base, "trials": points, "front": [p["trial"] for p in front]}
+    maps = [heatmap(sens["sparsity"], "accuracy drop vs sparsity (one layer at a time)", "sparsity"),
+            heatmap(sens["rank"], "accuracy drop vs kept SVD energy", "energy kept"),
+            heatmap(sens["bits"], "accuracy drop vs weight bits (per-channel)", "bits")]
+    result["sections"]["per-layer sensitivity"] = {
+        "html": "<div class=plots>" + "".join(f'<img alt="sensitivity heatmap" src="{m}">' for m in maps) + "</div>",
+        "analysis": sens}
+    result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": time.perf_counter() - t0}
+    write_json(result, out / "result.json")
+    write_html(result, out / "report.html")
+    return result
