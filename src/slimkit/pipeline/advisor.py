@@ -57,10 +57,12 @@ class AutoConfig(Config):
     latency_batch_size: int = Field(64, ge=1)
     threads: int = Field(1, ge=1)
     trials: int = Field(14, ge=1)
-    student_epochs: int = Field(40, ge=1)
+    student_epochs: int = Field(60, ge=1)
     recovery_epochs: int = Field(10, ge=0)
     structured_targets: list[float] = Field(default_factory=lambda: [0.5, 0.35])
-    sparsities: list[float] = Field(default_factory=lambda: [0.8, 0.9])
+    sparsities: list[float] = Field(default_factory=lambda: [0.7, 0.9])
+    prune_epochs: int = Field(9, ge=0)
+    codebook_epochs: int = Field(2, ge=0)
     max_students: int = Field(3, ge=0)
     seed: int = 0
 
@@ -110,10 +112,12 @@ def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
     elif params["format"] == "pack":
         prune = None
         if params.get("sparsity", 0.0) > 0:
-            prune = {"sparsity": params["sparsity"], "scope": "global", "finetune_epochs": 3, "recovery": "distill",
-                     "seed": config.seed}
+            # iterative prune / fine-tune rounds: one-shot 90% with a short fine-tune cost several points
+            prune = {"sparsity": params["sparsity"], "scope": "global", "schedule": "iterative", "steps": 3,
+                     "finetune_epochs": config.prune_epochs, "recovery": "distill", "seed": config.seed}
         stages.append(Stage(technique="pack", config={"quantization": "kmeans", "bits": 5, "conv_bits": 8,
-                                                      "codebook_epochs": 1, "prune": prune, "seed": config.seed}))
+                                                      "codebook_epochs": config.codebook_epochs, "prune": prune,
+                                                      "seed": config.seed}))
     return stages
 
 

@@ -1,0 +1,73 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from slimkit.errors import InfeasibleError
+from slimkit.pipeline.advisor import AutoConfig, advise, feasible, pareto_front, score
+from slimkit.pipeline.recipe import load_recipe
+
+TINY = dict(trials=3, student_epochs=2, recovery_epochs=1, max_students=1, structured_targets=[0.5], sparsities=[0.8],
+            prune_epochs=1, codebook_epochs=0, latency_batch_size=8)
+
+
+def test_pareto_front_and_feasibility():
+    base = {"accuracy": 0.98, "size_bytes": 1000.0, "latency_ms": 1.0}
+    a = {"accuracy": 0.979, "size_bytes": 100.0, "latency_ms": 0.5}
+    b = {"accuracy": 0.97, "size_bytes": 200.0, "latency_ms": 0.6}  # dominated by a
+    c = {"accuracy": 0.95, "size_bytes": 50.0, "latency_ms": 0.9}
+    assert pareto_front([base, a, b, c]) == [base, a, c]
+    cfg = AutoConfig(max_accuracy_drop=0.5)
+    assert feasible(a, base, cfg) and not feasible(b, base, cfg)
+    assert not feasible(a, base, AutoConfig(max_accuracy_drop=0.5, max_size_kb=0.05))
+    assert score(a, base) < score(b, base) < 0  # a is smaller and faster than b
+
+
+@pytest.fixture(scope="module")
+def advised(tmp_path_factory, trained_lenet5, digits_task):
+    out = tmp_path_factory.mktemp("auto")
+    return out, advise(trained_lenet5, digits_task, AutoConfig(max_accuracy_drop=100, **TINY), out)
+
+
+def test_advisor_recommends_and_builds_a_recipe(advised, digits_task):
+    out, result = advised
+    rec = result["sections"]["recommendation"]
+    assert rec["reasons"] and any("sparsity" in r for r in rec["reasons"])
+    recipe = load_recipe(out / "recipe.yaml")  # the recommendation is a runnable recipe
+    assert [s.technique for s in recipe.stages] == [s["technique"] for s in result["recipe"]["stages"]]
+    pareto = result["sections"]["pareto front (validation split)"]
+    assert len(pareto["trials"]) >= 1 and pareto["front"]
+    sens = result["sections"]["per-layer sensitivity"]["analysis"]
+    assert set(sens) == {"sparsity", "rank", "bits", "bits_per_tensor"}
+    assert set(sens["bits"]["curves"]) == {"features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"}
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6  # stage plots, 2 Pareto plots, 3 heatmaps
+    assert json.loads((out / "result.json").read_text())["sections"]["recommendation"]["params"] == rec["params"]
+
+
+def test_advisor_infeasible_budget_is_a_typed_error(tmp_path, trained_lenet5, digits_task):
+    cfg = AutoConfig(max_accuracy_drop=0.5, max_size_kb=0.01, **{**TINY, "trials": 1})
+    with pytest.raises(InfeasibleError, match="no recipe met the constraints.*max size 0.01 KiB"):
+        advise(trained_lenet5, digits_task, cfg, tmp_path)
+
+
+def test_report_renders_in_headless_chromium(advised, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    out, _ = advised
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1280,2400", f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000, proc.stderr[-2000:]
+    console_errors = [line for line in proc.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert console_errors == []
+    from PIL import Image
+
+    with Image.open(shot) as img:  # a rendered page, not a blank one
+        assert len(img.convert("L").getcolors(maxcolors=1 << 16) or [1] * 1000) > 50
