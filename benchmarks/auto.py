@@ -1,0 +1,93 @@
+"""Advisor and preset recipes on digits (issue: recipes, pipeline, advisor).
+
+    python benchmarks/auto.py --out benchmarks/results/auto.json [--trials 14] [--presets int8,max-compression,...]
+
+1. `slimkit auto` on LeNet-5 trained on digits with a 0.5-point accuracy budget: is the recommended
+   model >= 10x smaller on disk and >= 2x faster in ONNX Runtime (batch 64, 1 thread) than fp32, within
+   the budget on the test split, in under 15 minutes?
+2. Every preset in recipes/ on the digits zoo model it targets: accuracy, bytes, latency per stage.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import check, environment, print_table, write_result  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.core.trainer import TrainConfig, fit  # noqa: E402
+from slimkit.pipeline.advisor import AutoConfig, advise, describe  # noqa: E402
+from slimkit.pipeline.demo import DEMO_TRAIN  # noqa: E402
+
+PRESETS = {"int8": "vgg_small", "max-compression": "lenet5", "mobile-speed": "vgg_small",
+           "transformer-dynamic-int8": "lenet300_100"}
+
+
+def latency(metrics: dict, runtime: str, batch: int) -> float | None:
+    return next((r["median_ms"] for r in metrics["latency"] if r["runtime"].startswith(runtime) and r["batch_size"] == batch), None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--trials", type=int, default=14)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
+    args = parser.parse_args()
+    task = sk.data.digits()
+    work = Path(tempfile.mkdtemp(prefix="slimkit-auto-bench-"))
+    rows, checks = [], []
+
+    def train(name):
+        return fit(sk.zoo.for_task(name, task), task, TrainConfig(epochs=args.epochs, **DEMO_TRAIN), progress=False).model
+
+    # 1. the advisor case
+    t0 = time.perf_counter()
+    lenet = train("lenet5")
+    result = advise(lenet, task, AutoConfig(max_accuracy_drop=0.5, trials=args.trials), work / "auto", model_name="zoo:lenet5")
+    minutes = (time.perf_counter() - t0) / 60
+    base, final = result["stages"][0]["metrics"], result["stages"][-1]["metrics"]
+    size_x = base["size_bytes"] / final["size_bytes"]
+    speed_x = latency(base, "onnxruntime", 64) / latency(final, "onnxruntime", 64)
+    drop = 100 * (base["accuracy"] - final["accuracy"])
+    rows.append({"case": "auto lenet5", "recipe": describe(result["sections"]["recommendation"]["params"]),
+                 "test_acc": 100 * final["accuracy"], "drop_pts": drop, "bytes": final["size_bytes"],
+                 "x_smaller": size_x, "ort_b64_x_faster": speed_x, "minutes": minutes})
+    for t in result["sections"]["pareto front (validation split)"]["trials"]:
+        b = result["sections"]["pareto front (validation split)"]["baseline"]
+        rows.append({"case": f"  trial {t['trial']}", "recipe": describe(t["params"]), "val_drop_pts": 100 * (b["accuracy"] - t["accuracy"]),
+                     "bytes": t["size_bytes"], "x_smaller": b["size_bytes"] / t["size_bytes"],
+                     "ort_b64_x_faster": b["latency_ms"] / t["latency_ms"]})
+    checks += [check("auto: >= 10x smaller on disk", size_x, ">= 10", size_x >= 10),
+               check("auto: >= 2x faster in ONNX Runtime (batch 64, 1 thread)", speed_x, ">= 2", speed_x >= 2),
+               check("auto: accuracy drop within 0.5 points (test)", drop, "<= 0.5", drop <= 0.5),
+               check("auto: under 15 minutes (incl. baseline training)", minutes, "< 15", minutes < 15)]
+
+    # 2. presets
+    models = {}
+    for preset in [p for p in args.presets.split(",") if p]:
+        name = PRESETS[preset]
+        models.setdefault(name, train(name))
+        t0 = time.perf_counter()
+        res = sk.compress(models[name], Path("recipes") / f"{preset}.yaml", task, work / preset, model_name=f"zoo:{name}")
+        b = res["stages"][0]["metrics"]
+        for s in res["stages"]:
+            m = s["metrics"]
+            rows.append({"case": f"preset {preset} ({name})", "recipe": s["name"], "test_acc": 100 * (m.get("accuracy") or 0),
+                         "drop_pts": 100 * (b["accuracy"] - m["accuracy"]), "bytes": m["size_bytes"],
+                         "x_smaller": b["size_bytes"] / m["size_bytes"],
+                         "ort_b64_x_faster": (latency(b, "onnxruntime", 64) or 0) / (latency(m, "onnxruntime", 64) or float("inf")),
+                         "minutes": (time.perf_counter() - t0) / 60})
+        checks.append(check(f"preset {preset} runs on {name}", len(res["stages"]) - 1, "all stages", not any(s.get("error") for s in res["stages"])))
+    print_table(rows, ["case", "recipe", "test_acc", "val_drop_pts", "drop_pts", "bytes", "x_smaller", "ort_b64_x_faster", "minutes"])
+    print_table(checks, title="checks")
+    write_result(args.out, "auto", environment(), rows, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
