@@ -84,7 +84,6 @@ def main() -> int:
                          "minutes": (time.perf_counter() - t0) / 60})
         checks.append(check(f"preset {preset} runs on {name}", len(res["stages"]) - 1, "all stages", not any(s.get("error") for s in res["stages"])))
     print_table(rows, ["case", "recipe", "test_acc", "val_drop_pts", "drop_pts", "bytes", "x_smaller", "ort_b64_x_faster", "minutes"])
-    print_table(checks, title="checks")
     write_result(args.out, "auto", environment(), rows, checks)
     return 0
 
