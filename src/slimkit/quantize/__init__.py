@@ -17,17 +17,6 @@ __all__ = ["quantize", "QuantConfig", "MixedPrecisionConfig", "QuantSpec", "expo
            "sqnr_db", "restore"]
 
 
-def _make_callable() -> None:
-    # `slimkit.quantize` is both this package and the verb: once the package is imported, Python binds
-    # the attribute `slimkit.quantize` to the module, so the module itself forwards calls to `quantize`.
-    import sys
-    import types
+from slimkit.core.verbs import make_callable  # noqa: E402
 
-    class _VerbModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return quantize(*args, **kwargs)
-
-    sys.modules[__name__].__class__ = _VerbModule
-
-
-_make_callable()
+make_callable(__name__, "quantize")  # `slimkit.quantize(model, config)` (see core/verbs.py)
