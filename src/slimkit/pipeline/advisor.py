@@ -174,6 +174,10 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 
 def feasible(point: dict, base: dict, config: AutoConfig) -> bool:
+    """Within the user's limits, and neither larger nor slower than the original: a "compressed"
+    model that runs slower is not a recommendation, whatever its size."""
+    if point["size_bytes"] >= base["size_bytes"] or point["latency_ms"] >= base["latency_ms"]:
+        return False
     if 100 * (base["accuracy"] - point["accuracy"]) > config.max_accuracy_drop + 1e-9:
         return False
     if config.max_size_kb is not None and point["size_bytes"] / 1024 > config.max_size_kb:
@@ -204,10 +208,11 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
     sparsities = [0.0] + list(config.sparsities)
     sampler = optuna.samplers.NSGAIISampler(seed=config.seed, population_size=max(4, config.trials // 3))
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
-    # Start from the points the sensitivity and the runtime facts make most promising: each student
-    # packed at the highest sparsity, the original network in int8 and packed.
+    # Start from the points most likely to be on the front: each network (original and students)
+    # packed at the highest sparsity and in int8, and the original pruned to the lowest MACs target.
     seeds = [{"student": s, "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]} for s in students]
-    seeds += [{"student": "none", "structured": 1.0, "format": "int8"},
+    seeds += [{"student": s, "structured": 1.0, "format": "int8"} for s in students]
+    seeds += [
               {"student": "none", "structured": structured[-1], "format": "pack", "sparsity": sparsities[-1]}]
     for params in seeds[: config.trials]:
         study.enqueue_trial(params)
