@@ -1,6 +1,6 @@
 """Advisor and preset recipes on digits (issue: recipes, pipeline, advisor).
 
-    python benchmarks/auto.py --out benchmarks/results/auto.json [--trials 14] [--presets int8,max-compression,...]
+    python benchmarks/auto.py --out benchmarks/results/auto.json [--trials 16] [--presets int8,max-compression,...]
 
 1. `slimkit auto` on LeNet-5 trained on digits with a 0.5-point accuracy budget: is the recommended
    model >= 10x smaller on disk and >= 2x faster in ONNX Runtime (batch 64, 1 thread) than fp32, within
@@ -34,7 +34,7 @@ def latency(metrics: dict, runtime: str, batch: int) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--trials", type=int, default=14)
+    parser.add_argument("--trials", type=int, default=AutoConfig().trials)
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
     args = parser.parse_args()

@@ -38,6 +38,12 @@ def test_advisor_recommends_and_builds_a_recipe(advised, digits_task):
     assert [s.technique for s in recipe.stages] == [s["technique"] for s in result["recipe"]["stages"]]
     pareto = result["sections"]["pareto front (validation split)"]
     assert len(pareto["trials"]) >= 1 and pareto["front"]
+    # students: every candidate is at most half the MACs, lower input resolutions included, one kept
+    screened = result["sections"]["student screening (validation split)"]["students"]
+    base_macs = pareto["baseline"]["metrics"]["macs"]
+    assert screened and all(0 < r["macs"] <= 0.5 * base_macs for r in screened)
+    assert any("@pool" in r["student"] for r in screened) and sum(r["kept"] for r in screened) == 1
+    assert any("candidate students" in r for r in rec["reasons"])
     sens = result["sections"]["per-layer sensitivity"]["analysis"]
     assert set(sens) == {"sparsity", "rank", "bits", "bits_per_tensor"}
     assert set(sens["bits"]["curves"]) == {"features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"}

@@ -279,3 +279,48 @@ def test_mixed_teacher_and_student_devices(blobs, blob_teacher):
             epochs=1, device=device, teacher_device=teacher_device, cache_teacher=True,
             features=[FeatureLink(student="0", teacher="0")]))
         assert next(out.parameters()).device.type == "cpu"  # returned where it came from
+
+
+# -- augmentation -------------------------------------------------------------------------------
+def test_random_shift_moves_each_image_by_at_most_the_limit():
+    from slimkit.distill.augment import random_shift
+
+    x = torch.randn(16, 2, 9, 9, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = random_shift(x, 1)
+    assert out.shape == x.shape
+    offsets = set()
+    for i in range(len(x)):  # every output is the input moved by one offset in [-1, 1]^2 (edges repeated)
+        padded = F.pad(x[i:i + 1], (1, 1, 1, 1), mode="replicate")[0]
+        match = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(padded[:, dy:dy + 9, dx:dx + 9], out[i])]
+        assert match, f"image {i} is not a shift of its input"
+        offsets.add(match[0])
+    assert len(offsets) > 1  # the offsets are per image, not one for the batch
+    torch.manual_seed(1)
+    assert torch.equal(random_shift(x, 1), out)  # reproducible under the trainer's seed
+    with pytest.raises(ConfigError, match="image batches"):
+        random_shift(torch.randn(4, 6), 1)
+
+
+def test_augment_validation(blobs, blob_teacher):
+    with pytest.raises(ConfigError, match="cache_teacher"):
+        DistillConfig(augment="shift", cache_teacher=True)
+    with pytest.raises(ConfigError, match="image inputs"):
+        distill(mlp(8), blob_teacher, task=blobs, config=DistillConfig(augment="shift", epochs=1))
+
+
+def test_augmented_training_differs_and_low_resolution_student_reloads(few_digits, trained_lenet5, tmp_path):
+    plain = finetune(trained_lenet5, few_digits, epochs=1, lr=1e-3)
+    shifted = finetune(trained_lenet5, few_digits, epochs=1, lr=1e-3, augment="shift")
+    assert not torch.equal(plain.features[0].weight, shifted.features[0].weight)  # the shifted images were used
+    cfg = DistillConfig(student="zoo:lenet300_100", width=0.25, student_kwargs={"input_pool": 2}, epochs=10,
+                        augment="shift", max_shift=1, lr=1e-2)
+    student = sk.apply(trained_lenet5, cfg, task=few_digits)
+    assert student[2].in_features == 14 * 14  # 28x28 averaged over 2x2 blocks
+    assert any("shifted by up to 1 px" in n for n in student.slimkit_notes)
+    from slimkit.core.trainer import accuracy
+
+    assert accuracy(student, few_digits, "val") > 0.5  # it learned from the shifted images
+    loaded = sk.load(sk.save(student, tmp_path / "student.safetensors"))
+    x = few_digits.example_input(4)
+    assert torch.allclose(loaded(x), student(x))

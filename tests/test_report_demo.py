@@ -24,9 +24,16 @@ def test_report_json_and_html(tmp_path):
 
 
 def test_demo_writes_report_and_json(tmp_path):
-    result = run_demo(tmp_path, epochs=2, only=["__none__"])
+    from slimkit.pipeline.advisor import AutoConfig
+
+    tiny = AutoConfig(max_accuracy_drop=100, trials=2, student_epochs=1, max_students=1, structured_targets=[0.5],
+                      sparsities=[0.8], prune_epochs=1, recovery_epochs=1, codebook_epochs=0, latency_batch_size=8)
+    result = run_demo(tmp_path, epochs=2, only=["__none__"], advisor_config=tiny)
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["stages"][0]["name"] == "baseline"
     assert data["stages"][0]["metrics"]["size_bytes"] == (tmp_path / "artifacts" / "baseline.safetensors").stat().st_size
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     assert result["stages"][0]["metrics"]["accuracy"] > 0.5
+    advisor = data["sections"]["advisor"]  # the advisor ran on the trained baseline and is linked
+    assert advisor["reasons"] and (tmp_path / "auto" / "report.html").is_file()
+    assert (tmp_path / "auto" / "recipe.yaml").is_file() and "auto/report.html" in (tmp_path / "report.html").read_text()

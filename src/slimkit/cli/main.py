@@ -149,11 +149,13 @@ def demo(
     out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="output folder"),
     epochs: int = typer.Option(30, help="epochs for the baseline LeNet-5"),
     only: Optional[list[str]] = typer.Option(None, help="run only these techniques"),
+    advisor: bool = typer.Option(True, "--advisor/--no-advisor", help="also run the advisor (slimkit auto)"),
 ) -> None:
-    """Train LeNet-5 on digits, run every registered technique, write report.html and result.json."""
+    """Train LeNet-5 on digits, run every registered technique and the advisor, write report.html and
+    result.json."""
     from slimkit.pipeline.demo import run_demo
 
-    result = run_demo(out, epochs=epochs, only=only)
+    result = run_demo(out, epochs=epochs, only=only, advisor=advisor)
     console.print(f"wrote {out / 'report.html'} and {out / 'result.json'} ({len(result['stages'])} stages)")
 
 

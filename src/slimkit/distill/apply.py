@@ -16,6 +16,7 @@ from slimkit.core.registry import Technique
 from slimkit.core.state import copy_model, get_state, record_stage
 from slimkit.core.task import Task
 from slimkit.core.trainer import TrainConfig, fit, resolve_device
+from slimkit.distill.augment import random_shift
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.losses import attention_loss, hint_loss, soft_target_loss
 from slimkit.distill.modules import (
@@ -90,6 +91,9 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
     `recover` (the recovery step of other techniques, which record their own stage).
     """
     _check_inputs(student, teacher, task, config)
+    if config.augment == "shift" and task.example_input(1).dim() != 4:
+        raise ConfigError(f"augment='shift' needs image inputs (channels, height, width); data set {task.name!r} "
+                          f"gives {tuple(task.example_input(1).shape[1:])}")
     device = resolve_device(config.device)
     teacher_device = resolve_device(config.teacher_device) if config.teacher_device else device
     student = copy_model(student)
@@ -113,6 +117,8 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
         temperature, alpha = config.temperature, config.alpha
 
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if config.augment == "shift":
+                x = random_shift(x, config.max_shift)
             logits = model(x)
             if not need_teacher:
                 return task.loss(logits, y)
@@ -162,8 +168,10 @@ def _finish(trained: nn.Module, teacher: nn.Module, config: DistillConfig, info:
     teacher_source = get_state(teacher).get("source")
     record_stage(trained, "distill", config, {"teacher": type(teacher).__name__, "teacher_source": teacher_source})
     notes = list(getattr(trained, "slimkit_notes", []) or [])
+    extras = [f"inputs shifted by up to {config.max_shift} px"] if config.augment == "shift" else []
+    extras += [f"{len(config.features)} feature links"] if config.features else []
     notes.append(f"distilled from {type(teacher).__name__} (T={config.temperature:g}, alpha={config.alpha:g}, "
-                 f"{config.epochs} epochs" + (f", {len(config.features)} feature links" if config.features else "") + ")")
+                 + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
     if config.cache_teacher:
         seen = info["cache_hits"] + info["cache_misses"]
         notes.append(f"teacher outputs cached: teacher ran {info['teacher_calls']} batches, "

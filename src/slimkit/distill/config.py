@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slimkit.core.config import Config
 
@@ -42,6 +42,9 @@ class DistillConfig(Config):
     features: FitNets hints / attention-transfer links (see `FeatureLink`).
     cache_teacher: keep the teacher's logits for inputs already seen (valid for fixed inputs, i.e.
         no random augmentation), so the teacher runs once per training example instead of every epoch.
+    augment: "shift" trains on copies of each image shifted by up to `max_shift` pixels, labelled
+        by the teacher: a larger transfer set, which is what lets a cheap student match its teacher
+        on small data. Image inputs only; incompatible with cache_teacher (every input is new).
     student: used when distillation runs as a *stage* (recipe, demo, CLI): None distills into a copy
         of the input model; "zoo:NAME" builds that zoo model for the task, scaled by `width` and
         `student_kwargs`. The verb `distill(student, teacher, ...)` takes the student model directly.
@@ -61,6 +64,8 @@ class DistillConfig(Config):
     teacher_device: str | None = None
     features: list[FeatureLink] = Field(default_factory=list)
     cache_teacher: bool = False
+    augment: Literal["none", "shift"] = "none"
+    max_shift: int = Field(2, ge=1, le=8)
     student: str | None = None
     width: float = Field(1.0, gt=0)
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -71,3 +76,10 @@ class DistillConfig(Config):
         if value is not None and not value.startswith("zoo:"):
             raise ValueError(f"student must be 'zoo:NAME' (or None for the input model), got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _cache_needs_fixed_inputs(self) -> "DistillConfig":
+        if self.augment != "none" and self.cache_teacher:
+            raise ValueError("cache_teacher needs fixed inputs; with augment the teacher sees new inputs every "
+                             "epoch, so set cache_teacher: false")
+        return self

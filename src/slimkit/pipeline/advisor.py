@@ -47,7 +47,11 @@ class AutoConfig(Config):
         test in the final report). max_size_kb / max_latency_ms: optional hard limits.
     runtime / latency_batch_size: where latency is measured for the search ("ort" or "torch").
     trials: recipes evaluated by the search. student_epochs / recovery_epochs: training budget of
-        distillation into a student and of recovery after structured pruning.
+        distillation into a student and of recovery after structured pruning. Students are trained
+        on images shifted by up to one pixel (`DistillConfig.augment`), which is what lets a cheap
+        student match its teacher on small data.
+    max_students: students kept for the search after screening (every candidate student is
+        distilled once; the cheapest ones within the accuracy budget go on).
     """
 
     max_accuracy_drop: float = Field(0.5, ge=0)
@@ -56,8 +60,8 @@ class AutoConfig(Config):
     runtime: Literal["ort", "torch"] = "ort"
     latency_batch_size: int = Field(64, ge=1)
     threads: int = Field(1, ge=1)
-    trials: int = Field(14, ge=1)
-    student_epochs: int = Field(60, ge=1)
+    trials: int = Field(16, ge=1)
+    student_epochs: int = Field(120, ge=1)
     recovery_epochs: int = Field(10, ge=0)
     structured_targets: list[float] = Field(default_factory=lambda: [0.5, 0.35])
     sparsities: list[float] = Field(default_factory=lambda: [0.7, 0.9])
@@ -68,40 +72,59 @@ class AutoConfig(Config):
 
 
 # -- candidate recipes --------------------------------------------------------------------------
-def student_candidates(model: nn.Module, task: Task, limit: int) -> list[tuple[str, float, int]]:
-    """Zoo students (name, width, MACs) at most half the model's MACs, cheapest first. Only for
-    image classifiers; a model of unknown architecture gets none."""
+def student_key(name: str, width: float, pool: int = 1) -> str:
+    """"lenet300_100@0.5" or, with a lower input resolution, "lenet300_100@0.5@pool2"."""
+    return f"{name}@{width:g}" + (f"@pool{pool}" if pool > 1 else "")
+
+
+def parse_student(key: str) -> tuple[str, float, int]:
+    name, width, *pool = key.split("@")
+    return name, float(width), int(pool[0][len("pool"):]) if pool else 1
+
+
+def student_candidates(model: nn.Module, task: Task) -> list[tuple[str, int]]:
+    """Zoo students (key, MACs) at most half the model's MACs, cheapest first: every image zoo model
+    at widths 0.25 / 0.5 / 1.0 and, where the model supports it, at half and quarter input
+    resolution. Only for image classifiers; a model of unknown architecture gets none."""
     from slimkit import zoo
     from slimkit.evaluate import count_macs
 
-    if task.num_classes is None or len(task.input_shape) != 3 or limit == 0:
+    if task.num_classes is None or len(task.input_shape) != 3:
         return []
     macs = count_macs(model, task.example_input(1))
     found = []
     for name, entry in zoo.ZOO.items():
         if entry.kind != "image" or entry.extra:
             continue
-        for width in (0.25, 0.5):
-            try:
-                student_macs = count_macs(zoo.for_task(name, task, width=width), task.example_input(1))
-            except Exception:  # a zoo net that does not fit this input shape is simply not a candidate
-                continue
-            if student_macs <= 0.5 * macs:
-                found.append((name, width, student_macs))
-    found.sort(key=lambda c: c[2])
-    # keep the cheapest and spread the rest, rather than several near-identical students
-    picked = found[:1] + found[2::2] if len(found) > limit else found
-    return picked[:limit]
+        for width in (0.25, 0.5, 1.0):
+            for pool in (1, 2, 4):
+                if task.input_shape[-1] // pool < 7:
+                    continue
+                try:
+                    kwargs = {"width": width, **({"input_pool": pool} if pool > 1 else {})}
+                    student_macs = count_macs(zoo.for_task(name, task, **kwargs), task.example_input(1))
+                except Exception:  # a zoo net that does not fit this input (or has no input_pool) is not a candidate
+                    continue
+                if student_macs <= 0.5 * macs:
+                    found.append((student_key(name, width, pool), student_macs))
+    found.sort(key=lambda c: c[1])
+    return found
+
+
+def describe_student(key: str) -> str:
+    name, width, pool = parse_student(key)
+    return f"{name} at width {width:g}" + (f" on {pool}x{pool}-averaged input" if pool > 1 else "")
 
 
 def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
     """The recipe stages of one point of the search space."""
     stages = []
     if params["student"] != "none":
-        name, width = params["student"].rsplit("@", 1)
+        name, width, pool = parse_student(params["student"])
         stages.append(Stage(technique="distill", config={
-            "student": f"zoo:{name}", "width": float(width), "epochs": config.student_epochs, "lr": 2e-3,
-            "cache_teacher": True, "seed": config.seed}))
+            "student": f"zoo:{name}", "width": width, "epochs": config.student_epochs, "lr": 2e-3,
+            "augment": "shift", "max_shift": 1, "seed": config.seed,
+            **({"student_kwargs": {"input_pool": pool}} if pool > 1 else {})}))
     if params["structured"] < 1.0:
         stages.append(Stage(technique="prune_structured", config={
             "target_macs": params["structured"], "finetune_epochs": config.recovery_epochs, "lr": 2e-3,
@@ -192,8 +215,9 @@ def score(point: dict, base: dict) -> float:
     return math.log(point["size_bytes"] / base["size_bytes"]) + math.log(point["latency_ms"] / base["latency_ms"])
 
 
-def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tuple[dict, list[dict]]:
-    """Run the multi-objective search; returns (baseline point, trial points)."""
+def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tuple[dict, list[dict], list[dict]]:
+    """Screen students, then run the multi-objective search; returns (baseline point, trial points,
+    student screening rows)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -203,16 +227,18 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
     base = {"trial": 0, "params": {"student": "none", "structured": 1.0, "format": "fp32"}, "accuracy": acc,
             "size_bytes": size, "latency_ms": lat, "stages": [], "metrics": base_metrics.to_dict()}
 
-    students = ["none"] + [f"{n}@{w}" for n, w, _ in student_candidates(model, task, config.max_students)]
+    kept, screening = screen_students(runner, base, config)
+    students = ["none"] + kept
     structured = [1.0] + list(config.structured_targets)
     sparsities = [0.0] + list(config.sparsities)
     sampler = optuna.samplers.NSGAIISampler(seed=config.seed, population_size=max(4, config.trials // 3))
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
-    # Start from the points most likely to be on the front: each network (original and students)
-    # packed at the highest sparsity and in int8, and the original pruned to the lowest MACs target.
-    seeds = [{"student": s, "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]} for s in students]
-    seeds += [{"student": s, "structured": 1.0, "format": "int8"} for s in students]
-    seeds += [
+    # Start from the points most likely to be on the front: each student in int8 and packed at the
+    # lowest sparsity (a student is already small), the original packed at the highest sparsity and
+    # pruned to the lowest MACs target.
+    seeds = [p for s in kept for p in ({"student": s, "structured": 1.0, "format": "int8"},
+                                         {"student": s, "structured": 1.0, "format": "pack", "sparsity": sparsities[1 if len(sparsities) > 1 else 0]})]
+    seeds += [{"student": "none", "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]},
               {"student": "none", "structured": structured[-1], "format": "pack", "sparsity": sparsities[-1]}]
     for params in seeds[: config.trials]:
         study.enqueue_trial(params)
@@ -243,7 +269,31 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
                 points.append(point)
             study.tell(trial, [point["accuracy"], point["size_bytes"], point["latency_ms"]])
             advance(1, acc=point["accuracy"], kb=point["size_bytes"] / 1024)
-    return base, points
+    return base, points, screening
+
+
+def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[list[str], list[dict]]:
+    """Distill every candidate student once (the trained students are shared with the trials) and
+    keep up to `max_students`: the cheapest within the accuracy budget on validation data, topped up
+    with the most accurate of the others. Returns (kept keys, one row per candidate)."""
+    from slimkit.core.progress import progress_bar
+    from slimkit.core.trainer import accuracy
+
+    candidates = student_candidates(runner.model, runner.task) if config.max_students else []
+    rows = []
+    with progress_bar("advisor: screening students", len(candidates)) as advance:
+        for key, macs in candidates:
+            student = runner._prefix_model(build_stages({"student": key, "structured": 1.0, "format": "fp32"}, config))
+            acc = accuracy(student, runner.task, "val")
+            rows.append({"student": key, "macs": macs, "params": sum(p.numel() for p in student.parameters()),
+                         "accuracy": acc})
+            advance(1, acc=acc)
+    within = [r for r in rows if 100 * (base["accuracy"] - r["accuracy"]) <= config.max_accuracy_drop + 1e-9]
+    others = sorted((r for r in rows if r not in within), key=lambda r: -r["accuracy"])
+    kept = (within + others)[: config.max_students]
+    for r in rows:
+        r["kept"] = r in kept
+    return [r["student"] for r in kept], rows
 
 
 # -- explanation --------------------------------------------------------------------------------
@@ -254,9 +304,22 @@ def _drop_at(analysis: dict, layer: str, value) -> float:
     return float("nan")
 
 
-def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict], config: AutoConfig) -> list[str]:
+def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict], config: AutoConfig,
+            screening: list[dict] = ()) -> list[str]:
     """Plain-language reasons, every number taken from the measurements."""
     lines = []
+    if screening:
+        base_macs = base["metrics"].get("macs") or 0
+        within = [r for r in screening if 100 * (base["accuracy"] - r["accuracy"]) <= config.max_accuracy_drop + 1e-9]
+        line = (f"{len(screening)} smaller zoo networks were distilled from the model as candidate students "
+                f"({config.student_epochs} epochs on shifted copies of the training images); {len(within)} stay within "
+                f"{config.max_accuracy_drop} points on validation data")
+        if within:
+            best = within[0]
+            share = f", {100 * best['macs'] / base_macs:.0f}% of the original's MACs" if base_macs else ""
+            line += (f"; the cheapest of them, {describe_student(best['student'])} ({best['params']:,} parameters{share}), "
+                     f"is {100 * (best['accuracy'] - base['accuracy']):+.2f} points")
+        lines.append(line + ".")
     sp = sens["sparsity"]
     grid = [v for v, _ in next(iter(sp["curves"].values()))]
     high = 0.9 if 0.9 in grid else grid[-1]
@@ -312,8 +375,7 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
 def describe(params: dict) -> str:
     parts = []
     if params["student"] != "none":
-        name, width = params["student"].rsplit("@", 1)
-        parts.append(f"distill into {name} at width {width}")
+        parts.append(f"distill into {describe_student(params['student'])}")
     if params["structured"] < 1.0:
         parts.append(f"remove channels down to {int(100 * params['structured'])}% of the MACs")
     if params["format"] == "int8":
@@ -363,6 +425,18 @@ def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dic
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _screening_table(base: dict, rows: list[dict]) -> str:
+    import html
+
+    out = ["<table><tr><th class=l>student</th><th>parameters</th><th>MACs</th><th>val accuracy</th>"
+           "<th>&Delta; pts</th><th>kept for the search</th></tr>"]
+    for r in rows:
+        out.append(f"<tr><td class=l>{html.escape(describe_student(r['student']))}</td><td>{r['params']:,}</td>"
+                   f"<td>{r['macs']:,}</td><td>{100 * r['accuracy']:.2f}%</td>"
+                   f"<td>{100 * (r['accuracy'] - base['accuracy']):+.2f}</td><td>{'yes' if r['kept'] else ''}</td></tr>")
+    return "".join(out) + "</table>"
+
+
 # -- entry point --------------------------------------------------------------------------------
 def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: str | Path = "slimkit-auto", *,
            model_name: str | None = None) -> dict[str, Any]:
@@ -379,7 +453,7 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     console.print("[bold]advisor[/bold]: per-layer sensitivity (sparsity, rank, bit width)")
     sens = analyse(model, task)
     console.print(f"[bold]advisor[/bold]: searching {config.trials} recipes")
-    base, points = search(model, task, config, work)
+    base, points, screening = search(model, task, config, work)
     front = pareto_front(points + [base])
     candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
     if not candidates:
@@ -392,7 +466,7 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
             f"{100 * (base['accuracy'] - closest['accuracy']):.2f} points at {closest['size_bytes'] / 1024:.1f} KiB, "
             f"{closest['latency_ms']:.3f} ms")
     chosen = candidates[0]
-    reasons = explain(sens, base, chosen, points, config)
+    reasons = explain(sens, base, chosen, points, config, screening)
     recipe = Recipe(name="auto", seed=config.seed, stages=[Stage.from_dict(s) for s in chosen["stages"]],
                     evaluation=Evaluation(runtimes=["torch", "ort"], threads=config.threads, batch_sizes=[1, 64]),
                     constraints=Constraints(max_accuracy_drop=config.max_accuracy_drop, max_size_kb=config.max_size_kb,
@@ -417,6 +491,9 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
         "html": "<div class=plots>" + "".join(f'<img alt="Pareto plot" src="{p}">' for p in plots) + "</div>"
                 + _trials_table(base, points, front, chosen),
         "baseline": base, "trials": points, "front": [p["trial"] for p in front]}
+    if screening:
+        result["sections"]["student screening (validation split)"] = {
+            "html": _screening_table(base, screening), "students": screening}
     maps = [heatmap(sens["sparsity"], "accuracy drop vs sparsity (one layer at a time)", "sparsity"),
             heatmap(sens["rank"], "accuracy drop vs kept SVD energy", "energy kept"),
             heatmap(sens["bits"], "accuracy drop vs weight bits (per-channel)", "bits")]

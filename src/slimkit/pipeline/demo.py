@@ -1,5 +1,6 @@
 """`slimkit demo`: train LeNet-5 on digits, run every registered technique's demo config on it,
-and write `report.html` and `result.json`."""
+then the advisor (`slimkit auto` with a 0.5-point budget), and write `report.html` and `result.json`
+(the advisor's own report and recommended model go to `auto/`)."""
 from __future__ import annotations
 
 import time
@@ -19,7 +20,9 @@ from slimkit.report import new_result, stage_entry, write_html, write_json
 DEMO_TRAIN = dict(lr=2e-3, optimizer="adam", seed=0)
 
 
-def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[str] | None = None) -> dict[str, Any]:
+def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[str] | None = None,
+             advisor: bool = True, advisor_config=None) -> dict[str, Any]:
+    """advisor_config: an `AutoConfig` for the advisor run (default: a 0.5-point budget)."""
     out = Path(out)
     artifacts = out / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -59,6 +62,34 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
                                 config=config.to_dict(), error=f"{type(err).__name__}: {err}")
             console.print(f"  [red]crashed[/red]: {err}\n{traceback.format_exc()}")
         result["stages"].append(entry)
+    if advisor:
+        result["sections"]["advisor"] = _advisor_section(trained, task, out, advisor_config)
     write_json(result, out / "result.json")
     write_html(result, out / "report.html")
     return result
+
+
+def _advisor_section(trained, task, out: Path, config=None) -> dict[str, Any]:
+    """Run the advisor on the trained baseline; its report is linked from the demo's report."""
+    import html
+
+    from slimkit.pipeline.advisor import AutoConfig, advise
+
+    config = config or AutoConfig(max_accuracy_drop=0.5)
+    console.print(f"[bold]advisor[/bold] (slimkit auto, max accuracy drop {config.max_accuracy_drop} points) ...")
+    try:
+        res = advise(trained, task, config, out / "auto", model_name="zoo:lenet5")
+    except SlimkitError as err:
+        console.print(f"  [red]no recommendation[/red]: {err}")
+        return {"html": f"<div class=card><p>The advisor found no recipe: {html.escape(str(err))}</p></div>",
+                "error": str(err)}
+    rec = res["sections"]["recommendation"]
+    first, last = res["stages"][0]["metrics"], res["stages"][-1]["metrics"]
+    summary = (f"{first['size_bytes'] / last['size_bytes']:.1f}x smaller on disk, test accuracy "
+               f"{100 * (last['accuracy'] - first['accuracy']):+.2f} points")
+    console.print(f"  recommended: {rec['reasons'][-1] if rec['reasons'] else ''}")
+    return {"html": "<div class=card><p><b>Advisor recommendation</b> (" + html.escape(summary) + "): "
+                    "full report in <a href=\"auto/report.html\">auto/report.html</a>, recipe in "
+                    "<code>auto/recipe.yaml</code>.</p><ul>"
+                    + "".join(f"<li>{html.escape(r)}</li>" for r in rec["reasons"]) + "</ul></div>",
+            "params": rec["params"], "reasons": rec["reasons"], "summary": summary}

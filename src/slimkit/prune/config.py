@@ -43,6 +43,7 @@ class PruneConfig(Config):
         sparsity rising geometrically) or "gradual" (polynomial AGP ramp during fine-tuning).
     recovery: "finetune" (task loss), "distill" (soft targets from the unpruned model) or "none".
     finetune_epochs / lr: fine-tuning budget (all rounds together).
+    augment: "shift" recovers on images shifted by up to 2 pixels (see DistillConfig.augment).
     """
 
     technique: ClassVar[str] = "prune"
@@ -57,6 +58,7 @@ class PruneConfig(Config):
     recovery: Literal["finetune", "distill", "none"] = "finetune"
     finetune_epochs: int = Field(5, ge=0)
     lr: float = Field(1e-3, gt=0)
+    augment: Literal["none", "shift"] = "none"
     taylor_batches: int = Field(8, ge=1)
     sensitivity_grid: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     selector: Selector = Field(default_factory=Selector)
@@ -100,7 +102,7 @@ class StructuredPruneConfig(Config):
         "taylor" (first-order |w x grad| over `taylor_batches` batches).
     selector: layers never pruned (exclude patterns); the classifier layer is always kept.
     round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly shapes).
-    recovery / finetune_epochs / lr: as in PruneConfig.
+    recovery / finetune_epochs / lr / augment: as in PruneConfig.
     """
 
     technique: ClassVar[str] = "prune_structured"
@@ -114,6 +116,7 @@ class StructuredPruneConfig(Config):
     recovery: Literal["finetune", "distill", "none"] = "distill"
     finetune_epochs: int = Field(5, ge=0)
     lr: float = Field(1e-3, gt=0)
+    augment: Literal["none", "shift"] = "none"
     taylor_batches: int = Field(8, ge=1)
     selector: Selector = Field(default_factory=Selector)
     seed: int = 0

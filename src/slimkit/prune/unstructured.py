@@ -47,9 +47,9 @@ def _recover(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConf
         return model
     if config.recovery == "distill":
         return recover(model, teacher, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                       description=description)
+                       description=description, augment=config.augment)
     return finetune(model, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                    description=description)
+                    description=description, augment=config.augment)
 
 
 class _Planner:

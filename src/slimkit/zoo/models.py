@@ -76,12 +76,20 @@ def _ch(c: int, width: float) -> int:
 
 
 @zoo_model("lenet300_100", "LeNet-300-100: MLP with 300 and 100 hidden units (LeCun et al. 1998)")
-def lenet300_100(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, width: float = 1.0) -> nn.Module:
-    """LeNet-300-100 (266 k parameters at 28x28)."""
+def lenet300_100(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, width: float = 1.0,
+                 input_pool: int = 1) -> nn.Module:
+    """LeNet-300-100 (266 k parameters at 28x28). `input_pool` > 1 first averages the image over
+    input_pool x input_pool blocks (a lower input resolution, as in EfficientNet's resolution
+    scaling): the first layer shrinks by input_pool squared."""
+    if input_pool < 1 or input_size // input_pool < 1:
+        raise ModelError(f"lenet300_100: input_pool must be in [1, input_size={input_size}], got {input_pool}")
+    side = input_size // input_pool
     h1, h2 = _ch(300, width), _ch(100, width)
+    layers = [nn.AvgPool2d(input_pool)] if input_pool > 1 else []
     return nn.Sequential(
+        *layers,
         nn.Flatten(),
-        nn.Linear(in_channels * input_size * input_size, h1), nn.ReLU(),
+        nn.Linear(in_channels * side * side, h1), nn.ReLU(),
         nn.Linear(h1, h2), nn.ReLU(),
         nn.Linear(h2, num_classes),
     )
