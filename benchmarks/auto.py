@@ -43,7 +43,7 @@ def main() -> int:
     rows, checks = [], []
 
     def train(name):
-        return fit(sk.zoo.for_task(name, task), task, TrainConfig(epochs=args.epochs, **DEMO_TRAIN), progress=False).model
+        return fit(sk.zoo.for_task(name, task, seed=0), task, TrainConfig(epochs=args.epochs, **DEMO_TRAIN), progress=False).model
 
     # 1. the advisor case
     t0 = time.perf_counter()

@@ -18,6 +18,11 @@ pruned (channels / neurons removed for real with torch-pruning's MagnitudePruner
 structured pruning belongs to the pruning issue), then recovered for the same epochs with plain
 fine-tuning or with KD from the unpruned model, over 5 seeds (T, alpha chosen on validation).
 Check per network: mean test accuracy after KD >= after plain fine-tuning.
+
+Part 4, shifted inputs (`DistillConfig.augment="shift"`): LeNet-5 trained on 28x28 digits teaches
+the advisor's students (LeNet-300-100 at width 0.5, at full and at half input resolution) for 120
+epochs, over 3 seeds, four ways: hard labels, hard labels on shifted images, KD, KD on shifted
+images (shifts of up to 1 pixel). Check: mean test errors of KD on shifted images <= of plain KD.
 """
 from __future__ import annotations
 
@@ -220,6 +225,30 @@ def recovery(args, ctx: dict | None, rows: list[dict]) -> dict[str, list[dict]]:
     return parts
 
 
+def augment(args, rows: list[dict]) -> list[dict]:
+    task = data.digits()
+    teacher = fit(zoo.for_task("lenet5", task, seed=0), task, TrainConfig(epochs=30, lr=2e-3, seed=0), progress=False).model
+    teacher_errors = test_errors(teacher, task)
+    part = []
+    for pool in (1, 2):
+        for seed in range(args.augment_seeds):
+            torch.manual_seed(seed)
+            student = zoo.for_task("lenet300_100", task, width=0.5, input_pool=pool)
+            row = {"part": "augment", "student": "lenet300_100 w0.5" + (f" pool{pool}" if pool > 1 else ""),
+                   "seed": seed, "teacher_errors": teacher_errors}
+            for how in ("none", "shift"):
+                hard = finetune(student, task, epochs=args.augment_epochs, lr=2e-3, seed=seed, augment=how, max_shift=1)
+                kd = distill(student, teacher, task=task, config=DistillConfig(
+                    epochs=args.augment_epochs, lr=2e-3, seed=seed, augment=how, max_shift=1))
+                suffix = "" if how == "none" else "_shift"
+                row[f"hard{suffix}_errors"], row[f"kd{suffix}_errors"] = test_errors(hard, task), test_errors(kd, task)
+            part.append(row)
+            rows.append(row)
+    print_table(part, ["student", "seed", "teacher_errors", "hard_errors", "hard_shift_errors", "kd_errors",
+                       "kd_shift_errors"], title=f"shifted inputs (test errors of {len(task.test)})")
+    return part
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -242,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-temperature", type=float, default=4.0)
     p.add_argument("--recovery-alpha", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", nargs="*", default=[], choices=["hinton", "cache", "recovery"])
+    p.add_argument("--augment-seeds", type=int, default=3)
+    p.add_argument("--augment-epochs", type=int, default=120)
+    p.add_argument("--skip", nargs="*", default=[], choices=["hinton", "cache", "recovery", "augment"])
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.teacher_epochs, args.epochs, args.lenet_epochs, args.recovery_epochs = 2, 2, 15, 5, 3
@@ -285,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(check(f"recovery_{name}_kd_minus_finetune_accuracy", round(kd - ft, 4),
                                 f">= 0 (mean test accuracy over {len(part)} seeds: KD {kd:.4f}, fine-tune {ft:.4f}; "
                                 f"pruned {part[0]['pruned_accuracy']:.4f})", kd >= ft))
+    if "augment" not in args.skip:
+        part = augment(args, rows)
+        for student in dict.fromkeys(r["student"] for r in part):
+            sel = [r for r in part if r["student"] == student]
+            kd, kd_shift = (statistics.mean(r[k] for r in sel) for k in ("kd_errors", "kd_shift_errors"))
+            hard, hard_shift = (statistics.mean(r[k] for r in sel) for k in ("hard_errors", "hard_shift_errors"))
+            checks.append(check(f"augment_{student.replace(' ', '_')}_kd_shift_minus_kd_errors", round(kd_shift - kd, 3),
+                                f"<= 0 (mean test errors over {len(sel)} seeds: KD+shift {kd_shift:g}, KD {kd:g}, "
+                                f"hard+shift {hard_shift:g}, hard {hard:g}, teacher {sel[0]['teacher_errors']})",
+                                kd_shift <= kd))
     env["seconds"] = round(time.perf_counter() - t0, 1)
     env["complete"] = True
     write_result(args.out, "distill", env, rows, checks)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print("LeNet-300-100 on digits", flush=True)
         for tag, wd in () if "mlp" not in args.parts else (("", 0.0), (" (L2 wd)", args.mlp_weight_decay)):
             base_name = f"lenet300_100{tag}"
-            mlp = fit(sk.zoo.for_task("lenet300_100", task), task,
+            mlp = fit(sk.zoo.for_task("lenet300_100", task, seed=0), task,
                       TrainConfig(epochs=args.mlp_epochs, lr=1e-3, weight_decay=wd), description=f"train {base_name}").model
             rows.append(measure(base_name, mlp, task, work, latency=False, runs=args.runs, technique="baseline",
                                 weight_decay=wd))
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # -- VGG-small: Tucker-2 and depthwise-separable ---------------------------------------------------------
         if "cnn" in args.parts:
             print("VGG-small on digits", flush=True)
-            vgg = fit(sk.zoo.for_task("vgg_small", task), task, TrainConfig(epochs=args.cnn_epochs, lr=2e-3),
+            vgg = fit(sk.zoo.for_task("vgg_small", task, seed=0), task, TrainConfig(epochs=args.cnn_epochs, lr=2e-3),
                       description="train vgg_small").model
             rows.append(measure("vgg_small", vgg, task, work, latency=True, runs=args.runs, technique="baseline"))
             # data_aware: each factorized layer's last 1x1 is refit by least squares on calibration activations

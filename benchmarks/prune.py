@@ -43,7 +43,7 @@ def train_baseline(name: str, task, epochs: int, out_dir: Path, lr: float = 2e-3
     path = out_dir / f"baseline_{name}_{epochs}ep.safetensors"
     if path.is_file():
         return sk.load(path)
-    model = sk.zoo.for_task(name, task)
+    model = sk.zoo.for_task(name, task, seed=0)
     model = fit(model, task, TrainConfig(epochs=epochs, lr=lr, seed=0), description=f"baseline {name}").model
     sk.save(model, path)
     return model

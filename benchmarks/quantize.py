@@ -65,7 +65,7 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
     y_test = torch.stack([task.test[i][1] for i in range(len(task.test))])
     calib = torch.cat(list(task.calibration_batches(max_samples=512))).numpy()
     for name in ("vgg_small", "lenet5"):
-        model = fit(sk.zoo.for_task(name, task), task, TrainConfig(epochs=epochs, lr=2e-3), description=name).model
+        model = fit(sk.zoo.for_task(name, task, seed=0), task, TrainConfig(epochs=epochs, lr=2e-3), description=name).model
         q = sk.quantize(model, QuantConfig(weights="int8", activations="uint8", calibration="percentile"), task=task)
         fp32 = export_onnx(model, tmp / f"{name}_fp32.onnx", task.example_input(1))
         qpath = export_quantized(q, tmp / f"{name}_int8.onnx", task.example_input(1))
@@ -105,7 +105,7 @@ def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
     from slimkit.core.trainer import TrainConfig, accuracy, fit
 
     task = sk.data.digits()
-    model = fit(sk.zoo.for_task("lenet5", task), task, TrainConfig(epochs=epochs, lr=2e-3), description="lenet5").model
+    model = fit(sk.zoo.for_task("lenet5", task, seed=0), task, TrainConfig(epochs=epochs, lr=2e-3), description="lenet5").model
     base = accuracy(model, task, "test")
     common = dict(weights="int4", activations="uint8", weight_calibration="mse", calibration="percentile",
                   calibration_samples=256)

@@ -21,7 +21,7 @@ def trained_lenet5(digits_task):
     from slimkit import zoo
     from slimkit.core.trainer import TrainConfig, fit
 
-    return fit(zoo.for_task("lenet5", digits_task), digits_task, TrainConfig(epochs=8, lr=2e-3), progress=False).model
+    return fit(zoo.for_task("lenet5", digits_task, seed=0), digits_task, TrainConfig(epochs=8, lr=2e-3), progress=False).model
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +30,4 @@ def trained_mlp(digits_task):
     from slimkit import zoo
     from slimkit.core.trainer import TrainConfig, fit
 
-    return fit(zoo.for_task("lenet300_100", digits_task), digits_task, TrainConfig(epochs=8, lr=1e-3), progress=False).model
+    return fit(zoo.for_task("lenet300_100", digits_task, seed=0), digits_task, TrainConfig(epochs=8, lr=1e-3), progress=False).model

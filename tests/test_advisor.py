@@ -54,8 +54,12 @@ def test_advisor_recommends_and_builds_a_recipe(advised, digits_task):
 
 def test_advisor_infeasible_budget_is_a_typed_error(tmp_path, trained_lenet5, digits_task):
     cfg = AutoConfig(max_accuracy_drop=0.5, max_size_kb=0.01, **{**TINY, "trials": 1})
-    with pytest.raises(InfeasibleError, match="no recipe met the constraints.*max size 0.01 KiB"):
+    with pytest.raises(InfeasibleError, match="no recipe met the constraints.*max size 0.01 KiB.*report.html"):
         advise(trained_lenet5, digits_task, cfg, tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())  # what was measured is still reported
+    assert result["sections"]["pareto front (validation split)"]["trials"]
+    assert result["sections"]["advisor"]["recommendation"] is None and (tmp_path / "report.html").is_file()
+    assert not (tmp_path / "recipe.yaml").exists()
 
 
 def test_report_renders_in_headless_chromium(advised, tmp_path):

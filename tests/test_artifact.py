@@ -130,3 +130,18 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_unknown_zoo_name():
     with pytest.raises(ModelError, match="unknown zoo model 'lenet6'"):
         zoo.build("lenet6")
+
+
+def test_seeded_zoo_build_is_reproducible_and_leaves_the_global_rng_alone():
+    import torch
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = zoo.build("lenet5", seed=7)
+    b = zoo.build("lenet5", seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # building with a seed did not consume the global RNG
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = zoo.build("lenet5", seed=8)
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+    assert "seed" not in str(slimkit.core.state.get_state(a).get("source"))  # not part of the architecture

@@ -25,15 +25,16 @@ def load_task(ref: str) -> Task:
     return resolve(ref)
 
 
-def load_model(ref: str, *, weights: str | None = None, task: Task | None = None) -> nn.Module:
+def load_model(ref: str, *, weights: str | None = None, task: Task | None = None, seed: int | None = None) -> nn.Module:
     """A model reference: `zoo:NAME`, a saved slimkit artifact (file path), or
-    `package.module:factory` together with `weights` (a safetensors file)."""
+    `package.module:factory` together with `weights` (a safetensors file). `seed` fixes a zoo
+    model's random initialization."""
     from slimkit import zoo
     from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
 
     if ref.startswith("zoo:"):
         name = ref[4:]
-        model = zoo.for_task(name, task) if task is not None and name in zoo.ZOO else zoo.build(name)
+        model = zoo.for_task(name, task, seed=seed) if task is not None and name in zoo.ZOO else zoo.build(name, seed=seed)
         if weights:
             load_weights(model, read_tensors(weights), origin=weights)
         return model

@@ -48,7 +48,7 @@ def train(
     else:
         cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
     task = load_task(data)
-    net = load_model(model, weights=weights, task=task)
+    net = load_model(model, weights=weights, task=task, seed=cfg.seed)
     result = fit(net, task, cfg)
     acc = topk_accuracy(*predict(result.model, task, "test"))["top1"]
     save(result.model, out)

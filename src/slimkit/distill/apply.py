@@ -192,7 +192,7 @@ def build_student(model: nn.Module, config: DistillConfig, task: Task) -> nn.Mod
     kwargs = dict(config.student_kwargs)
     if config.width != 1.0:
         kwargs.setdefault("width", config.width)
-    return zoo.for_task(config.student[len("zoo:"):], task, **kwargs)
+    return zoo.for_task(config.student[len("zoo:"):], task, seed=config.seed, **kwargs)
 
 
 def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,

@@ -21,7 +21,7 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
             on_step: StepHook | None = None, description: str = "recover (KD)", on_epoch: StepHook | None = None,
             teacher_device: str | None = None, cache_teacher: bool = False, features: list | None = None,
             optimizer: str = "adam", weight_decay: float = 0.0, batch_size: int | None = None,
-            augment: str = "none") -> nn.Module:
+            augment: str = "none", max_shift: int = 2) -> nn.Module:
     """Fine-tune `student` with soft targets from the frozen `teacher`; returns a new model.
 
     Neither model is modified (the teacher runs from its own eval-mode copy). `on_step(model, step)`
@@ -35,7 +35,7 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
     config = DistillConfig(epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, seed=seed, device=device,
                            teacher_device=teacher_device, cache_teacher=cache_teacher and augment == "none",
                            features=list(features or []), optimizer=optimizer, weight_decay=weight_decay,
-                           batch_size=batch_size, augment=augment)
+                           batch_size=batch_size, augment=augment, max_shift=max_shift)
     model, _ = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
                              description=description)
     return model
@@ -44,9 +44,9 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
 def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3, seed: int = 0,
              device: str = "auto", on_step: StepHook | None = None, description: str = "fine-tune",
              on_epoch: StepHook | None = None, optimizer: str = "adam", weight_decay: float = 0.0,
-             batch_size: int | None = None, augment: str = "none") -> nn.Module:
+             batch_size: int | None = None, augment: str = "none", max_shift: int = 2) -> nn.Module:
     """Plain fine-tuning on the task's loss (the alternative to `recover`); returns a new model.
-    `augment="shift"` trains on images shifted by up to 2 pixels."""
+    `augment="shift"` trains on images shifted by up to `max_shift` pixels."""
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, optimizer=optimizer,
                       weight_decay=weight_decay, batch_size=batch_size)
     loss = None
@@ -54,5 +54,5 @@ def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3,
         from slimkit.distill.augment import random_shift
 
         def loss(m: nn.Module, x, y):
-            return task.loss(m(random_shift(x, 2)), y)
+            return task.loss(m(random_shift(x, max_shift)), y)
     return fit(model, task, cfg, loss=loss, on_step=on_step, on_epoch=on_epoch, description=description).model

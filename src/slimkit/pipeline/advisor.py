@@ -456,16 +456,28 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     base, points, screening = search(model, task, config, work)
     front = pareto_front(points + [base])
     candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
-    if not candidates:
+    chosen = candidates[0] if candidates else None
+    sections = _search_sections(base, points, front, chosen, screening, sens, config)
+    if chosen is None:  # still show what was measured, then say why nothing qualified
+        from slimkit.report import new_result
+
+        result = new_result({"name": model_name or type(model).__name__, "source": model_name},
+                            {"name": task.name, "splits": task.info.get("splits"), "input_shape": list(task.input_shape)})
+        result["sections"].update(sections)
+        result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": time.perf_counter() - t0,
+                                         "recommendation": None}
+        write_json(result, out / "result.json")
+        write_html(result, out / "report.html")
         closest = min(points, key=lambda p: base["accuracy"] - p["accuracy"])
         raise InfeasibleError(
             f"no recipe met the constraints (max accuracy drop {config.max_accuracy_drop} points"
             + (f", max size {config.max_size_kb} KiB" if config.max_size_kb else "")
             + (f", max latency {config.max_latency_ms} ms" if config.max_latency_ms else "")
+            + ", smaller and faster than the original"
             + f"); the most accurate candidate ({describe(closest['params'])}) loses "
             f"{100 * (base['accuracy'] - closest['accuracy']):.2f} points at {closest['size_bytes'] / 1024:.1f} KiB, "
-            f"{closest['latency_ms']:.3f} ms")
-    chosen = candidates[0]
+            f"{closest['latency_ms']:.3f} ms (original: {base['size_bytes'] / 1024:.1f} KiB, {base['latency_ms']:.3f} ms); "
+            f"every trial is in {out / 'report.html'}")
     reasons = explain(sens, base, chosen, points, config, screening)
     recipe = Recipe(name="auto", seed=config.seed, stages=[Stage.from_dict(s) for s in chosen["stages"]],
                     evaluation=Evaluation(runtimes=["torch", "ort"], threads=config.threads, batch_sizes=[1, 64]),
@@ -484,23 +496,30 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
         + f"</ul><p>Recipe: <code>recipe.yaml</code>; deployable file: <code>{html.escape(str(final['artifact']))}</code>; "
         f"reloadable model: <code>{html.escape(str(save_path))}</code>.</p></div>"), "reasons": reasons,
         "params": chosen["params"]}
-    plots = [pareto_plot(base, points, front, chosen, "size_bytes", "bytes on disk (log)"),
-             pareto_plot(base, points, front, chosen, "latency_ms",
-                         f"latency ms, {config.runtime}, batch {config.latency_batch_size} (log)")]
-    result["sections"]["pareto front (validation split)"] = {
-        "html": "<div class=plots>" + "".join(f'<img alt="Pareto plot" src="{p}">' for p in plots) + "</div>"
-                + _trials_table(base, points, front, chosen),
-        "baseline": base, "trials": points, "front": [p["trial"] for p in front]}
-    if screening:
-        result["sections"]["student screening (validation split)"] = {
-            "html": _screening_table(base, screening), "students": screening}
-    maps = [heatmap(sens["sparsity"], "accuracy drop vs sparsity (one layer at a time)", "sparsity"),
-            heatmap(sens["rank"], "accuracy drop vs kept SVD energy", "energy kept"),
-            heatmap(sens["bits"], "accuracy drop vs weight bits (per-channel)", "bits")]
-    result["sections"]["per-layer sensitivity"] = {
-        "html": "<div class=plots>" + "".join(f'<img alt="sensitivity heatmap" src="{m}">' for m in maps) + "</div>",
-        "analysis": sens}
+    result["sections"].update(sections)
     result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": time.perf_counter() - t0}
     write_json(result, out / "result.json")
     write_html(result, out / "report.html")
     return result
+
+
+def _search_sections(base, points, front, chosen, screening, sens, config: AutoConfig) -> dict[str, dict]:
+    """Report sections of the search: Pareto plots and trial table, student screening, heatmaps."""
+    sections = {}
+    plots = [pareto_plot(base, points, front, chosen, "size_bytes", "bytes on disk (log)"),
+             pareto_plot(base, points, front, chosen, "latency_ms",
+                         f"latency ms, {config.runtime}, batch {config.latency_batch_size} (log)")]
+    sections["pareto front (validation split)"] = {
+        "html": "<div class=plots>" + "".join(f'<img alt="Pareto plot" src="{p}">' for p in plots) + "</div>"
+                + _trials_table(base, points, front, chosen),
+        "baseline": base, "trials": points, "front": [p["trial"] for p in front]}
+    if screening:
+        sections["student screening (validation split)"] = {
+            "html": _screening_table(base, screening), "students": screening}
+    maps = [heatmap(sens["sparsity"], "accuracy drop vs sparsity (one layer at a time)", "sparsity"),
+            heatmap(sens["rank"], "accuracy drop vs kept SVD energy", "energy kept"),
+            heatmap(sens["bits"], "accuracy drop vs weight bits (per-channel)", "bits")]
+    sections["per-layer sensitivity"] = {
+        "html": "<div class=plots>" + "".join(f'<img alt="sensitivity heatmap" src="{m}">' for m in maps) + "</div>",
+        "analysis": sens}
+    return sections

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
     console.print(f"[bold]slimkit demo[/bold]: LeNet-5 on digits ({len(task.train)} train / {len(task.val)} val / "
                   f"{len(task.test)} test images, 28x28)")
     t0 = time.perf_counter()
-    trained = fit(zoo.for_task("lenet5", task), task, TrainConfig(epochs=epochs, **DEMO_TRAIN), description="baseline").model
+    trained = fit(zoo.for_task("lenet5", task, seed=DEMO_TRAIN["seed"]), task, TrainConfig(epochs=epochs, **DEMO_TRAIN), description="baseline").model
     train_s = time.perf_counter() - t0
     baseline_path = save(trained, artifacts / "baseline.safetensors")
     result = new_result({"name": "lenet5", "source": "zoo:lenet5"},

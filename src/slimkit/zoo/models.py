@@ -42,18 +42,24 @@ def zoo_model(name: str, summary: str, kind: str = "image", extra: str | None = 
     return deco
 
 
-def build(name: str, **kwargs: Any) -> nn.Module:
-    """Build zoo model `name` with keyword arguments (e.g. num_classes=10)."""
+def build(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build zoo model `name` with keyword arguments (e.g. num_classes=10). With `seed`, the random
+    initialization is that seed's (the global RNG is left as it was); without, it draws from the
+    global RNG like any torch module."""
     if name not in ZOO:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
     try:
-        return ZOO[name].builder(**kwargs)
+        if seed is None:
+            return ZOO[name].builder(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ZOO[name].builder(**kwargs)
     except TypeError as err:
         raise ModelError(f"zoo model {name!r}: {err}") from None
 
 
-def for_task(name: str, task, **kwargs: Any) -> nn.Module:
-    """Build zoo model `name` shaped for `task` (classes, channels, input size)."""
+def for_task(name: str, task, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build zoo model `name` shaped for `task` (classes, channels, input size); `seed` as in `build`."""
     if name not in ZOO:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
     if ZOO[name].kind == "image":
@@ -68,7 +74,7 @@ def for_task(name: str, task, **kwargs: Any) -> nn.Module:
             raise ModelError(f"zoo model {name!r} expects images (C, H, W); data {task.name!r} has shape {shape}")
         if task.num_classes is not None:
             kwargs.setdefault("num_classes", task.num_classes)
-    return build(name, **kwargs)
+    return build(name, seed=seed, **kwargs)
 
 
 def _ch(c: int, width: float) -> int:
