@@ -65,4 +65,7 @@ def test_distill_command_bad_input(capsys, tmp_path, teacher_file, few_digits_np
     code, _, err = run(capsys, "distill", "--teacher", str(tmp_path / "missing.safetensors"), "--student",
                        "zoo:lenet5", "--out", str(tmp_path / "s.safetensors"))
     _one_line_error(code, err, "missing.safetensors")
+    code, _, err = run(capsys, "distill", "--teacher", teacher_file, "--student", "zoo:lenet5", "--augment", "shift",
+                       "--cache-teacher", "--out", str(tmp_path / "s.safetensors"))
+    _one_line_error(code, err, "cache_teacher")
     assert not (tmp_path / "s.safetensors").exists()

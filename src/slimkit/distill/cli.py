@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
         feature: list[str] = typer.Option([], "--feature", help="feature link STUDENT=TEACHER[:hint|:attention][@W] "
                                                                 "(layer name patterns; repeatable)"),
         cache_teacher: bool = typer.Option(False, "--cache-teacher", help="reuse teacher outputs for repeated inputs"),
+        augment: str = typer.Option("none", help="none | shift: train on images shifted by up to --max-shift pixels"),
+        max_shift: int = typer.Option(2, help="largest shift in pixels with --augment shift"),
         seed: int = typer.Option(0, help="random seed"),
         device: str = typer.Option("auto", help="student device: auto | cpu | cuda"),
         teacher_device: Optional[str] = typer.Option(None, help="teacher device (default: the student's)"),
@@ -66,8 +68,8 @@ def register(app: typer.Typer) -> None:
             cfg = DistillConfig.from_file(config)
         else:
             cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed, device=device,
-                                teacher_device=teacher_device, cache_teacher=cache_teacher,
-                                features=[parse_feature(f) for f in feature])
+                                teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
+                                max_shift=max_shift, features=[parse_feature(f) for f in feature])
         task = load_task(data)
         teacher_model = load_model(teacher, weights=teacher_weights, task=task)
         if student.startswith("zoo:") and not student_weights:

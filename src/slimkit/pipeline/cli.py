@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         max_latency_ms: Optional[float] = typer.Option(None, help="slowest acceptable latency, ms"),
         runtime: str = typer.Option("ort", help="ort | torch: where latency is measured"),
         batch_size: int = typer.Option(64, help="batch size of the latency objective"),
-        trials: int = typer.Option(14, help="recipes the search evaluates"),
+        trials: int = typer.Option(16, help="recipes the search evaluates"),
         seed: int = typer.Option(0, help="random seed"),
         out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="output folder"),
     ) -> None:
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
                             runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, seed=seed)
         if model.startswith("zoo:") and not weights:
             from slimkit.core.trainer import TrainConfig, fit
             from slimkit.pipeline.demo import DEMO_TRAIN
