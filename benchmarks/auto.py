@@ -65,7 +65,9 @@ def main() -> int:
     for r in result["sections"].get("student screening (validation split)", {}).get("students", []):
         b = result["sections"]["pareto front (validation split)"]["baseline"]
         rows.append({"case": "  student", "recipe": describe_student(r["student"]) + (" (kept)" if r["kept"] else ""),
-                     "val_drop_pts": 100 * (b["accuracy"] - r["accuracy"]), "params": r["params"], "macs": r["macs"]})
+                     "val_drop_pts": 100 * (b["accuracy"] - r["accuracy"]), "params": r["params"], "macs": r["macs"],
+                     "kd_val_drop_pts": 100 * (b["accuracy"] - r["kd_accuracy"]),
+                     "labels_val_drop_pts": 100 * (b["accuracy"] - r["labels_accuracy"])})
     checks += [check("auto: >= 10x smaller on disk", size_x, ">= 10", size_x >= 10),
                check("auto: >= 2x faster in ONNX Runtime (batch 64, 1 thread)", speed_x, ">= 2", speed_x >= 2),
                check("auto: accuracy drop within 0.5 points (test)", drop, "<= 0.5", drop <= 0.5),
@@ -89,7 +91,7 @@ def main() -> int:
                          "ort_x_faster": latency(b, "onnxruntime", batch) / latency(m, "onnxruntime", batch),
                          "ort_batch": batch, "minutes": (time.perf_counter() - t0) / 60})
         checks.append(check(f"preset {preset} runs on {name}", len(res["stages"]) - 1, "all stages", not any(s.get("error") for s in res["stages"])))
-    print_table(rows, ["case", "recipe", "test_acc", "val_drop_pts", "drop_pts", "bytes", "x_smaller", "ort_x_faster", "ort_batch", "params", "macs", "minutes"])
+    print_table(rows, ["case", "recipe", "test_acc", "val_drop_pts", "drop_pts", "bytes", "x_smaller", "ort_x_faster", "ort_batch", "params", "macs", "kd_val_drop_pts", "labels_val_drop_pts", "minutes"])
     write_result(args.out, "auto", environment(), rows, checks)
     return 0
 

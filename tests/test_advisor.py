@@ -43,6 +43,9 @@ def test_advisor_recommends_and_builds_a_recipe(advised, digits_task):
     base_macs = pareto["baseline"]["metrics"]["macs"]
     assert screened and all(0 < r["macs"] <= 0.5 * base_macs for r in screened)
     assert any("@pool" in r["student"] for r in screened) and sum(r["kept"] for r in screened) == 1
+    for r in screened:  # each student trained both ways, the better one kept
+        assert r["accuracy"] == max(r["kd_accuracy"], r["labels_accuracy"])
+        assert r["student"].endswith("@labels") == (r["labels_accuracy"] > r["kd_accuracy"])
     assert any("candidate students" in r for r in rec["reasons"])
     sens = result["sections"]["per-layer sensitivity"]["analysis"]
     assert set(sens) == {"sparsity", "rank", "bits", "bits_per_tensor"}
@@ -81,3 +84,17 @@ def test_report_renders_in_headless_chromium(advised, tmp_path):
 
     with Image.open(shot) as img:  # a rendered page, not a blank one
         assert len(img.convert("L").getcolors(maxcolors=1 << 16) or [1] * 1000) > 50
+
+
+def test_student_keys_round_trip_into_distill_stages():
+    from slimkit.pipeline.advisor import build_stages, describe, parse_student, student_key
+
+    key = student_key("lenet300_100", 0.5, 2, labels=True)
+    assert parse_student(key) == ("lenet300_100", 0.5, 2, True)
+    assert parse_student(student_key("lenet5", 0.25)) == ("lenet5", 0.25, 1, False)
+    params = {"student": key, "structured": 1.0, "format": "int8"}
+    distill_stage, quant_stage = build_stages(params, AutoConfig())
+    cfg = distill_stage.technique_config()
+    assert cfg.alpha == 0.0 and cfg.student_kwargs == {"input_pool": 2} and cfg.augment == "shift"
+    assert build_stages({**params, "student": student_key("lenet5", 0.5)}, AutoConfig())[0].technique_config().alpha == 0.9
+    assert describe(params).startswith("train lenet300_100 at width 0.5 on 2x2-averaged input on the labels, then int8")

@@ -72,14 +72,17 @@ class AutoConfig(Config):
 
 
 # -- candidate recipes --------------------------------------------------------------------------
-def student_key(name: str, width: float, pool: int = 1) -> str:
-    """"lenet300_100@0.5" or, with a lower input resolution, "lenet300_100@0.5@pool2"."""
-    return f"{name}@{width:g}" + (f"@pool{pool}" if pool > 1 else "")
+def student_key(name: str, width: float, pool: int = 1, labels: bool = False) -> str:
+    """"lenet300_100@0.5"; "@pool2" for a lower input resolution; "@labels" for a student trained on the
+    hard labels instead of the model's soft targets."""
+    return f"{name}@{width:g}" + (f"@pool{pool}" if pool > 1 else "") + ("@labels" if labels else "")
 
 
-def parse_student(key: str) -> tuple[str, float, int]:
-    name, width, *pool = key.split("@")
-    return name, float(width), int(pool[0][len("pool"):]) if pool else 1
+def parse_student(key: str) -> tuple[str, float, int, bool]:
+    """(zoo name, width, input pooling, trained on labels)"""
+    name, width, *rest = key.split("@")
+    pool = next((int(r[len("pool"):]) for r in rest if r.startswith("pool")), 1)
+    return name, float(width), pool, "labels" in rest
 
 
 def student_candidates(model: nn.Module, task: Task) -> list[tuple[str, int]]:
@@ -112,7 +115,7 @@ def student_candidates(model: nn.Module, task: Task) -> list[tuple[str, int]]:
 
 
 def describe_student(key: str) -> str:
-    name, width, pool = parse_student(key)
+    name, width, pool, _ = parse_student(key)
     return f"{name} at width {width:g}" + (f" on {pool}x{pool}-averaged input" if pool > 1 else "")
 
 
@@ -120,10 +123,11 @@ def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
     """The recipe stages of one point of the search space."""
     stages = []
     if params["student"] != "none":
-        name, width, pool = parse_student(params["student"])
+        name, width, pool, labels = parse_student(params["student"])
+        # alpha 0: the student learns the hard labels only (the teacher is not consulted)
         stages.append(Stage(technique="distill", config={
             "student": f"zoo:{name}", "width": width, "epochs": config.student_epochs, "lr": 2e-3,
-            "augment": "shift", "max_shift": 1, "seed": config.seed,
+            "alpha": 0.0 if labels else 0.9, "temperature": 4.0, "augment": "shift", "max_shift": 1, "seed": config.seed,
             **({"student_kwargs": {"input_pool": pool}} if pool > 1 else {})}))
     if params["structured"] < 1.0:
         stages.append(Stage(technique="prune_structured", config={
@@ -273,21 +277,27 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
 
 
 def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[list[str], list[dict]]:
-    """Distill every candidate student once (the trained students are shared with the trials) and
-    keep up to `max_students`: the cheapest within the accuracy budget on validation data, topped up
-    with the most accurate of the others. Returns (kept keys, one row per candidate)."""
+    """Train every candidate student twice, distilled from the model (soft targets) and on the hard
+    labels alone, both on shifted images, and keep the better of the two (the trained students are
+    shared with the trials). Keep up to `max_students`: the cheapest within the accuracy budget on
+    validation data, topped up with the most accurate of the others. Returns (kept keys, one row per
+    candidate)."""
     from slimkit.core.progress import progress_bar
     from slimkit.core.trainer import accuracy
 
     candidates = student_candidates(runner.model, runner.task) if config.max_students else []
     rows = []
-    with progress_bar("advisor: screening students", len(candidates)) as advance:
+    with progress_bar("advisor: screening students", 2 * len(candidates)) as advance:
         for key, macs in candidates:
-            student = runner._prefix_model(build_stages({"student": key, "structured": 1.0, "format": "fp32"}, config))
-            acc = accuracy(student, runner.task, "val")
-            rows.append({"student": key, "macs": macs, "params": sum(p.numel() for p in student.parameters()),
-                         "accuracy": acc})
-            advance(1, acc=acc)
+            acc = {}
+            for signal, k in (("kd", key), ("labels", key + "@labels")):
+                student = runner._prefix_model(build_stages({"student": k, "structured": 1.0, "format": "fp32"}, config))
+                acc[signal] = accuracy(student, runner.task, "val")
+                advance(1, acc=acc[signal])
+            labels = acc["labels"] > acc["kd"]  # a tie goes to distillation
+            rows.append({"student": key + "@labels" if labels else key, "macs": macs,
+                         "params": sum(p.numel() for p in student.parameters()), "accuracy": max(acc.values()),
+                         "kd_accuracy": acc["kd"], "labels_accuracy": acc["labels"]})
     within = [r for r in rows if 100 * (base["accuracy"] - r["accuracy"]) <= config.max_accuracy_drop + 1e-9]
     others = sorted((r for r in rows if r not in within), key=lambda r: -r["accuracy"])
     kept = (within + others)[: config.max_students]
@@ -311,8 +321,9 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
     if screening:
         base_macs = base["metrics"].get("macs") or 0
         within = [r for r in screening if 100 * (base["accuracy"] - r["accuracy"]) <= config.max_accuracy_drop + 1e-9]
-        line = (f"{len(screening)} smaller zoo networks were distilled from the model as candidate students "
-                f"({config.student_epochs} epochs on shifted copies of the training images); {len(within)} stay within "
+        line = (f"{len(screening)} smaller zoo networks were trained as candidate students, each distilled from the "
+                f"model and on the labels alone ({config.student_epochs} epochs on shifted copies of the training "
+                f"images, the better of the two kept); {len(within)} stay within "
                 f"{config.max_accuracy_drop} points on validation data")
         if within:
             best = within[0]
@@ -320,6 +331,12 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
             line += (f"; the cheapest of them, {describe_student(best['student'])} ({best['params']:,} parameters{share}), "
                      f"is {100 * (best['accuracy'] - base['accuracy']):+.2f} points")
         lines.append(line + ".")
+        by_labels = [r for r in screening if r["labels_accuracy"] > r["kd_accuracy"]]
+        if by_labels:
+            lines.append(f"{len(by_labels)} of {len(screening)} students were more accurate trained on the hard labels "
+                         f"than distilled from the model (mean {100 * _mean(r['labels_accuracy'] for r in screening):.2f}% "
+                         f"vs {100 * _mean(r['kd_accuracy'] for r in screening):.2f}% on validation): the model's own "
+                         "errors limit what its soft targets teach, so those students learn from the labels.")
     sp = sens["sparsity"]
     grid = [v for v, _ in next(iter(sp["curves"].values()))]
     high = 0.9 if 0.9 in grid else grid[-1]
@@ -372,10 +389,16 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
     return lines
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def describe(params: dict) -> str:
     parts = []
     if params["student"] != "none":
-        parts.append(f"distill into {describe_student(params['student'])}")
+        student = describe_student(params["student"])
+        parts.append(f"train {student} on the labels" if parse_student(params["student"])[3] else f"distill into {student}")
     if params["structured"] < 1.0:
         parts.append(f"remove channels down to {int(100 * params['structured'])}% of the MACs")
     if params["format"] == "int8":
@@ -428,11 +451,11 @@ def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dic
 def _screening_table(base: dict, rows: list[dict]) -> str:
     import html
 
-    out = ["<table><tr><th class=l>student</th><th>parameters</th><th>MACs</th><th>val accuracy</th>"
-           "<th>&Delta; pts</th><th>kept for the search</th></tr>"]
+    out = ["<table><tr><th class=l>student</th><th>parameters</th><th>MACs</th><th>val acc. distilled</th>"
+           "<th>val acc. labels only</th><th>&Delta; pts (better)</th><th>kept for the search</th></tr>"]
     for r in rows:
         out.append(f"<tr><td class=l>{html.escape(describe_student(r['student']))}</td><td>{r['params']:,}</td>"
-                   f"<td>{r['macs']:,}</td><td>{100 * r['accuracy']:.2f}%</td>"
+                   f"<td>{r['macs']:,}</td><td>{100 * r['kd_accuracy']:.2f}%</td><td>{100 * r['labels_accuracy']:.2f}%</td>"
                    f"<td>{100 * (r['accuracy'] - base['accuracy']):+.2f}</td><td>{'yes' if r['kept'] else ''}</td></tr>")
     return "".join(out) + "</table>"
 
