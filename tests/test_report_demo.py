@@ -14,6 +14,7 @@ def test_report_json_and_html(tmp_path):
                     simulated=True, notes=["<script>alert(1)</script>"]),
         stage_entry("broken", error="boom"),
     ]
+    result["sections"]["constraints"] = [{"name": "size (KiB)", "value": 68.36, "limit": 50, "ok": False}]
     write_json(result, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["schema"] == "slimkit-result/1"
     html = write_html(result, tmp_path / "r.html").read_text()
@@ -21,6 +22,7 @@ def test_report_json_and_html(tmp_path):
     assert "3.4" in html  # 240000 / 70000 times smaller
     assert "-0.50" in html and "failed: boom" in html and "simulated" in html
     assert "<script>" not in html  # notes are escaped; the report is self-contained, no scripts
+    assert "<td>size (KiB)</td><td>68.36</td><td>50</td><td><b>NO</b></td>" in html  # a table, not a JSON dump
 
 
 def test_demo_writes_report_and_json(tmp_path):

@@ -170,8 +170,12 @@ def _finish(trained: nn.Module, teacher: nn.Module, config: DistillConfig, info:
     notes = list(getattr(trained, "slimkit_notes", []) or [])
     extras = [f"inputs shifted by up to {config.max_shift} px"] if config.augment == "shift" else []
     extras += [f"{len(config.features)} feature links"] if config.features else []
-    notes.append(f"distilled from {type(teacher).__name__} (T={config.temperature:g}, alpha={config.alpha:g}, "
-                 + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
+    if config.alpha == 0 and not config.features:
+        notes.append(f"trained on the hard labels only (alpha=0: {type(teacher).__name__} was not consulted, "
+                     + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
+    else:
+        notes.append(f"distilled from {type(teacher).__name__} (T={config.temperature:g}, alpha={config.alpha:g}, "
+                     + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
     if config.cache_teacher:
         seen = info["cache_hits"] + info["cache_misses"]
         notes.append(f"teacher outputs cached: teacher ran {info['teacher_calls']} batches, "

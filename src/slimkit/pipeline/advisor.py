@@ -329,7 +329,7 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
             best = within[0]
             share = f", {100 * best['macs'] / base_macs:.0f}% of the original's MACs" if base_macs else ""
             line += (f"; the cheapest of them, {describe_student(best['student'])} ({best['params']:,} parameters{share}), "
-                     f"is {100 * (best['accuracy'] - base['accuracy']):+.2f} points")
+                     f"changes accuracy by {100 * (best['accuracy'] - base['accuracy']):+.2f} points")
         lines.append(line + ".")
         by_labels = [r for r in screening if r["labels_accuracy"] > r["kd_accuracy"]]
         if by_labels:
@@ -381,8 +381,8 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
     drop = 100 * (base["accuracy"] - chosen["accuracy"])
     desc = describe(chosen["params"])
     lines.append(f"Recommended: {desc}. On validation data it is {size_x:.1f}x smaller on disk and {speed_x:.1f}x faster "
-                 f"in {config.runtime} (batch {config.latency_batch_size}) for {drop:+.2f} points of accuracy "
-                 f"(budget {config.max_accuracy_drop}).")
+                 f"in {config.runtime} (batch {config.latency_batch_size}), accuracy {-drop:+.2f} points "
+                 f"(budget: a drop of at most {config.max_accuracy_drop}).")
     if chosen["params"]["format"] == "pack":
         lines.append("The packed .slim file is what ships; slimkit.load() unpacks it into a dense model, which runs in "
                      "ONNX Runtime as fp32 (the latency above is that model's).")

@@ -87,7 +87,8 @@ def _advisor_section(trained, task, out: Path, config=None) -> dict[str, Any]:
     first, last = res["stages"][0]["metrics"], res["stages"][-1]["metrics"]
     summary = (f"{first['size_bytes'] / last['size_bytes']:.1f}x smaller on disk, test accuracy "
                f"{100 * (last['accuracy'] - first['accuracy']):+.2f} points")
-    console.print(f"  recommended: {rec['reasons'][-1] if rec['reasons'] else ''}")
+    headline = next((r for r in rec["reasons"] if r.startswith("Recommended")), "")
+    console.print(f"  {headline} On test data: {summary}.")
     return {"html": "<div class=card><p><b>Advisor recommendation</b> (" + html.escape(summary) + "): "
                     "full report in <a href=\"auto/report.html\">auto/report.html</a>, recipe in "
                     "<code>auto/recipe.yaml</code>.</p><ul>"

@@ -112,6 +112,17 @@ def stage_table(stages: list[dict]) -> str:
 def _section(name: str, content: Any) -> str:
     if isinstance(content, dict) and "html" in content:
         body = content["html"]  # already-rendered, trusted HTML produced by slimkit itself
+    elif isinstance(content, list) and content and all(isinstance(r, dict) for r in content):
+        keys = list(dict.fromkeys(k for r in content for k in r))  # e.g. constraints: one row each
+
+        def cell(v: Any) -> str:
+            if isinstance(v, bool):
+                return "yes" if v else "<b>NO</b>"
+            return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+        body = ("<table><tr>" + "".join(f"<th>{html.escape(str(k))}</th>" for k in keys) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{cell(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in content)
+                + "</table>")
     else:
         import json
 
