@@ -144,3 +144,21 @@ def test_cli_compress_bad_recipe_one_line(tmp_path, trained_file):
     assert proc.returncode == 2
     assert stderr.strip().count("\n") == 0 and "line 17" in stderr and "sparsity" in stderr
     assert not (tmp_path / "o").exists()  # nothing written for an invalid recipe
+
+
+def test_sensitivity_pruning_stage_reports_its_curves(tmp_path, trained_lenet5, digits_task):
+    """A prune stage with scope="sensitivity" carries its per-layer curves and the chosen allocation
+    into the stage entry, and the report draws them as a heatmap."""
+    recipe = Recipe.from_dict({"name": "sens", "evaluation": {"runtimes": ["torch"], "batch_sizes": [1]}, "stages": [
+        {"technique": "prune", "config": {"sparsity": 0.8, "scope": "sensitivity", "finetune_epochs": 0,
+                                          "sensitivity_grid": [0.5, 0.9, 0.98]}}]})
+    result = slimkit.compress(trained_lenet5, recipe, digits_task, tmp_path)
+    sens = result["stages"][1]["sensitivity"]
+    layers = {"features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"}
+    assert set(sens["curves"]) == layers and set(sens["chosen"]) == layers
+    assert all([s for s, _ in curve] == [0.5, 0.9, 0.98] for curve in sens["curves"].values())
+    total = sum(sens["sizes"].values())  # the allocation meets the global target exactly
+    assert abs(sum(sens["chosen"][n] * sens["sizes"][n] for n in layers) / total - 0.8) < 1e-6
+    html = (tmp_path / "report.html").read_text()
+    assert "per-layer sensitivity: 01-prune" in html and 'alt="sensitivity heatmap"' in html
+    assert json.loads((tmp_path / "result.json").read_text())["stages"][1]["sensitivity"]["chosen"] == sens["chosen"]

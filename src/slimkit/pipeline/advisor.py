@@ -32,10 +32,10 @@ from slimkit.core.progress import console
 from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
 from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
-from slimkit.pipeline.sensitivity import analyse, heatmap
+from slimkit.pipeline.sensitivity import analyse
 from slimkit.pipeline.stage import evaluate_stage, run_stage
 from slimkit.report import write_html, write_json
-from slimkit.report.html import figure_png
+from slimkit.report.html import figure_png, heatmap
 
 FORMATS = ("fp32", "int8", "pack")
 

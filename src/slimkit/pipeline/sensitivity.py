@@ -92,28 +92,3 @@ def analyse(model: nn.Module, task: Task, *, selector: Selector | None = None, s
         "bits": bits_sensitivity(model, task, selector=selector, split=split),
         "bits_per_tensor": bits_sensitivity(model, task, grid=[8, 4], per_channel=False, selector=selector, split=split),
     }
-
-
-def heatmap(analysis: dict, title: str, value_label: str) -> str:
-    """A layers x grid heatmap of accuracy drop (points), as a base64 PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from slimkit.report.html import figure_png
-
-    names = list(analysis["curves"])
-    grid = [v for v, _ in analysis["curves"][names[0]]]
-    drops = [[100 * (analysis["baseline"] - acc) for _, acc in analysis["curves"][n]] for n in names]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(grid), 0.9 + 0.42 * len(names)))
-    im = ax.imshow(drops, cmap="Reds", vmin=0, vmax=max(5.0, max(max(r) for r in drops)), aspect="auto")
-    ax.set_xticks(range(len(grid)), [str(g) for g in grid])
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel(value_label)
-    ax.set_title(title, fontsize=10)
-    for i, row in enumerate(drops):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v > 3 else "black")
-    fig.colorbar(im, ax=ax, label="accuracy drop (points)")
-    return figure_png(fig)

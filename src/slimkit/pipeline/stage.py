@@ -72,4 +72,7 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     entry = stage_entry(name, technique=technique.name, family=technique.family, config=config.to_dict(),
                         metrics=metrics.to_dict(), artifact=str(artifact), runtime=technique.runtime,
                         simulated=simulated, notes=metrics.notes, seconds=seconds)
+    sensitivity = getattr(new, "slimkit_sensitivity", None)
+    if sensitivity is not None:  # per-layer curves a technique measured (e.g. prune scope="sensitivity")
+        entry["sensitivity"] = sensitivity
     return StageOutcome(new, entry, artifact, metrics)

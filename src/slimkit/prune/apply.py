@@ -57,7 +57,7 @@ register(Technique(
     name="prune", family="prune", config_cls=PruneConfig, apply=prune_unstructured,
     summary="unstructured / N:M magnitude or Taylor pruning, global or per layer, real zeros stored sparse (.slim)",
     restore=None,
-    demo=lambda model, task: PruneConfig(sparsity=0.9, scope="global", finetune_epochs=3),
+    demo=lambda model, task: PruneConfig(sparsity=0.9, scope="sensitivity", finetune_epochs=3),
     write_artifact=_write_slim, runtime="torch", order=20,
 ))
 register(Technique(

@@ -116,7 +116,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
         analysis = sensitivity_analysis(new, task, grid=config.sensitivity_grid,
                                         selector=Selector(include=names, types=[]), importance=config.importance)
         per_layer = allocate_sparsity(analysis, config.sparsity)
-        sensitivity = analysis
+        sensitivity = {**analysis, "chosen": per_layer}
         notes.append("sensitivity-chosen sparsity: " + ", ".join(f"{n} {100 * s:.1f}%" for n, s in per_layer.items()))
         for n, curve in analysis["curves"].items():
             notes.append(f"sensitivity {n}: " + ", ".join(f"{100 * s:.0f}% -> {100 * a:.1f}%" for s, a in curve)

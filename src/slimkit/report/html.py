@@ -45,6 +45,48 @@ def figure_png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def heatmap(analysis: dict, title: str, value_label: str) -> str:
+    """A layers x grid heatmap of accuracy drop (points), as a base64 PNG data URI. `analysis` is
+    {"baseline": accuracy, "curves": {layer: [[value, accuracy], ...]}}; with "chosen" ({layer: value})
+    each layer's chosen value is written in its row label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(analysis["curves"])
+    grid = [v for v, _ in analysis["curves"][names[0]]]
+    drops = [[100 * (analysis["baseline"] - acc) for _, acc in analysis["curves"][n]] for n in names]
+    chosen = analysis.get("chosen") or {}
+    labels = [f"{n} (chosen {chosen[n]:.2f})" if n in chosen else n for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(grid) + (1.2 if chosen else 0), 0.9 + 0.42 * len(names)))
+    im = ax.imshow(drops, cmap="Reds", vmin=0, vmax=max(5.0, max(max(r) for r in drops)), aspect="auto")
+    ax.set_xticks(range(len(grid)), [str(g) for g in grid])
+    ax.set_yticks(range(len(names)), labels)
+    ax.set_xlabel(value_label)
+    ax.set_title(title, fontsize=10)
+    for i, row in enumerate(drops):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v > 3 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy drop (points)")
+    return figure_png(fig)
+
+
+def _sensitivity_sections(stages: list[dict]) -> str:
+    """One heatmap per stage that measured per-layer sensitivity (its curves are in the stage entry)."""
+    parts = []
+    for s in stages:
+        sens = s.get("sensitivity")
+        if not sens or not sens.get("curves"):
+            continue
+        image = heatmap(sens, "accuracy drop vs sparsity (one layer at a time, validation split)", "sparsity")
+        parts.append(f"<h2>per-layer sensitivity: {html.escape(str(s.get('name')))}</h2>"
+                     f'<div class=plots><img alt="sensitivity heatmap" src="{image}"></div>'
+                     "<p class=sub>Each row prunes one layer alone; the allocation under the global target "
+                     "prunes robust, large layers most (the chosen sparsity is in the row label).</p>")
+    return "".join(parts)
+
+
 def _scatter(stages: list[dict], x_of, xlabel: str, title: str) -> str | None:
     import matplotlib
 
@@ -141,7 +183,7 @@ def render_html(result: dict[str, Any]) -> str:
     env_rows = "".join(f"<tr><td class=l>{html.escape(str(k))}</td><td class=l>{html.escape(str(v))}</td></tr>"
                        for k, v in env.items())
     model, data = result.get("model", {}), result.get("data", {})
-    sections = "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
+    sections = _sensitivity_sections(stages) + "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
     title = f"slimkit report: {html.escape(str(model.get('name', 'model')))} on {html.escape(str(data.get('name', 'data')))}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
