@@ -118,9 +118,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
         per_layer = allocate_sparsity(analysis, config.sparsity)
         sensitivity = {**analysis, "chosen": per_layer}
         notes.append("sensitivity-chosen sparsity: " + ", ".join(f"{n} {100 * s:.1f}%" for n, s in per_layer.items()))
-        for n, curve in analysis["curves"].items():
-            notes.append(f"sensitivity {n}: " + ", ".join(f"{100 * s:.0f}% -> {100 * a:.1f}%" for s, a in curve)
-                         + f" (baseline {100 * analysis['baseline']:.1f}%)")
+        # the curves themselves go to the report as a heatmap (`slimkit_sensitivity`), not into the notes
 
     planner = _Planner(config, names, per_layer, task)
     if config.nm is not None or config.schedule == "oneshot":
