@@ -285,6 +285,42 @@ def section_nm(task, args, rows, checks, baselines, out_dir: Path):
     checks.append(check("2:4: lossless .slim smaller than dense fp32", round(dense / slim, 2), "> 1", dense > slim))
 
 
+def section_heads(task, args, rows, checks, baselines, out_dir: Path):
+    """all-MiniLM-L6-v2: attention heads / FFN neurons removed; parameters, bytes, PyTorch latency and
+    cosine fidelity to the unpruned encoder on real sentences (no recovery training: slimkit has no
+    text-embedding recovery loss yet, so these are the raw costs)."""
+    from quantize import sentences
+
+    from slimkit.evaluate.latency import torch_latency
+    from slimkit.prune import HeadPruneConfig
+
+    model = sk.zoo.build("minilm")
+    tok = sk.zoo.pretrained.minilm_tokenizer()
+    sents = sentences(200)
+    enc = tok(sents, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    x = (enc["input_ids"], enc["attention_mask"])
+    probe = (x[0][:8], x[1][:8])
+    with torch.no_grad():
+        ref = model(*x)
+    base = None
+    for heads, ffn in ((0.0, 0.0), (0.25, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5)):
+        pruned = model if heads == ffn == 0 else sk.prune(model, HeadPruneConfig(heads=heads, ffn=ffn))
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(ref, pruned(*x))
+        path = sk.save(pruned, out_dir / f"minilm_heads{heads}_ffn{ffn}.safetensors")
+        ms = torch_latency(pruned, probe, threads=THREADS, runs=args.runs)["median_ms"]
+        row = {"section": "heads", "model": "all-MiniLM-L6-v2", "method": f"heads -{int(100 * heads)}%, FFN -{int(100 * ffn)}%",
+               "params": sum(p.numel() for p in pruned.parameters()), "bytes": path.stat().st_size,
+               "torch_ms_b8": ms, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+               "sentences": len(sents)}
+        base = base or row
+        row["speedup_eager"] = base["torch_ms_b8"] / ms
+        rows.append(row)
+    last = rows[-1]
+    checks.append(check("minilm heads/FFN pruned: physically fewer parameters (heads -50%, FFN -50%)",
+                        last["params"], f"< {base['params']}", last["params"] < base["params"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -300,7 +336,7 @@ def main() -> int:
     args.dc_sparsity = 0.95
     args.runs = 5 if args.quick else 30
     sections = args.sections.split(",")
-    unknown = set(sections) - {"unstructured", "deep-compression", "structured", "n:m"}
+    unknown = set(sections) - {"unstructured", "deep-compression", "structured", "n:m", "heads"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     # one thread throughout: on a shared, oversubscribed machine a second OpenMP thread mostly spins
@@ -321,7 +357,8 @@ def main() -> int:
     runners = {"unstructured": lambda: section_unstructured(task, args, rows, checks, baselines),
                "deep-compression": lambda: section_deep_compression(task, args, rows, checks, baselines, out_dir),
                "structured": lambda: section_structured(task, args, rows, checks, baselines, out_dir),
-               "n:m": lambda: section_nm(task, args, rows, checks, baselines, out_dir)}
+               "n:m": lambda: section_nm(task, args, rows, checks, baselines, out_dir),
+               "heads": lambda: section_heads(task, args, rows, checks, baselines, out_dir)}
     for section in sections:
         runners[section]()
         # rewrite the JSON after every section: a long run on a busy machine keeps what it measured
@@ -332,7 +369,8 @@ def main() -> int:
         sub = [r for r in rows if r["section"] == section]
         cols = [c for c in ("model", "method", "sparsity", "accuracy", "drop_points", "bytes", "zipped_bytes",
                             "compression", "macs_ratio", "torch_eager_ms_b64", "ort_ms_b64", "speedup_eager",
-                            "speedup_ort", "dense_safetensors_bytes", "slim_lossless_bytes") if any(c in r for r in sub)]
+                            "speedup_ort", "dense_safetensors_bytes", "slim_lossless_bytes", "params", "torch_ms_b8",
+                            "cosine_mean", "cosine_min") if any(c in r for r in sub)]
         print_table(sub, cols, title=section)
     write_result(args.out, "prune", env, rows, checks)
     return 0

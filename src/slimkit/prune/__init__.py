@@ -8,13 +8,13 @@ Deep-Compression `.slim` packed format.
     again = slimkit.load("model.slim")
 """
 from slimkit.prune.apply import prune
-from slimkit.prune.config import PackConfig, PruneConfig, StructuredPruneConfig
+from slimkit.prune.config import HeadPruneConfig, PackConfig, PruneConfig, StructuredPruneConfig
 from slimkit.prune.masks import check_nm
 from slimkit.prune.pack import pack
 from slimkit.prune.packed import packed_info, read_packed, write_packed
 from slimkit.prune.sensitivity import allocate_sparsity, sensitivity_analysis
 
-__all__ = ["prune", "pack", "PruneConfig", "StructuredPruneConfig", "PackConfig", "sensitivity_analysis",
+__all__ = ["prune", "pack", "PruneConfig", "StructuredPruneConfig", "HeadPruneConfig", "PackConfig", "sensitivity_analysis",
            "allocate_sparsity", "check_nm", "write_packed", "read_packed", "packed_info"]
 
 

@@ -12,28 +12,33 @@ from slimkit.core.registry import Technique, register
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError
 from slimkit.export.base import register_exporter
-from slimkit.prune.config import PackConfig, PruneConfig, StructuredPruneConfig
+from slimkit.prune.config import HeadPruneConfig, PackConfig, PruneConfig, StructuredPruneConfig
 from slimkit.prune.pack import quantize_values
 from slimkit.prune.packed import read_packed, write_packed
 from slimkit.prune.structured import prune_structured, restore_structured
+from slimkit.prune.transformer import prune_heads, restore_heads
 from slimkit.prune.unstructured import prune_unstructured
 
 
-def prune(model: nn.Module, config: PruneConfig | StructuredPruneConfig | None = None, *,
+def prune(model: nn.Module, config: PruneConfig | StructuredPruneConfig | HeadPruneConfig | None = None, *,
           task: Task | None = None) -> nn.Module:
     """Prune `model`; returns a new model (the input is not modified).
 
     `PruneConfig` -> unstructured or N:M sparsity with real zeros;
-    `StructuredPruneConfig` -> channels/neurons removed (a smaller dense model).
+    `StructuredPruneConfig` -> channels/neurons removed (a smaller dense model);
+    `HeadPruneConfig` -> attention heads and feed-forward neurons of Transformer encoders removed.
 
         small = slimkit.prune(model, slimkit.PruneConfig(sparsity=0.9, scope="global"), task=task)
     """
     config = config or PruneConfig()
     if isinstance(config, StructuredPruneConfig):
         return prune_structured(model, config, task=task)
+    if isinstance(config, HeadPruneConfig):
+        return prune_heads(model, config, task=task)
     if isinstance(config, PruneConfig):
         return prune_unstructured(model, config, task=task)
-    raise ConfigError(f"slimkit.prune takes a PruneConfig or StructuredPruneConfig, not {type(config).__name__}")
+    raise ConfigError(f"slimkit.prune takes a PruneConfig, StructuredPruneConfig or HeadPruneConfig, not "
+                      f"{type(config).__name__}")
 
 
 def _slim_path(path_without_suffix: Path) -> Path:
@@ -66,6 +71,11 @@ register(Technique(
     restore=restore_structured,
     demo=lambda model, task: StructuredPruneConfig(target_macs=0.5, finetune_epochs=3),
     write_artifact=None, runtime="torch", order=21,
+))
+register(Technique(
+    name="prune_heads", family="prune", config_cls=HeadPruneConfig, apply=prune_heads,
+    summary="remove attention heads and feed-forward neurons of BERT-style encoders; smaller dense model",
+    restore=restore_heads, demo=None, write_artifact=None, runtime="torch", order=23,
 ))
 register(Technique(
     name="pack", family="prune", config_cls=PackConfig, apply=quantize_values,

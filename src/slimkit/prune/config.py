@@ -149,3 +149,28 @@ class PackConfig(Config):
     selector: Selector = Field(default_factory=Selector)
     prune: PruneConfig | None = None
     seed: int = 0
+
+
+class HeadPruneConfig(Config):
+    """Structured pruning of Transformer encoder layers (BERT-style: an attention module with `query`,
+    `key`, `value` Linear children and `attention_head_size`, its `output.dense` projection, and an
+    `intermediate.dense` / `output.dense` feed-forward pair): whole attention heads and whole
+    feed-forward neurons are removed, so every Linear involved becomes physically smaller.
+
+    heads: fraction of attention heads removed in every attention layer (at least one head stays).
+    ffn: fraction of feed-forward (intermediate) neurons removed in every layer.
+    Importance is the L2 norm of what a head or neuron owns: a head's query/key/value rows and its
+    output-projection columns; a neuron's intermediate row and output column. The lowest go.
+    recovery / finetune_epochs / lr / augment: as in PruneConfig (needs a classification task; an
+        embedding encoder is pruned without recovery, "none").
+    """
+
+    technique: ClassVar[str] = "prune_heads"
+
+    heads: float = Field(0.5, ge=0.0, lt=1.0)
+    ffn: float = Field(0.0, ge=0.0, lt=1.0)
+    recovery: Literal["finetune", "distill", "none"] = "none"
+    finetune_epochs: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    augment: Literal["none", "shift"] = "none"
+    seed: int = 0
