@@ -47,11 +47,11 @@ class AutoConfig(Config):
         test in the final report). max_size_kb / max_latency_ms: optional hard limits.
     runtime / latency_batch_size: where latency is measured for the search ("ort" or "torch").
     trials: recipes evaluated by the search. student_epochs / recovery_epochs: training budget of
-        distillation into a student and of recovery after structured pruning. Students are trained
-        on images shifted by up to one pixel (`DistillConfig.augment`), which is what lets a cheap
-        student match its teacher on small data.
-    max_students: students kept for the search after screening (every candidate student is
-        distilled once; the cheapest ones within the accuracy budget go on).
+        a student and of recovery after structured pruning. Students are trained on images shifted
+        by up to one pixel (`DistillConfig.augment`), which is what lets a cheap student match its
+        teacher on small data.
+    max_students: students kept for the search after screening (every candidate student is trained
+        twice, distilled and on the labels alone; the cheapest within the accuracy budget go on).
     """
 
     max_accuracy_drop: float = Field(0.5, ge=0)
@@ -240,8 +240,9 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
     # Start from the points most likely to be on the front: each student in int8 and packed at the
     # lowest sparsity (a student is already small), the original packed at the highest sparsity and
     # pruned to the lowest MACs target.
+    lowest = sparsities[1] if len(sparsities) > 1 else 0.0
     seeds = [p for s in kept for p in ({"student": s, "structured": 1.0, "format": "int8"},
-                                         {"student": s, "structured": 1.0, "format": "pack", "sparsity": sparsities[1 if len(sparsities) > 1 else 0]})]
+                                         {"student": s, "structured": 1.0, "format": "pack", "sparsity": lowest})]
     seeds += [{"student": "none", "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]},
               {"student": "none", "structured": structured[-1], "format": "pack", "sparsity": sparsities[-1]}]
     for params in seeds[: config.trials]:
