@@ -188,22 +188,24 @@ def recovery_one(args, name: str, teacher: nn.Module, task: Task, ratio: float, 
     p0, p1 = count_params(teacher)["params"], count_params(pruned)["params"]
     print(f"{name}: {p0:,} params, test accuracy {100 * base_acc:.2f}%; {ratio:.0%} of channels/neurons pruned -> "
           f"{p1:,} params, {100 * pruned_acc:.2f}% before recovery")
-    train = dict(epochs=args.recovery_epochs, lr=args.recovery_lr)
+    augment = args.recovery_augment if task.example_input(1).dim() == 4 else "none"  # shifts need images
+    train = dict(epochs=args.recovery_epochs, lr=args.recovery_lr, augment=augment, max_shift=1)
     temperature, alpha = args.recovery_temperature, args.recovery_alpha
     if args.tune:
         temperature, alpha = tune(lambda t, a: recover(pruned, teacher, task, temperature=t, alpha=a, seed=TUNE_SEED,
-                                                       cache_teacher=True, **train),
+                                                       cache_teacher=augment == "none", **train),
                                   task, f"recovery {name}", rows, grid=[(1.0, 0.5), (2.0, 0.5), (4.0, 0.9)])
     part = []
     for seed in range(args.seeds):
         ft = finetune(pruned, task, seed=seed, description=f"fine-tune seed {seed}", **train)
-        kd = recover(pruned, teacher, task, temperature=temperature, alpha=alpha, cache_teacher=True, seed=seed,
+        kd = recover(pruned, teacher, task, temperature=temperature, alpha=alpha,
+                     cache_teacher=augment == "none", seed=seed,
                      description=f"recover (KD) seed {seed}", **train)
         row = {"part": "recovery", "network": name, "seed": seed, "original_accuracy": base_acc,
                "pruned_accuracy": pruned_acc, "finetune_accuracy": test_accuracy(ft, task),
                "kd_accuracy": test_accuracy(kd, task), "original_params": p0, "pruned_params": p1,
                "epochs": args.recovery_epochs, "lr": args.recovery_lr, "prune_ratio": ratio,
-               "temperature": temperature, "alpha": alpha}
+               "temperature": temperature, "alpha": alpha, "augment": augment}
         part.append(row)
         rows.append(row)
     print_table(part, ["network", "seed", "original_accuracy", "pruned_accuracy", "finetune_accuracy", "kd_accuracy"],
@@ -215,7 +217,7 @@ def recovery_one(args, name: str, teacher: nn.Module, task: Task, ratio: float, 
 def recovery(args, ctx: dict | None, rows: list[dict]) -> dict[str, list[dict]]:
     parts = {}
     task = data.digits()
-    lenet = fit(zoo.for_task("lenet5", task), task, TrainConfig(epochs=args.lenet_epochs, lr=2e-3, seed=0),
+    lenet = fit(zoo.for_task("lenet5", task, seed=0), task, TrainConfig(epochs=args.lenet_epochs, lr=2e-3, seed=0),
                 description="LeNet-5").model
     parts["lenet5"] = recovery_one(args, "lenet5", lenet, task, args.prune_ratio, lenet.classifier[-1], rows)
     if ctx is not None:  # the Hinton teacher MLP, pruned to a small MLP
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--jitter", type=int, default=1, help="teacher trains on images shifted by up to N pixels")
     p.add_argument("--student-hidden", type=int, default=30)
-    p.add_argument("--epochs", type=int, default=60, help="student epochs (hard labels and KD alike)")
+    p.add_argument("--epochs", type=int, default=150, help="student epochs (hard labels and KD alike; KD needs a long, \"patient\" schedule)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=1.0)
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-lr", type=float, default=3e-3)
     p.add_argument("--recovery-temperature", type=float, default=4.0)
     p.add_argument("--recovery-alpha", type=float, default=0.9)
+    p.add_argument("--recovery-augment", choices=["none", "shift"], default="none",
+                   help="both recoveries train on images shifted by up to 1 pixel (image networks only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--augment-seeds", type=int, default=3)
     p.add_argument("--augment-epochs", type=int, default=120)
