@@ -49,10 +49,10 @@ def measure(name: str, model, task, workdir: Path, *, latency: bool, runs: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--mlp-epochs", type=int, default=20, help="training epochs of the LeNet-300-100 baseline")
+    parser.add_argument("--mlp-epochs", type=int, default=60, help="training epochs of the LeNet-300-100 baselines")
     parser.add_argument("--cnn-epochs", type=int, default=6, help="training epochs of the VGG-small baseline")
     parser.add_argument("--recovery-epochs", type=int, default=2, help="KD recovery epochs after each conversion")
-    parser.add_argument("--mlp-weight-decay", type=float, default=0.03, help="L2 weight decay of the second MLP baseline")
+    parser.add_argument("--mlp-weight-decay", type=float, default=0.01, help="L2 weight decay of the second MLP baseline")
     parser.add_argument("--tucker-ratio", type=float, default=0.2, help="parameter ratio kept by each Tucker-2 layer")
     parser.add_argument("--parts", default="mlp,cnn", help="comma-separated: mlp (LeNet-300-100), cnn (VGG-small)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency figure (median reported)")
