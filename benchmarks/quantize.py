@@ -193,9 +193,13 @@ def part_minilm(tmp: Path, rows: list, checks: list, n: int) -> None:
     ex1 = (ids[:1], mask[:1])
     fp32 = export_onnx(model, tmp / "minilm_fp32.onnx", ex1)
     qpath = export_quantized(q, tmp / "minilm_int8.onnx", ex1)
+    # int4 weight-only Linear layers (blocks of 32 along the input, one scale each): ORT MatMulNBits
+    q4 = sk.quantize(model, QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=32))
+    q4path = export_quantized(q4, tmp / "minilm_int4.onnx", ex1)
     ortq = tmp / "minilm_ortq.onnx"
     quantize_dynamic(str(fp32), str(ortq), weight_type=QuantType.QInt8, per_channel=True)
-    for variant, path in (("fp32", fp32), ("slimkit_dynamic_int8", qpath), ("ort_quantizer_dynamic_int8", ortq)):
+    for variant, path in (("fp32", fp32), ("slimkit_dynamic_int8", qpath), ("ort_quantizer_dynamic_int8", ortq),
+                          ("slimkit_int4_weight_only_matmulnbits", q4path)):
         emb = torch.cat([torch.as_tensor(run_onnx(path, (ids[i:i + 16], mask[i:i + 16]), threads=2))
                          for i in range(0, len(sents), 16)])
         cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)

@@ -77,6 +77,26 @@ def test_weight_only_int4_is_labelled(trained_lenet5, digits_task):
     assert any("simulated" in n for n in q.slimkit_notes)
 
 
+def test_int4_weight_only_linear_runs_as_matmulnbits(digits_task, tmp_path):
+    """int4 weight-only Linear layers with per-group scales are stored as packed 4-bit codes and run by
+    ONNX Runtime's MatMulNBits, with the simulation's outputs; other int4 layouts are labelled simulated."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    mlp = sk.train(mlp, digits_task, epochs=3, lr=1e-3)
+    q = sk.quantize(mlp, QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=16))
+    assert q.slimkit_simulated is False and any("MatMulNBits" in n for n in q.slimkit_notes)
+    path = export_quantized(q, tmp_path / "int4.onnx", digits_task.example_input(1))
+    assert onnx_op_counts(path).get("MatMulNBits") == 3 and "MatMul" not in onnx_op_counts(path)
+    parity = check_parity(q, path, digits_task.example_input(64))
+    assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
+    fp32 = sk.export(mlp, tmp_path / "fp32.onnx", example_input=digits_task.example_input(1))
+    assert path.stat().st_size < 0.25 * fp32.stat().st_size  # 4 bits + one fp32 scale per 16 weights
+    assert abs(accuracy(q, digits_task) - accuracy(mlp, digits_task)) < 0.03
+    per_channel = sk.quantize(mlp, QuantConfig(weights="int4", activations="none", mode="weight_only"))
+    assert per_channel.slimkit_simulated is True  # no kernel for per-channel int4: said so
+    assert any("group_size a power of two" in n for n in per_channel.slimkit_notes)
+
+
 def test_bad_inputs_raise_typed_errors(trained_lenet5, digits_task):
     with pytest.raises(ConfigError, match="out of range"):
         QuantConfig(weights="int32")

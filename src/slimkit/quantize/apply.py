@@ -21,7 +21,7 @@ from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
 from slimkit.quantize import ptq
 from slimkit.quantize.config import QuantConfig
-from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable
+from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable, nbits_exportable
 
 
 def _selector(config: QuantConfig, layers: list[str] | None = None) -> Selector | None:
@@ -107,9 +107,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
                      "only, so ONNX Runtime may run some layers in float")
     simulated = False
     act = config.activation_spec()
-    if not deployable(wspec) and not (config.mode == "weight_only" and wspec.bits == 4):
+    nbits = [n for n, m in layers.items() if nbits_exportable(m)]
+    if nbits:
+        notes.append(f"int4 weights of {len(nbits)} Linear layer(s) stored packed (two per byte, one scale per "
+                     f"{wspec.group_size} weights) and run by ONNX Runtime's MatMulNBits")
+    if not deployable(wspec) and len(nbits) < len(layers):
         simulated = True
-        notes.append(f"weights {config.weights} are simulated (no integer kernel for this type on CPU)")
+        hint = (" (int4 runs for real on Linear layers with weight-only mode and group_size a power of two >= 16)"
+                if wspec.bits == 4 else "")
+        notes.append(f"weights {config.weights} are simulated (no integer kernel for this type on CPU){hint}")
     if act is not None and not deployable(act):
         simulated = True
         notes.append(f"activations {config.activations} are simulated (no integer kernel for this type on CPU)")

@@ -10,16 +10,17 @@ import torch
 import torch.nn as nn
 
 from slimkit.export.onnx import export_onnx, run_onnx
-from slimkit.quantize.modules import deployable, onnx_export_mode
+from slimkit.quantize.modules import deployable, nbits_exportable, onnx_export_mode
 
 
 def export_quantized(model: nn.Module, path: str | Path, example_input: Any, *, opset: int = 17, **kw: Any) -> Path:
     """Write the quantized model as ONNX: integer weight initializers + DequantizeLinear, int32 biases,
     QuantizeLinear/DequantizeLinear pairs on activations (int16 through ONNX Runtime's com.microsoft
-    ops), DynamicQuantizeLinear + MatMulInteger for dynamic layers. Atomic, one self-contained file."""
+    ops), DynamicQuantizeLinear + MatMulInteger for dynamic layers, MatMulNBits for int4 weight-only
+    Linear layers with per-group scales. Atomic, one self-contained file."""
     from slimkit.quantize.graph import weight_layers
 
-    layers = [m for m in weight_layers(model).values() if m.enabled and deployable(m.spec)]
+    layers = [m for m in weight_layers(model).values() if m.enabled and (deployable(m.spec) or nbits_exportable(m))]
     for layer in layers:
         layer.freeze_for_export()
     try:

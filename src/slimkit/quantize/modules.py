@@ -27,6 +27,33 @@ def deployable(spec: nq.QuantSpec) -> bool:
     return (spec.bits, spec.signed) in _TORCH_DTYPE and spec.granularity != "group"
 
 
+def nbits_exportable(layer: nn.Module) -> bool:
+    """True for an int4 weight-only Linear with symmetric per-group scales whose group size is a power
+    of two >= 16: ONNX Runtime runs it as `com.microsoft::MatMulNBits` (4-bit weights in blocks along
+    the input dimension, one scale per block)."""
+    s = getattr(layer, "spec", None)
+    return (isinstance(layer, QuantLinear) and s is not None and s.bits == 4 and s.signed and s.symmetric
+            and s.granularity == "group" and s.group_size >= 16 and s.group_size & (s.group_size - 1) == 0
+            and layer.layer.in_features % s.group_size == 0 and not layer.dynamic
+            and layer.input_quant is None and layer.input_owned is None)
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """y = x W^T with W stored as packed 4-bit codes and per-block scales; exports as MatMulNBits.
+    The float `weight` (the dequantized codes) only serves PyTorch's trace and is not in the graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, scales, k, n, block):
+        return F.linear(x, weight)
+
+    @staticmethod
+    def symbolic(g, x, weight, packed, scales, k, n, block):
+        from torch.onnx import symbolic_helper as sh
+
+        k, n, block = (sh._get_const(v, "i", name) for v, name in ((k, "K"), (n, "N"), (block, "block_size")))
+        return g.op("com.microsoft::MatMulNBits", x, packed, scales, K_i=k, N_i=n, bits_i=4, block_size_i=block)
+
+
 def _domain(spec: nq.QuantSpec) -> str:
     # int16 Q/DQ exist in the standard domain only from opset 21; ONNX Runtime's contrib ops take them earlier
     return "com.microsoft::" if spec.bits == 16 else ""
@@ -254,6 +281,14 @@ class _QuantWeightLayer(nn.Module):
     # Integer codes are materialized as (non-persistent) buffers before tracing, so the exporter
     # writes them as int8/int32 initializers instead of tracing the float->int computation.
     def freeze_for_export(self) -> None:
+        if nbits_exportable(self):  # 4-bit codes as unsigned nibbles (zero point 8), two per byte, low first
+            n, k = self.layer.weight.shape
+            u = (self.weight_codes() + 8).to(torch.uint8).reshape(n, k // self.spec.group_size, self.spec.group_size)
+            self.register_buffer("export_nbits_packed", (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous(),
+                                 persistent=False)
+            self.register_buffer("export_nbits_scales", self.weight_scale.detach().float().reshape(-1).clone(),
+                                 persistent=False)
+            return
         codes = self.weight_codes().to(self.weight_zero_point.dtype)
         self.register_buffer("export_weight_codes", codes, persistent=False)
         self.register_buffer("export_weight_scale", self.weight_scale.detach().float().clone(), persistent=False)
@@ -269,7 +304,7 @@ class _QuantWeightLayer(nn.Module):
 
     def unfreeze(self) -> None:
         for name in ("export_weight_codes", "export_weight_codes_t", "export_weight_scale", "export_bias_codes", "export_bias_scale",
-                     "export_bias_zero_point"):
+                     "export_bias_zero_point", "export_nbits_packed", "export_nbits_scales"):
             self._buffers.pop(name, None)
 
     def _export_weight(self) -> torch.Tensor:
@@ -331,6 +366,11 @@ class QuantLinear(_QuantWeightLayer):
             s, z = dynamic_qparams(x)
             xq = (torch.clamp(nq.round_ste(x / s) + z, 0, 255) - z) * s
             return F.linear(xq, w, self.layer.bias)
+        if _EXPORTING and self.enabled and nbits_exportable(self):
+            n, k = self.layer.weight.shape
+            y = _MatMulNBits.apply(x, self.quantized_weight().detach(), self.export_nbits_packed,
+                                   self.export_nbits_scales, k, n, self.spec.group_size)
+            return y if self.layer.bias is None else y + self.layer.bias
         if _EXPORTING and self.enabled and deployable(self.spec):
             return F.linear(x, self._export_weight(), self._export_bias())
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
