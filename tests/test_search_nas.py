@@ -144,7 +144,7 @@ def test_latency_objective_and_limit_use_the_calibrated_table(small_digits, tmp_
     done = [r for r in result.rows if r["state"] == "COMPLETE"]
     assert len(done) == 2 and all(r["latency_ms_predicted"] > 0 for r in done)
     table = load_table(tmp_path / "latency_table.json")
-    assert table.scale > 0 and table.statistic == "median_ms" and table.entries
+    assert table.scale > 0 and table.statistic == "p10_ms" and table.entries
     assert result.info["latency_table"]["runtime"] == "torch"
 
 

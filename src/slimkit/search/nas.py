@@ -65,7 +65,7 @@ class NASConfig(Config):
     runtime: Literal["torch", "ort"] = "torch"
     latency_threads: int = Field(1, ge=1)
     latency_batch: int = Field(1, ge=1)
-    latency_statistic: Literal["median_ms", "p10_ms"] = "median_ms"
+    latency_statistic: Literal["median_ms", "p10_ms"] = "p10_ms"
     latency_runs: int = Field(30, ge=1)
     calibrate_latency: int = Field(3, ge=0)
     # strategy settings
