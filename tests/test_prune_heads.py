@@ -59,6 +59,32 @@ def test_silent_heads_and_neurons_are_the_ones_removed_and_outputs_do_not_change
     assert not torch.allclose(harder(*x), before, atol=1e-3)
 
 
+def test_recovery_trains_the_pruned_classifier():
+    """With recovery the pruned model is trained afterwards (outside the pruning's no-grad section)."""
+    from slimkit.core.task import tensor_task
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert, self.fc = transformers.BertModel(cfg), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(self.bert(input_ids=x).last_hidden_state.mean(1))
+
+    x, y = torch.randint(1, 50, (60, 8)), torch.randint(0, 3, (60,))
+    task = tensor_task("tokens", x[:40], y[:40], x[40:], y[40:], num_classes=3)
+    model = Classifier()
+    plain = sk.prune(model, HeadPruneConfig(heads=0.5))
+    recovered = sk.prune(model, HeadPruneConfig(heads=0.5, recovery="finetune", finetune_epochs=2, lr=1e-2), task=task)
+    attn = attention_blocks(recovered)[0][1]
+    assert attn.num_attention_heads == 2 and attn.query.out_features == 16
+    assert not torch.equal(recovered.fc.weight, plain.fc.weight)  # it was trained after pruning
+
+
 def test_errors(tiny_encoder):
     with pytest.raises(UnsupportedLayerError, match="no BERT-style attention"):
         sk.prune(sk.zoo.lenet5(), HeadPruneConfig())

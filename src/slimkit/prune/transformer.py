@@ -49,7 +49,6 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
     return found
 
 
-@torch.no_grad()
 def _keep_rows(layer: nn.Linear, idx: torch.Tensor) -> None:
     layer.weight = nn.Parameter(layer.weight[idx].clone())
     if layer.bias is not None:
@@ -57,7 +56,6 @@ def _keep_rows(layer: nn.Linear, idx: torch.Tensor) -> None:
     layer.out_features = len(idx)
 
 
-@torch.no_grad()
 def _keep_cols(layer: nn.Linear, idx: torch.Tensor) -> None:
     layer.weight = nn.Parameter(layer.weight[:, idx].clone())
     layer.in_features = len(idx)
@@ -71,6 +69,43 @@ def _lowest(scores: torch.Tensor, fraction: float) -> list[int]:
 
 
 @torch.no_grad()
+def _remove_heads(attention: list, fraction: float) -> tuple[dict, dict]:
+    """Remove the `fraction` lowest-norm heads of every attention block in place; returns
+    ({block: removed head indices}, {block: attributes to restore})."""
+    heads_removed, attrs = {}, {}
+    for name, attn, out in attention:
+        size = attn.attention_head_size
+        n = attn.query.out_features // size
+        per_head = lambda w: w.reshape(n, size, -1).pow(2).sum((1, 2))  # noqa: E731  rows of one head
+        scores = (per_head(attn.query.weight) + per_head(attn.key.weight) + per_head(attn.value.weight)
+                  + out.weight.reshape(out.out_features, n, size).pow(2).sum((0, 2)))
+        gone = _lowest(scores, fraction)
+        kept = [h for h in range(n) if h not in gone]
+        idx = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept])
+        for layer in (attn.query, attn.key, attn.value):
+            _keep_rows(layer, idx)
+        _keep_cols(out, idx)
+        attn.num_attention_heads, attn.all_head_size = len(kept), len(kept) * size
+        heads_removed[name] = gone
+        attrs[name] = {"num_attention_heads": len(kept), "all_head_size": len(kept) * size}
+    return heads_removed, attrs
+
+
+@torch.no_grad()
+def _remove_neurons(ffn: list, fraction: float) -> dict:
+    """Remove the `fraction` lowest-norm neurons of every feed-forward pair in place; returns
+    {layer: [neurons before, after]}."""
+    neurons = {}
+    for name, inter, out in ffn:
+        scores = inter.weight.pow(2).sum(1) + out.weight.pow(2).sum(0)
+        gone = set(_lowest(scores, fraction))
+        idx = torch.tensor([i for i in range(inter.out_features) if i not in gone])
+        neurons[name] = [inter.out_features, len(idx)]
+        _keep_rows(inter, idx)
+        _keep_cols(out, idx)
+    return neurons
+
+
 def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task: Task | None = None,
                 **_: object) -> nn.Module:
     """Remove attention heads and feed-forward neurons; returns a new, smaller model."""
@@ -88,30 +123,8 @@ def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task
         raise ConfigError("prune_heads with recovery needs data: pass task=, or set recovery: none")
     before = _layer_shapes(new)
     params_before = sum(p.numel() for p in new.parameters())
-    heads_removed, attrs = {}, {}
-    for name, attn, out in attention if config.heads > 0 else []:
-        size = attn.attention_head_size
-        n = attn.query.out_features // size
-        per_head = lambda w: w.reshape(n, size, -1).pow(2).sum((1, 2))  # noqa: E731  rows of one head
-        scores = (per_head(attn.query.weight) + per_head(attn.key.weight) + per_head(attn.value.weight)
-                  + out.weight.reshape(out.out_features, n, size).pow(2).sum((0, 2)))
-        gone = _lowest(scores, config.heads)
-        kept = [h for h in range(n) if h not in gone]
-        idx = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept])
-        for layer in (attn.query, attn.key, attn.value):
-            _keep_rows(layer, idx)
-        _keep_cols(out, idx)
-        attn.num_attention_heads, attn.all_head_size = len(kept), len(kept) * size
-        heads_removed[name] = gone
-        attrs[name] = {"num_attention_heads": len(kept), "all_head_size": len(kept) * size}
-    neurons = {}
-    for name, inter, out in ffn if config.ffn > 0 else []:
-        scores = inter.weight.pow(2).sum(1) + out.weight.pow(2).sum(0)
-        gone = set(_lowest(scores, config.ffn))
-        idx = torch.tensor([i for i in range(inter.out_features) if i not in gone])
-        neurons[name] = [inter.out_features, len(idx)]
-        _keep_rows(inter, idx)
-        _keep_cols(out, idx)
+    heads_removed, attrs = _remove_heads(attention, config.heads) if config.heads > 0 else ({}, {})
+    neurons = _remove_neurons(ffn, config.ffn) if config.ffn > 0 else {}
     for p in new.parameters():
         p.requires_grad_(True)
     after = _layer_shapes(new)
