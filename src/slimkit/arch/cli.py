@@ -27,9 +27,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rewrite kxk convolutions as depthwise-separable / inverted-residual blocks; save and print before/after."""
         from slimkit.arch import SeparableConfig, conversion_report, separable
-        from slimkit.cli.common import console, load_model, load_task
+        from slimkit.cli.common import console, load_model, load_task, print_accuracy_change
         from slimkit.core.artifact import save
-        from slimkit.evaluate import count_macs, count_params, predict, topk_accuracy
+        from slimkit.evaluate import count_macs, count_params
         from slimkit.lowrank.cli import print_layer_table
 
         if config is not None:
@@ -45,10 +45,7 @@ def register(app: typer.Typer) -> None:
         structure = conversion_report(mobile)
         print_layer_table("converted layers", structure["layers"], structure["skipped"], rank_key="width")
         save(mobile, out)
-        if task.metric == "accuracy":
-            before = topk_accuracy(*predict(net, task, "test"))["top1"]
-            after = topk_accuracy(*predict(mobile, task, "test"))["top1"]
-            console.print(f"test accuracy {100 * before:.2f}% -> {100 * after:.2f}%", markup=False, highlight=False)
+        print_accuracy_change(net, mobile, task)
         x = task.example_input(1)
         console.print(f"params {count_params(net)['params']:,} -> {count_params(mobile)['params']:,}; "
                       f"MACs {count_macs(net, x):,} -> {count_macs(mobile, x):,}; saved {out} ({out.stat().st_size:,} bytes)",

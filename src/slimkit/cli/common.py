@@ -53,3 +53,13 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
 
 def print_json(data: Any) -> None:
     console.print_json(json.dumps(data, default=str))
+
+
+def print_accuracy_change(before: nn.Module, after: nn.Module, task: Task) -> None:
+    """`test accuracy A% -> B%` for classification data (nothing for other metrics)."""
+    if task.metric != "accuracy":
+        return
+    from slimkit.evaluate import predict, topk_accuracy
+
+    a, b = (topk_accuracy(*predict(m, task, "test"))["top1"] for m in (before, after))
+    console.print(f"test accuracy {100 * a:.2f}% -> {100 * b:.2f}%", markup=False, highlight=False)

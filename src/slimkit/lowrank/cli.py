@@ -47,9 +47,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("slimkit-out/factorized.safetensors"), "--out", "-o", help="where to save the model"),
     ) -> None:
         """Factorize Linear/Conv2d layers (SVD, Tucker-2, channel/spatial SVD); save and print before/after."""
-        from slimkit.cli.common import console, load_model, load_task
+        from slimkit.cli.common import console, load_model, load_task, print_accuracy_change
         from slimkit.core.artifact import save
-        from slimkit.evaluate import count_params, predict, topk_accuracy
+        from slimkit.evaluate import count_params
         from slimkit.lowrank import LowRankConfig, factorization_report, factorize
 
         if config is not None:
@@ -66,9 +66,6 @@ def register(app: typer.Typer) -> None:
         structure = factorization_report(small)
         print_layer_table("factorized layers", structure["layers"], structure["skipped"])
         save(small, out)
-        if task.metric == "accuracy":
-            before = topk_accuracy(*predict(net, task, "test"))["top1"]
-            after = topk_accuracy(*predict(small, task, "test"))["top1"]
-            console.print(f"test accuracy {100 * before:.2f}% -> {100 * after:.2f}%", markup=False, highlight=False)
+        print_accuracy_change(net, small, task)
         console.print(f"params {count_params(net)['params']:,} -> {count_params(small)['params']:,}; saved {out} "
                       f"({out.stat().st_size:,} bytes)", markup=False, highlight=False)
