@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -335,8 +336,8 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
         by_labels = [r for r in screening if r["labels_accuracy"] > r["kd_accuracy"]]
         if by_labels:
             lines.append(f"{len(by_labels)} of {len(screening)} students were more accurate trained on the hard labels "
-                         f"than distilled from the model (mean {100 * _mean(r['labels_accuracy'] for r in screening):.2f}% "
-                         f"vs {100 * _mean(r['kd_accuracy'] for r in screening):.2f}% on validation): the model's own "
+                         f"than distilled from the model (mean {100 * statistics.mean(r['labels_accuracy'] for r in screening):.2f}% "
+                         f"vs {100 * statistics.mean(r['kd_accuracy'] for r in screening):.2f}% on validation): the model's own "
                          "errors limit what its soft targets teach, so those students learn from the labels.")
     sp = sens["sparsity"]
     grid = [v for v, _ in next(iter(sp["curves"].values()))]
@@ -388,11 +389,6 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
         lines.append("The packed .slim file is what ships; slimkit.load() unpacks it into a dense model, which runs in "
                      "ONNX Runtime as fp32 (the latency above is that model's).")
     return lines
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def describe(params: dict) -> str:
