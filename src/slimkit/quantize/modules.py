@@ -31,10 +31,11 @@ def nbits_exportable(layer: nn.Module) -> bool:
     """True for an int4 weight-only Linear with symmetric per-group scales whose group size is a power
     of two >= 16: ONNX Runtime runs it as `com.microsoft::MatMulNBits` (4-bit weights in blocks along
     the input dimension, one scale per block)."""
-    s = getattr(layer, "spec", None)
-    return (isinstance(layer, QuantLinear) and s is not None and s.bits == 4 and s.signed and s.symmetric
-            and s.granularity == "group" and s.group_size >= 16 and s.group_size & (s.group_size - 1) == 0
-            and layer.layer.in_features % s.group_size == 0 and not layer.dynamic
+    if not isinstance(layer, QuantLinear):
+        return False
+    s = layer.spec  # a per-group spec already divides in_features (checked when the layer is built)
+    return (s.bits == 4 and s.signed and s.symmetric and s.granularity == "group" and s.group_size >= 16
+            and s.group_size & (s.group_size - 1) == 0 and not layer.dynamic
             and layer.input_quant is None and layer.input_owned is None)
 
 
