@@ -196,12 +196,10 @@ def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
 
 def conversion_report(model: nn.Module) -> dict[str, Any]:
     """The structure of the last separable stage applied to `model` ({"layers": ..., "skipped": ...})."""
-    from slimkit.core.state import stages
+    from slimkit.core.state import last_stage
 
-    for stage in reversed(stages(model)):
-        if stage["technique"] == "separable":
-            return stage["structure"]
-    return {"layers": {}, "skipped": {}}
+    stage = last_stage(model, "separable")
+    return stage["structure"] if stage else {"layers": {}, "skipped": {}}
 
 
 def restore(model: nn.Module, config: SeparableConfig, structure: dict[str, Any]) -> nn.Module:

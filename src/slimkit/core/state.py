@@ -48,3 +48,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 def stages(model: nn.Module) -> list[dict[str, Any]]:
     return list(get_state(model)["stages"])
+
+
+def last_stage(model: nn.Module, technique: str) -> dict[str, Any] | None:
+    """The most recent recorded stage of `technique` on `model`, or None."""
+    return next((s for s in reversed(stages(model)) if s["technique"] == technique), None)

@@ -291,12 +291,10 @@ def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
 
 def factorization_report(model: nn.Module) -> dict[str, Any]:
     """The structure of the last factorize stage applied to `model` ({"layers": ..., "skipped": ...})."""
-    from slimkit.core.state import stages
+    from slimkit.core.state import last_stage
 
-    for stage in reversed(stages(model)):
-        if stage["technique"] == "factorize":
-            return stage["structure"]
-    return {"layers": {}, "skipped": {}}
+    stage = last_stage(model, "factorize")
+    return stage["structure"] if stage else {"layers": {}, "skipped": {}}
 
 
 def restore(model: nn.Module, config: LowRankConfig, structure: dict[str, Any]) -> nn.Module:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from slimkit.core.artifact import register_loader
 from slimkit.core.registry import Technique, register
+from slimkit.core.state import last_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError
 from slimkit.export.base import register_exporter
@@ -46,8 +47,8 @@ def _slim_path(path_without_suffix: Path) -> Path:
 
 
 def _write_slim(model: nn.Module, path_without_suffix: Path, task: Task | None = None) -> Path:
-    config = next((PackConfig.from_dict(s["config"]) for s in reversed(getattr(model, "slimkit_state", {}).get("stages", []))
-                   if s["technique"] == "pack"), PackConfig())
+    stage = last_stage(model, "pack")
+    config = PackConfig.from_dict(stage["config"]) if stage else PackConfig()
     path = _slim_path(path_without_suffix)
     write_packed(model, path, index=config.index, level=config.level)
     return path
