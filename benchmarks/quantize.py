@@ -5,7 +5,8 @@ and data. Prints a table, writes JSON (`--out`), exits 0 whether or not the chec
 
 Parts:
   cnn     digits CNNs (vgg_small, LeNet-5): static int8 accuracy, bytes, latency (ORT int8 vs ORT fp32 vs
-          PyTorch eager, batch 64, 1 thread), and ORT's quantize_static on the same model and data.
+          PyTorch eager, batch 64, 1 thread), ORT's quantize_static and torchao's PT2E x86 int8 (run in
+          PyTorch on oneDNN kernels) on the same model and data.
   lowbit  LeNet-5 at 4-bit weights / 8-bit activations: round-to-nearest vs AdaRound vs QAT (LSQ).
   effnet  EfficientNet-Lite0 (ImageNet weights), natural-image crops: top-1 agreement with fp32 and
           latency at batch 8, slimkit vs ORT quantize_static (per-channel MinMax).
@@ -29,7 +30,7 @@ from _common import check, environment, print_table, write_result  # noqa: E402
 import slimkit as sk  # noqa: E402
 from slimkit.evaluate import ort_latency, torch_latency  # noqa: E402
 from slimkit.export.onnx import export_onnx, run_onnx  # noqa: E402
-from slimkit.quantize import QuantConfig, check_parity, export_quantized  # noqa: E402
+from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize_pt2e  # noqa: E402
 from slimkit.quantize.export import onnx_op_counts  # noqa: E402
 
 
@@ -70,8 +71,11 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
         fp32 = export_onnx(model, tmp / f"{name}_fp32.onnx", task.example_input(1))
         qpath = export_quantized(q, tmp / f"{name}_int8.onnx", task.example_input(1))
         ortq = ort_static(fp32, tmp / f"{name}_ortq.onnx", calib)
+        pt2e = quantize_pt2e(model, task=task)  # torchao's PT2E flow, x86 quantizer, oneDNN int8 in PyTorch
+        pt2e_path = sk.save(pt2e, tmp / f"{name}_pt2e.safetensors")
         x64 = task.example_input(64)
         lat = {"torch_fp32": torch_latency(model, x64, threads=1, runs=30)["median_ms"],
+               "torchao_pt2e_int8": torch_latency(pt2e, x64, threads=1, runs=30)["median_ms"],
                "ort_fp32": ort_latency(fp32, x64, threads=1, runs=50)["median_ms"],
                "slimkit_int8": ort_latency(qpath, x64, threads=1, runs=50)["median_ms"],
                "ort_quantizer_int8": ort_latency(ortq, x64, threads=1, runs=50)["median_ms"]}
@@ -79,7 +83,8 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
             acc_fp32 = (model(x_test).argmax(1) == y_test).float().mean().item()
         acc = {"fp32": acc_fp32,
                "slimkit_int8": (ort_predict(qpath, x_test).argmax(1) == y_test).float().mean().item(),
-               "ort_quantizer_int8": (ort_predict(ortq, x_test).argmax(1) == y_test).float().mean().item()}
+               "ort_quantizer_int8": (ort_predict(ortq, x_test).argmax(1) == y_test).float().mean().item(),
+               "torchao_pt2e_int8": (pt2e(x_test).argmax(1) == y_test).float().mean().item()}
         parity = check_parity(q, qpath, x64)
         ops = onnx_op_counts(qpath)
         for variant, path in (("fp32", fp32), ("slimkit_int8", qpath), ("ort_quantizer_int8", ortq)):
@@ -88,6 +93,13 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
                          "torch_eager_ms_b64_1t": lat["torch_fp32"] if variant == "fp32" else None,
                          "parity_max_abs_diff": parity["max_abs_diff"] if variant == "slimkit_int8" else None,
                          "int8_kernels": ops.get("QLinearConv", 0) + ops.get("QGemm", 0) if variant == "slimkit_int8" else None})
+        kernels = pt2e.kernels()
+        rows.append({"part": "cnn", "model": name, "variant": "torchao_pt2e_int8", "accuracy": acc["torchao_pt2e_int8"],
+                     "bytes": pt2e_path.stat().st_size, "ort_ms_b64_1t": None,
+                     "torch_eager_ms_b64_1t": lat["torchao_pt2e_int8"],
+                     "int8_kernels": kernels.get("onednn.qconv_pointwise.default", 0)
+                     + kernels.get("onednn.qlinear_pointwise.default", 0),
+                     "note": "PyTorch with oneDNN int8 kernels; file = float weights + observer statistics"})
         if name == "vgg_small":  # the small CNN of the acceptance checks (LeNet-5 is too small for int8 to pay)
             drop = 100 * (acc["fp32"] - acc["slimkit_int8"])
             checks.append(check("cnn: static int8 accuracy drop (points, ORT int8, vgg_small)", round(drop, 3), "<= 0.3", drop <= 0.3))

@@ -12,9 +12,10 @@ from slimkit.quantize.apply import quantize, restore
 from slimkit.quantize.config import MixedPrecisionConfig, QuantConfig
 from slimkit.quantize.export import check_parity, export_quantized
 from slimkit.quantize.numerics import QuantSpec, sqnr_db
+from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
 
 __all__ = ["quantize", "QuantConfig", "MixedPrecisionConfig", "QuantSpec", "export_quantized", "check_parity",
-           "sqnr_db", "restore"]
+           "sqnr_db", "restore", "quantize_pt2e", "Pt2eConfig"]
 
 
 from slimkit.core.verbs import make_callable  # noqa: E402

@@ -205,3 +205,5 @@ def _register_exporter() -> None:
 
 
 _register_exporter()
+
+from slimkit.quantize import pt2e as _pt2e  # noqa: E402,F401  (registers the quantize_pt2e technique)

@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         adaround: bool = typer.Option(False, "--adaround", help="learned rounding of weights"),
         qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after PTQ"),
         keep_float: list[str] = typer.Option([], "--keep-float", help="layer name patterns left in float (repeatable)"),
+        backend: str = typer.Option("onnx", "--backend", help="onnx: int8 QDQ for ONNX Runtime (slimkit's own "
+                                    "calibration) | pt2e: int8 in PyTorch via torchao PT2E + x86 quantizer"),
         config: Optional[Path] = typer.Option(None, "--config", help="QuantConfig as YAML/JSON (replaces the options above)"),
         out: Path = typer.Option(Path("slimkit-out/quantized"), "--out", "-o", help="output folder"),
         threads: int = typer.Option(1, help="threads for latency"),
@@ -33,6 +35,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Quantize weights (and activations); write model.onnx (int8 QDQ) and model.safetensors."""
         from slimkit.cli.common import console, load_model, load_task
+        from slimkit.errors import ConfigError
+
+        if backend not in ("onnx", "pt2e"):
+            raise ConfigError(f"--backend must be onnx or pt2e, got {backend!r}")
+        if backend == "pt2e":
+            return _pt2e(model, data, weights_file, samples, out, threads, batch_size)
         from slimkit.core.artifact import save
         from slimkit.evaluate import ort_latency, predict, topk_accuracy
         from slimkit.export.onnx import export_onnx
@@ -69,3 +77,28 @@ def register(app: typer.Typer) -> None:
         for note in getattr(q, "slimkit_notes", []):
             console.print(f"note: {note}", markup=False, highlight=False)
         console.print(f"wrote {q_onnx}, {out / 'model.safetensors'}", markup=False, highlight=False)
+
+
+def _pt2e(model: str, data: str, weights_file, samples: int, out: Path, threads: int, batch_size: int) -> None:
+    """`--backend pt2e`: torchao's static int8 (its own quantizer's choices), timed in PyTorch."""
+    from slimkit.cli.common import console, load_model, load_task
+    from slimkit.core.artifact import save
+    from slimkit.evaluate import predict, topk_accuracy, torch_latency
+    from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
+
+    task = load_task(data)
+    net = load_model(model, weights=weights_file, task=task)
+    q = quantize_pt2e(net, Pt2eConfig(calibration_samples=samples, batch_size=batch_size), task=task)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save(q, out / "model.safetensors")
+    example = task.example_input(batch_size)
+    for label, m in (("fp32", net), ("int8 pt2e", q)):
+        acc = topk_accuracy(*predict(m, task, "test"))["top1"] if task.metric == "accuracy" else None
+        lat = torch_latency(m, example, threads=threads, runs=20)["median_ms"]
+        acc_s = f"accuracy {100 * acc:.2f}%  " if acc is not None else ""
+        console.print(f"{label:<10} {acc_s}{lat:.3f} ms (PyTorch, {threads} thread(s), batch {batch_size})",
+                      markup=False, highlight=False)
+    kernels = {k: v for k, v in q.kernels().items() if k.startswith("onednn.")}
+    console.print(f"int8 kernels: {kernels}", markup=False, highlight=False)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes: float weights + observer statistics; the int8 "
+                  "graph is rebuilt on load)", markup=False, highlight=False)
