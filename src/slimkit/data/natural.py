@@ -51,11 +51,15 @@ def source_images() -> list[tuple[str, np.ndarray]]:
     return images
 
 
-def natural_images(n: int = 256, *, size: int = 224, seed: int = 0,
+def natural_images(n: int = 256, *, size: int = 224, seed: int = 0, min_scale: float = 0.2,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
-    """`n` random square crops (random scale 0.2-1 of the short side, random flips), resized to
-    `size`, normalized with ImageNet statistics. Different seeds give disjoint-ish sets; use
-    separate seeds for calibration and evaluation."""
+    """`n` random square crops (side: a random fraction `min_scale`-1 of the image's short side;
+    random flips), resized to `size`, normalized with ImageNet statistics. Different seeds give
+    disjoint-ish sets; use separate seeds for calibration and evaluation. Small crops of these
+    photographs are often textures no ImageNet class fits, so a larger `min_scale` gives crops on
+    which an ImageNet model is more decisive."""
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
     import torch.nn.functional as F
 
     rng = np.random.default_rng(seed)
@@ -66,7 +70,7 @@ def natural_images(n: int = 256, *, size: int = 224, seed: int = 0,
     for i in range(n):
         _, img = sources[int(rng.integers(len(sources)))]
         h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.2, 1.0))
+        side = int(min(h, w) * rng.uniform(min_scale, 1.0))
         side = max(side, 32)
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
