@@ -130,3 +130,12 @@ def test_natural_images_are_real_and_normalized():
     assert x.shape == (8, 3, 64, 64)
     assert torch.isfinite(x).all() and 0.3 < x.std() < 3
     assert not torch.equal(x, data.natural_images(8, size=64, seed=2))
+
+
+def test_natural_images_min_scale():
+    # the same seed draws the same sources and positions; min_scale=1 crops the whole short side
+    whole = data.natural_images(4, size=32, seed=5, min_scale=1.0)
+    assert whole.shape == (4, 3, 32, 32)
+    assert not torch.equal(whole, data.natural_images(4, size=32, seed=5))
+    with pytest.raises(ValueError, match="min_scale"):
+        data.natural_images(2, min_scale=0.0)

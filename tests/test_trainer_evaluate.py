@@ -111,3 +111,14 @@ def test_export_unknown_format(trained_lenet5, tmp_path):
 
     with pytest.raises(ConfigError, match="unknown format '.tflite'"):
         slimkit.export(trained_lenet5, tmp_path / "m.tflite")
+
+
+def test_torch_latency_channels_last_runs_a_nhwc_copy(trained_lenet5, digits_task):
+    from slimkit.evaluate import torch_latency
+
+    x = digits_task.example_input(4)
+    r = torch_latency(trained_lenet5, x, runs=3, warmup=1, channels_last=True)
+    assert r["memory_format"] == "channels_last" and r["median_ms"] > 0 and r["batch_size"] == 4
+    # the caller's model and input keep their layout
+    assert trained_lenet5.features[0].weight.is_contiguous() and x.is_contiguous()
+    assert torch_latency(trained_lenet5, x, runs=3, warmup=1)["memory_format"] == "contiguous"
