@@ -6,7 +6,9 @@ Rows (one per model): LeNet-300-100 baseline, SVD at 95% energy (weight basis an
 each recovered by at most 2 epochs of KD; VGG-small baseline, Tucker-2 and depthwise-separable
 conversion, each recovered by KD. Every row records test accuracy, parameters, MACs (batch 1),
 bytes of the saved file, and median latency at batch 1 and 64 in PyTorch eager and ONNX Runtime
-(1 thread). Checks are the acceptance figures of issue 5, computed from these rows.
+(1 thread); PyTorch eager at batch 64 also in channels_last (NHWC) layout, and the eager speed-up
+check compares each model in its faster layout. Checks are the acceptance figures of issue 5,
+computed from these rows.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def measure(name: str, model, task, workdir: Path, *, latency: bool, runs: int, 
         for batch in (1, 64):
             x = task.example_input(batch)
             row[f"torch_b{batch}_ms"] = torch_latency(model, x, threads=THREADS, runs=runs)["median_ms"]
+            # NHWC: PyTorch then runs convolutions on oneDNN's blocked kernels (depthwise ones gain most)
+            row[f"torch_cl_b{batch}_ms"] = torch_latency(model, x, threads=THREADS, runs=runs,
+                                                        channels_last=True)["median_ms"]
             row[f"ort_b{batch}_ms"] = ort_latency(onnx_path, x, threads=THREADS, runs=runs)["median_ms"]
     print(f"  {name}: accuracy {100 * row['test_accuracy']:.2f}%, {row['params']:,} params, {row['macs']:,} MACs",
           flush=True)
@@ -51,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--mlp-epochs", type=int, default=60, help="training epochs of the LeNet-300-100 baselines")
     parser.add_argument("--cnn-epochs", type=int, default=6, help="training epochs of the VGG-small baseline")
-    parser.add_argument("--recovery-epochs", type=int, default=2, help="KD recovery epochs after each conversion")
+    parser.add_argument("--recovery-epochs", type=int, default=2, help="KD recovery epochs after each SVD (LeNet-300-100)")
+    parser.add_argument("--cnn-recovery-epochs", type=int, default=10,
+                        help="KD recovery epochs after Tucker-2 / separable conversion of VGG-small (chosen on validation: "
+                             "the separable net reached 98.89%% / 98.89%% / 99.44%% after 2 / 5 / 10)")
     parser.add_argument("--mlp-weight-decay", type=float, default=0.01, help="L2 weight decay of the second MLP baseline")
     parser.add_argument("--tucker-ratio", type=float, default=0.2, help="parameter ratio kept by each Tucker-2 layer")
     parser.add_argument("--parts", default="mlp,cnn", help="comma-separated: mlp (LeNet-300-100), cnn (VGG-small)")
@@ -94,16 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                                           data_aware=True, selector={"include": ["features.*"], "exclude": ["features.0"]})
             tucker = sk.factorize(vgg, tucker_cfg, task=task)
             before = accuracy(tucker, task, "test")
-            tucker = sk.distill.recover(tucker, vgg, task, epochs=args.recovery_epochs)
+            tucker = sk.distill.recover(tucker, vgg, task, epochs=args.cnn_recovery_epochs)
             rows.append(measure("vgg_small tucker2", tucker, task, work, latency=True, runs=args.runs,
-                                technique=f"factorize tucker2 param_ratio={args.tucker_ratio} data-aware + KD {args.recovery_epochs} ep",
+                                technique=f"factorize tucker2 param_ratio={args.tucker_ratio} data-aware + KD {args.cnn_recovery_epochs} ep",
                                 accuracy_before_recovery=before,
                                 ranks={k: v["rank"] for k, v in sk.lowrank.factorization_report(tucker)["layers"].items()}))
             mobile = sk.separable(vgg, sk.SeparableConfig(recovery="none"), task=task)
             before = accuracy(mobile, task, "test")
-            mobile = sk.distill.recover(mobile, vgg, task, epochs=args.recovery_epochs)
+            mobile = sk.distill.recover(mobile, vgg, task, epochs=args.cnn_recovery_epochs)
             rows.append(measure("vgg_small separable", mobile, task, work, latency=True, runs=args.runs,
-                                technique=f"separable (least-squares init) + KD {args.recovery_epochs} ep",
+                                technique=f"separable (least-squares init) + KD {args.cnn_recovery_epochs} ep",
                                 accuracy_before_recovery=before,
                                 converted=sorted(sk.arch.conversion_report(mobile)["layers"])))
     by = {r["model"]: r for r in rows}
@@ -122,14 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         r = by[f"vgg_small {name}"]
         checks.append(check(f"vgg_small {name}: MAC reduction", round(vbase["macs"] / r["macs"], 2), ">= 3x",
                             vbase["macs"] / r["macs"] >= 3))
-        for rt in ("torch", "ort"):
-            speedup = vbase[f"{rt}_b64_ms"] / r[f"{rt}_b64_ms"]
-            checks.append(check(f"vgg_small {name}: {'PyTorch eager' if rt == 'torch' else 'ONNX Runtime'} speedup at batch 64",
+        # PyTorch eager: each model in its faster memory layout (both layouts are in the rows)
+        def eager(row):
+            return min(row["torch_b64_ms"], row["torch_cl_b64_ms"])
+
+        speedups = {"PyTorch eager (each model in its faster layout)": eager(vbase) / eager(r),
+                    "ONNX Runtime": vbase["ort_b64_ms"] / r["ort_b64_ms"]}
+        for label, speedup in speedups.items():
+            detail = (f" (contiguous {vbase['torch_b64_ms'] / r['torch_b64_ms']:.2f}x, channels_last "
+                      f"{vbase['torch_cl_b64_ms'] / r['torch_cl_b64_ms']:.2f}x)") if label.startswith("PyTorch") else ""
+            checks.append(check(f"vgg_small {name}: {label} speedup at batch 64{detail}",
                                 round(speedup, 2), ">= 2x", speedup >= 2))
         drop = 100 * (vbase["test_accuracy"] - r["test_accuracy"])
         checks.append(check(f"vgg_small {name}: accuracy drop after recovery", round(drop, 2), "<= 1 point", drop <= 1))
-    columns = ["model", "test_accuracy", "params", "macs", "size_bytes", "torch_b1_ms", "torch_b64_ms", "ort_b1_ms",
-               "ort_b64_ms", "accuracy_before_recovery"]
+    columns = ["model", "test_accuracy", "params", "macs", "size_bytes", "torch_b1_ms", "torch_b64_ms", "torch_cl_b64_ms",
+               "ort_b1_ms", "ort_b64_ms", "accuracy_before_recovery"]
     print_table(rows, columns, title="lowrank / separable on digits (latency: median ms, 1 thread)")
     env = environment(threads=THREADS, seconds=round(time.perf_counter() - t0, 1),
                       note="shared 2-core machine; other engineers' jobs were running during this benchmark")
