@@ -46,6 +46,9 @@ class MixedPrecisionConfig(Config):
 
         if (self.size_fraction is None) == (self.max_accuracy_drop is None):
             raise ConfigError("MixedPrecisionConfig: give exactly one of size_fraction or max_accuracy_drop")
+        if len(set(self.candidates)) < 2:
+            raise ConfigError(f"MixedPrecisionConfig.candidates: give at least two different bit widths, "
+                              f"got {self.candidates}")
         for b in self.candidates:
             if not (MIN_BITS <= b <= MAX_BITS):
                 raise ConfigError(f"MixedPrecisionConfig.candidates: bit width {b} is out of range "
