@@ -47,7 +47,8 @@ def run_strategies(task, args, budget, work: Path) -> list[dict]:
     for strategy in args.strategies:
         cfg = NASConfig(strategy=strategy, trials=args.trials, epochs=args.epochs, max_macs=budget,
                         population=args.population, sample_size=args.sample_size, supernet_epochs=args.epochs,
-                        seed=args.seed, train_threads=args.threads)
+                        seed=args.seed, train_threads=args.threads, finalists=args.finalists,
+                        finalist_seeds=args.finalist_seeds)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         result = search(task, cfg, out_dir=work / strategy, progress=False)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -55,6 +56,7 @@ def run_strategies(task, args, budget, work: Path) -> list[dict]:
         complete = [r for r in result.rows if r["state"] == "COMPLETE"]
         rows.append({"part": "search", "strategy": strategy, "trials": len(complete), "epochs": args.epochs,
                      "best_trial": best["trial"], "val_accuracy": best["val_accuracy"],
+                     "val_accuracy_mean": best.get("val_accuracy_mean"), "finalists": result.info.get("finalists"),
                      "test_accuracy": test_accuracy(result.model, task), "macs": best["macs"],
                      "params": best["param_count"], "budget_macs": budget, "within_budget": best["macs"] <= budget,
                      "all_trials_within_budget": all(r["macs"] <= budget for r in complete),
@@ -217,6 +219,8 @@ def main() -> int:
     parser.add_argument("--sample-size", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=["random", "evolution", "rl", "gradient"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--finalists", type=int, default=5, help="most accurate trials re-trained before choosing")
+    parser.add_argument("--finalist-seeds", type=int, default=2, help="extra proxy-training seeds per finalist")
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--latency-calibration", type=int, default=3)
     parser.add_argument("--latency-runs", type=int, default=30)

@@ -61,7 +61,26 @@ def test_two_workers_share_one_study_no_trial_lost_or_run_twice(small_digits, tm
     assert (tmp_path / "pareto.png").stat().st_size > 0
     saved = json.loads((tmp_path / "search.json").read_text())
     assert saved["best"]["trial"] == result.best["trial"]
-    assert result.best["val_accuracy"] == max(r["val_accuracy"] for r in result.pareto)
+    # the chosen one: the best mean validation accuracy among the finalists (the most accurate trials)
+    finalists = result.info["finalists"]
+    assert len(finalists) == 3 and all(len(f["val_accuracy_seeds"]) == 3 for f in finalists)
+    top = sorted((r["val_accuracy"] for r in result.rows if r["state"] == "COMPLETE"), reverse=True)[:3]
+    assert sorted((f["val_accuracy_seeds"][0] for f in finalists), reverse=True) == top
+    assert abs(result.best["val_accuracy_mean"] - max(f["val_accuracy_mean"] for f in finalists)) < 1e-4
+
+
+def test_finalists_are_retrained_once(small_digits, tmp_path, monkeypatch):
+    import slimkit.core.trainer as trainer
+
+    cfg = tiny(strategy="random", trials=3, finalists=2, finalist_seeds=1)
+    first = search(small_digits, cfg, out_dir=tmp_path, progress=False)
+    assert [len(f["val_accuracy_seeds"]) for f in first.info["finalists"]] == [2, 2]
+    calls = []
+    real_fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    again = search(small_digits, cfg, out_dir=tmp_path, progress=False)  # the study is complete: nothing to train
+    assert calls == [] and again.info["finalists"] == first.info["finalists"]
+    assert again.best["trial"] == first.best["trial"]
 
 
 def _search_forever(task, out_dir, storage):

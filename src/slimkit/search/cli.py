@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         objective: str = typer.Option("macs", help="cost on the Pareto front: macs | params | latency"),
         runtime: str = typer.Option("torch", help="latency table runtime: torch | ort"),
         train_fraction: float = typer.Option(1.0, help="fraction of the training split for proxy training"),
+        finalists: int = typer.Option(3, help="most accurate trials re-trained with more seeds before choosing (0: off)"),
         storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: journal file in --out)"),
         study: Optional[str] = typer.Option(None, help="study name (workers with the same name share it)"),
         workers: int = typer.Option(1, help="local worker processes"),
@@ -39,7 +40,8 @@ def register(app: typer.Typer) -> None:
         else:
             cfg = NASConfig(space=space, strategy=strategy, trials=trials, epochs=epochs, max_macs=max_macs,
                             max_params=max_params, max_latency_ms=max_latency_ms, max_macs_ratio=max_macs_ratio,
-                            objective=objective, runtime=runtime, train_fraction=train_fraction, seed=seed)
+                            objective=objective, runtime=runtime, train_fraction=train_fraction, finalists=finalists,
+                            seed=seed)
         task = load_task(data)
         ref = load_model(reference, task=task) if reference else None
         result = search(task, cfg, out_dir=out, storage=storage, study_name=study, workers=workers, reference=ref)

@@ -75,6 +75,10 @@ class NASConfig(Config):
     supernet_epochs: int = Field(3, ge=1)
     supernet_max_steps: int | None = Field(None, gt=0)
     final_epochs: int | None = Field(None, ge=1)
+    # choosing: the `finalists` most accurate trials are proxy-trained again with `finalist_seeds` more
+    # seeds and the best mean validation accuracy wins (one proxy run's accuracy is noisy; 0: no re-ranking)
+    finalists: int = Field(3, ge=0)
+    finalist_seeds: int = Field(2, ge=1)
     seed: int = 0
     stale_after_s: float = Field(120.0, gt=0)
 
@@ -462,6 +466,7 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
         run_worker(task, config, storage_url, study_name, out_dir, constraints=constraints, progress=False)
     seconds = time.perf_counter() - t_start
     result = collect(study, storage_url, config)
+    rerank_finalists(result, study, ctx, progress)
     result.info.update({"seconds": round(seconds, 2), "workers": workers, "constraints": cons_dict,
                         "reference_macs": reference_macs, "cheapest_candidate": cheapest,
                         "supernet": study.user_attrs.get("supernet"),
@@ -507,7 +512,8 @@ def _watch(study, n: int, procs, progress: bool) -> None:
 
 
 def collect(study, storage_url: str, config: NASConfig) -> SearchResult:
-    """Rows of every trial of a study, its Pareto front and the chosen (most accurate) trial."""
+    """Rows of every trial of a study, its Pareto front and the most accurate trial (before any
+    re-ranking of finalists, see `rerank_finalists`)."""
     from optuna.trial import TrialState
 
     rows = []
@@ -525,6 +531,45 @@ def collect(study, storage_url: str, config: NASConfig) -> SearchResult:
     front = pareto_front(complete, key)
     best = max(complete, key=lambda r: (r["val_accuracy"], -(r[key] or 0)), default=None)
     return SearchResult(study_name=study.study_name, storage=storage_url, rows=rows, pareto=front, best=best)
+
+
+def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool = False) -> None:
+    """Re-train the most accurate trials with more seeds; the best mean validation accuracy is chosen.
+
+    The extra accuracies are stored on the study (user attribute `finalists`), so a resumed or
+    repeated search does not train them again."""
+    from slimkit.core.trainer import TrainConfig, accuracy, fit
+    from slimkit.evaluate.latency import torch_threads
+    from slimkit.search.space import build
+
+    cfg = ctx.config
+    complete = [r for r in result.rows if r["state"] == "COMPLETE"]
+    if not cfg.finalists or len(complete) < 2:
+        return
+    key = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}[cfg.objective]
+    top = sorted(complete, key=lambda r: (-r["val_accuracy"], r[key] or 0))[:cfg.finalists]
+    done: dict[str, list[float]] = dict(study.user_attrs.get("finalists") or {})
+    todo = [r for r in top if len(done.get(str(r["trial"]), [])) != cfg.finalist_seeds]
+    with torch_threads(cfg.train_threads), progress_bar("NAS finalists", len(todo) * cfg.finalist_seeds
+                                                        if progress else 0) as advance:
+        for r in todo:
+            accs = []
+            for j in range(1, cfg.finalist_seeds + 1):
+                seed = cfg.seed + 1_000_003 * j + r["trial"]  # seeds no trial uses
+                torch.manual_seed(seed)
+                model = fit(build(r["spec"]), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=seed,
+                                                                          max_steps=cfg.max_steps), progress=False).model
+                accs.append(accuracy(model, ctx.task, "val"))
+                advance(1)
+            done[str(r["trial"])] = accs
+            study.set_user_attr("finalists", done)
+    for r in top:
+        seeds = [r["val_accuracy"], *done[str(r["trial"])]]
+        r["val_accuracy_seeds"] = seeds
+        r["val_accuracy_mean"] = sum(seeds) / len(seeds)
+    result.best = max(top, key=lambda r: (r["val_accuracy_mean"], -(r[key] or 0)))
+    result.info["finalists"] = [{"trial": r["trial"], "val_accuracy_seeds": r["val_accuracy_seeds"],
+                                 "val_accuracy_mean": round(r["val_accuracy_mean"], 4)} for r in top]
 
 
 def pareto_front(rows: list[dict[str, Any]], cost_key: str) -> list[dict[str, Any]]:
