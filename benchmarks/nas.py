@@ -223,7 +223,7 @@ def main() -> int:
     parser.add_argument("--finalist-seeds", type=int, default=2, help="extra proxy-training seeds per finalist")
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--latency-calibration", type=int, default=3)
-    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--latency-runs", type=int, default=100)
     parser.add_argument("--scale-trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--final-seeds", type=int, default=5,
