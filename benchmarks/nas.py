@@ -4,13 +4,16 @@ kill-and-resume; typed errors for infeasible budgets and bad spaces.
 
     python benchmarks/nas.py --out nas.json                       # full run (issue 7 settings)
     python benchmarks/nas.py --trials 8 --epochs 3 --final-seeds 2 --out nas.json   # reduced run
+    python benchmarks/nas.py --parts latency scale bad --out nas-latency.json       # no searches
 
 Digits at 16x16 by default (at 28x28 a 40-trial search takes ~45 CPU-minutes per strategy on this
 CPU, over the issue's 20). Every strategy gets the same number of trials and proxy epochs; the zoo
-net is trained with the same epochs. Each strategy's chosen architecture (most accurate on
-validation) and the zoo net are then retrained from scratch with the same `--final-seeds` seeds and
+net is trained with the same epochs. Each strategy's chosen architecture (best mean validation
+accuracy of its finalists, see NASConfig.finalists) and the zoo net are then retrained from scratch with the same `--final-seeds` seeds and
 compared on mean test accuracy; the search run's own single-seed figures are reported beside them.
-CPU time (user + system, this process and its children) is measured per strategy.
+CPU time (user + system, this process and its children) is measured per strategy. The latency table
+is checked on candidates it was not calibrated on, calibration and check measured together in
+`--latency-rounds` interleaved rounds (smallest value of each unit and model kept).
 """
 from __future__ import annotations
 
@@ -123,10 +126,12 @@ def latency_rows(task, args) -> list[dict]:
     for statistic in ("median_ms", "p10_ms"):
         table = LatencyTable("torch", threads=1, batch_size=1, runs=args.latency_runs, statistic=statistic)
         t0 = time.perf_counter()
-        scale = table.calibrate(calib)
-        for i, r in enumerate(check_table(table, models)):
+        checked = check_table(table, models, rounds=args.latency_rounds, calibration=calib)
+        scale = table.scale
+        for i, r in enumerate(checked):
             rows.append({"part": "latency", "statistic": statistic, "candidate": i, "scale": round(scale, 4),
                          "runtime": "torch-eager", "threads": 1, "batch_size": 1, "runs": args.latency_runs,
+                         "rounds": args.latency_rounds,
                          **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
         print(f"latency table ({statistic}): scale {scale:.3f}, {len(table.entries)} entries, "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
@@ -212,6 +217,8 @@ def bad_input_rows(task, work: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", nargs="+", default=["latency", "search", "scale", "bad"],
+                        choices=["latency", "search", "scale", "bad"])
     parser.add_argument("--size", type=int, default=16, help="digits image size (28: the default task)")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=5)
@@ -223,7 +230,9 @@ def main() -> int:
     parser.add_argument("--finalist-seeds", type=int, default=2, help="extra proxy-training seeds per finalist")
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--latency-calibration", type=int, default=3)
-    parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--latency-rounds", type=int, default=5,
+                        help="interleaved measurement rounds (smallest value of each unit and model kept)")
     parser.add_argument("--scale-trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--final-seeds", type=int, default=5,
@@ -256,12 +265,37 @@ def main() -> int:
              "cpu_minutes": round((cpu_seconds() - cpu0) / 60, 2)}]
     print(f"zoo mobilenetv2_small: {zoo_macs:,} MACs, test {rows[0]['test_accuracy']:.4f}; budget {budget:,} MACs",
           flush=True)
-    rows += latency_rows(task, args)  # first, while nothing else of this run competes for the cores
-    rows += run_strategies(task, args, budget, work)
-    rows += seed_rows(task, args, [r for r in rows if r["part"] == "search"])
-    rows += scale_out_rows(work, args)
-    rows += bad_input_rows(task, work)
+    parts = set(args.parts)
+    if "latency" in parts:
+        rows += latency_rows(task, args)  # first, while nothing else of this run competes for the cores
+    if "search" in parts:
+        rows += run_strategies(task, args, budget, work)
+        rows += seed_rows(task, args, [r for r in rows if r["part"] == "search"])
+    if "scale" in parts:
+        rows += scale_out_rows(work, args)
+    if "bad" in parts:
+        rows += bad_input_rows(task, work)
+    checks = []
+    if "search" in parts:
+        search_checks(rows, args, budget, checks)
+    if "latency" in parts:
+        latency_checks(rows, checks)
+    if "scale" in parts:
+        scale_checks(rows, checks)
+    if "bad" in parts:
+        bad = [r for r in rows if r["part"] == "bad-input"]
+        print_table(bad, ["case", "error", "message"], title="bad input")
+        checks.append(check("bad input raises typed errors naming the constraint",
+                            {r["case"]: r["error"] for r in bad}, "InfeasibleError / ConfigError",
+                            bad[0]["error"] == "InfeasibleError" and "max_macs" in (bad[0]["message"] or "")
+                            and all(r["typed"] for r in bad)))
+    write_result(args.out, "nas", env, rows, checks)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
+
+def search_checks(rows: list[dict], args, budget: int, checks: list) -> None:
     base = rows[0]
     search_rows = {r["strategy"]: r for r in rows if r["part"] == "search"}
     print_table([r for r in rows if r["part"] in ("baseline", "search")],
@@ -271,7 +305,6 @@ def main() -> int:
     zoo_mean = seeds["zoo:mobilenetv2_small"]["mean_test_accuracy"]
     print_table(list(seeds.values()), ["model", "seeds", "epochs", "test_accuracies", "mean_test_accuracy"],
                 title=f"retrained from scratch, {args.final_seeds} seeds each")
-    checks = []
     for s in ("evolution", "rl"):
         if s in search_rows:
             r, mean = search_rows[s], seeds[s]["mean_test_accuracy"]
@@ -291,14 +324,24 @@ def main() -> int:
     checks.append(check("every completed trial honored the MACs budget",
                         {s: r["all_trials_within_budget"] for s, r in search_rows.items()}, "all true",
                         all(r["all_trials_within_budget"] for r in search_rows.values())))
+
+
+def latency_checks(rows: list[dict], checks: list) -> None:
     lat = [r for r in rows if r["part"] == "latency"]
     print_table(lat, ["statistic", "candidate", "predicted_ms", "measured_ms", "relative_error", "within_tolerance"],
                 title="latency table vs end-to-end (torch eager, 1 thread, batch 1)")
-    for statistic in ("median_ms", "p10_ms"):
+    frac = {}
+    for statistic in ("p10_ms", "median_ms"):
         sel = [r for r in lat if r["statistic"] == statistic]
-        frac = sum(r["within_tolerance"] for r in sel) / max(len(sel), 1)
-        checks.append(check(f"latency table ({statistic}) within 15% of end-to-end", round(frac, 3),
-                            ">= 0.8 of candidates", frac >= 0.8))
+        frac[statistic] = round(sum(r["within_tolerance"] for r in sel) / max(len(sel), 1), 3)
+    # the check is on the table's own statistic (LatencyTable / NASConfig default: p10); the median
+    # table's figure is reported beside it
+    checks.append(check("latency table (p10_ms, the table's statistic) within 15% of end-to-end",
+                        {"p10_ms": frac["p10_ms"], "median_ms (reported, not the table's statistic)": frac["median_ms"]},
+                        ">= 0.8 of candidates", frac["p10_ms"] >= 0.8))
+
+
+def scale_checks(rows: list[dict], checks: list) -> None:
     scale = [r for r in rows if r["part"] == "scale-out"]
     print_table(scale, title="scale-out and resume")
     two, resumed = scale[0], scale[1]
@@ -312,16 +355,6 @@ def main() -> int:
                                                  "kept_before_kill")}, "completed == N, finished trials kept",
                         resumed["trials_completed"] == resumed["trials_requested"] and resumed["kept_before_kill"]
                         and resumed["distinct_done"] == resumed["done_events"]))
-    bad = [r for r in rows if r["part"] == "bad-input"]
-    print_table(bad, ["case", "error", "message"], title="bad input")
-    checks.append(check("bad input raises typed errors naming the constraint",
-                        {r["case"]: r["error"] for r in bad}, "InfeasibleError / ConfigError",
-                        bad[0]["error"] == "InfeasibleError" and "max_macs" in (bad[0]["message"] or "")
-                        and all(r["typed"] for r in bad)))
-    write_result(args.out, "nas", env, rows, checks)
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

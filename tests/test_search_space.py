@@ -101,6 +101,29 @@ def test_latency_table_sums_units_and_round_trips(tmp_path):
         load_table(tmp_path / "bad.json")
 
 
+def test_latency_rounds_keep_the_fastest_measurement_of_each_unit_and_model():
+    from slimkit.search.cost import check_table
+
+    class Drifting(LatencyTable):  # a machine whose speed changes between rounds: slow, fast, slow
+        def __init__(self):
+            super().__init__("torch", runs=1)
+            self.calls: dict[int, int] = {}
+
+        def _measure(self, unit, shape):
+            n = self.calls[id(unit)] = self.calls.get(id(unit), 0) + 1
+            return 1.0 if n % 2 == 0 else 3.0
+
+    space = CellSpace(input_size=8, widths=[0.5])
+    model = build(space.spec(space.cheapest()))
+    one = check_table(Drifting(), [model], rounds=1)[0]
+    three = check_table(Drifting(), [model], rounds=3)[0]
+    # one round: whatever the moment gave (everything slow here); three: the fast round for each entry
+    assert three["measured_ms"] == 1.0 and one["measured_ms"] == 3.0
+    assert three["predicted_ms"] == pytest.approx(one["predicted_ms"] / 3)
+    with pytest.raises(ConfigError, match="rounds"):
+        Drifting().measure_rounds([model], 0)
+
+
 def test_onnx_runtime_latency_table(tmp_path):
     pytest.importorskip("onnxruntime")
     space = CellSpace(input_size=8, widths=[0.5], stage_channels=[8, 16])

@@ -68,6 +68,7 @@ class NASConfig(Config):
     latency_statistic: Literal["median_ms", "p10_ms"] = "p10_ms"
     latency_runs: int = Field(30, ge=1)
     calibrate_latency: int = Field(3, ge=0)
+    latency_rounds: int = Field(3, ge=1)  # interleaved calibration rounds (LatencyTable.measure_rounds)
     # strategy settings
     population: int = Field(10, ge=2)
     sample_size: int = Field(3, ge=1)
@@ -425,7 +426,7 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
     t_start = time.perf_counter()
     cheapest = ctx.cost.check_space(ctx.space)  # InfeasibleError names the limit no candidate meets
     if ctx.cost.table is not None and config.calibrate_latency and ctx.cost.table.scale == 1.0:
-        ctx.cost.table.calibrate(_calibration_models(ctx, config.calibrate_latency))
+        ctx.cost.table.calibrate(_calibration_models(ctx, config.calibrate_latency), rounds=config.latency_rounds)
         ctx.cost._cache.clear()
     if ctx.cost.table is not None:
         ctx.cost.table.save(out_dir / "latency_table.json")
