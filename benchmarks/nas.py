@@ -78,7 +78,7 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     import torch
 
     from slimkit import zoo
-    from slimkit.core.trainer import TrainConfig, fit
+    from slimkit.core.trainer import TrainConfig, accuracy, fit
     from slimkit.search.space import build
 
     def train(make, seed):
@@ -96,9 +96,12 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     models = [("zoo:mobilenetv2_small", zoo_net)] + [(r["strategy"], chosen(r["architecture"])) for r in search_rows]
     rows = []
     for label, make in models:
-        accs = [test_accuracy(train(make, seed), task) for seed in range(args.final_seeds)]
+        nets = [train(make, seed) for seed in range(args.final_seeds)]
+        accs = [test_accuracy(net, task) for net in nets]
+        vals = [accuracy(net, task, "val") for net in nets]
         rows.append({"part": "seeds", "model": label, "seeds": args.final_seeds, "epochs": args.epochs,
-                     "test_accuracies": [round(a, 4) for a in accs], "mean_test_accuracy": sum(accs) / len(accs)})
+                     "test_accuracies": [round(a, 4) for a in accs], "mean_test_accuracy": sum(accs) / len(accs),
+                     "val_accuracies": [round(a, 4) for a in vals], "mean_val_accuracy": sum(vals) / len(vals)})
         print(f"{label}: {args.final_seeds} seeds, mean test {rows[-1]['mean_test_accuracy']:.4f} {rows[-1]['test_accuracies']}",
               flush=True)
     return rows
@@ -303,7 +306,8 @@ def search_checks(rows: list[dict], args, budget: int, checks: list) -> None:
                  "within_budget", "wall_s", "cpu_minutes"], title="search under half the zoo net's MACs")
     seeds = {r["model"]: r for r in rows if r["part"] == "seeds"}
     zoo_mean = seeds["zoo:mobilenetv2_small"]["mean_test_accuracy"]
-    print_table(list(seeds.values()), ["model", "seeds", "epochs", "test_accuracies", "mean_test_accuracy"],
+    print_table(list(seeds.values()), ["model", "seeds", "epochs", "test_accuracies", "mean_test_accuracy",
+                                       "mean_val_accuracy"],
                 title=f"retrained from scratch, {args.final_seeds} seeds each")
     for s in ("evolution", "rl"):
         if s in search_rows:
