@@ -205,6 +205,19 @@ def test_mixed_precision_uses_intermediate_widths(trained_lenet5, digits_task):
         MixedPrecisionConfig(candidates=[8, 8], size_fraction=0.5)
 
 
+def test_mixed_precision_accuracy_budget(trained_lenet5, digits_task):
+    from slimkit.core.trainer import accuracy
+    from slimkit.quantize import MixedPrecisionConfig
+
+    cfg = QuantConfig(weights="int8", activations="none", calibration_samples=64,
+                      mixed_precision=MixedPrecisionConfig(candidates=[2, 4, 8], max_accuracy_drop=0.01))
+    q = sk.quantize(trained_lenet5, cfg, task=digits_task)
+    bits = next(s for s in sk.core.state.stages(q) if s["technique"] == "quantize")["structure"]["bits"]
+    assert min(bits.values()) < 8  # something was lowered ...
+    base = accuracy(trained_lenet5, digits_task, "val")
+    assert accuracy(q, digits_task, "val") >= base - 0.01 - 1e-9  # ... within the budget
+
+
 def test_adaround_not_worse_than_round_to_nearest():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))

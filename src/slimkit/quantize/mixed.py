@@ -1,10 +1,11 @@
 """Mixed precision: per-layer sensitivity, then a weight bit-width assignment under a budget.
 
 Sensitivity of a layer = SQNR (dB) of the model's output on a calibration batch when only that
-layer's weights are quantized to a lower candidate bit width (everything else float), measured at
-every candidate below the highest. Layers are lowered one candidate at a time from the highest, the
-step that keeps the most output SQNR first, while the budget allows: size budget (`size_fraction` of the all-highest weight bits) or accuracy budget
-(`max_accuracy_drop` on the validation split, measured after each lowering).
+layer's weights are quantized to a candidate bit width (everything else float), measured at every
+candidate. Layers are lowered one candidate at a time from the highest, the step that adds the least
+output noise per weight bit saved first, while the budget allows: size budget (`size_fraction` of the
+all-highest weight bits) or accuracy budget (`max_accuracy_drop` on the validation split, measured
+after each lowering). See `assign_bits`.
 """
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ def assign_bits(model, config, task, batches) -> tuple[dict[str, int], list[str]
                                           if b * sum(sizes.values()) <= target]
         measured = [output_sqnr(model, config, batch, o) for o in options]
         bits = options[max(range(len(options)), key=measured.__getitem__)]
-        why_extra = f"; output SQNR {max(measured):.1f} dB, best of {len(options)} assignments measured"
-        why = f"size budget {mp.size_fraction:.2f} of {high}-bit weights{why_extra}"
+        why = (f"size budget {mp.size_fraction:.2f} of {high}-bit weights; output SQNR {max(measured):.1f} dB, "
+               f"best of {len(options)} assignments measured")
     else:
         if task is None or task.metric != "accuracy":
             raise ConfigError("mixed precision with max_accuracy_drop needs a classification task")
