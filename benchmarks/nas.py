@@ -9,8 +9,9 @@ kill-and-resume; typed errors for infeasible budgets and bad spaces.
 Digits at 16x16 by default (at 28x28 a 40-trial search takes ~45 CPU-minutes per strategy on this
 CPU, over the issue's 20). Every strategy gets the same number of trials and proxy epochs; the zoo
 net is trained with the same epochs. Each strategy's chosen architecture (best mean validation
-accuracy of its finalists, see NASConfig.finalists) and the zoo net are then retrained from scratch with the same `--final-seeds` seeds and
-compared on mean test accuracy; the search run's own single-seed figures are reported beside them.
+accuracy of its finalists, see NASConfig.finalists) and the zoo net are then retrained from scratch
+with the same `--final-seeds` seeds and compared on mean test accuracy (mean validation accuracy
+beside it); the search run's own single-seed figures are reported beside them.
 CPU time (user + system, this process and its children) is measured per strategy. The latency table
 is checked on candidates it was not calibrated on, calibration and check measured together in
 `--latency-rounds` interleaved rounds (smallest value of each unit and model kept).

@@ -8,8 +8,9 @@ Parts:
           PyTorch eager, batch 64, 1 thread), ORT's quantize_static and torchao's PT2E x86 int8 (run in
           PyTorch on oneDNN kernels) on the same model and data.
   lowbit  LeNet-5 at 4-bit weights / 8-bit activations: round-to-nearest vs AdaRound vs QAT (LSQ).
-  effnet  EfficientNet-Lite0 (ImageNet weights), natural-image crops: top-1 agreement with fp32 and
-          latency at batch 8, slimkit vs ORT quantize_static (per-channel MinMax).
+  effnet  EfficientNet-Lite0 (ImageNet weights), natural-image crops: top-1 agreement with fp32 (all
+          crops and the decisive ones) and latency at batch 8 (interleaved rounds), slimkit vs ORT
+          quantize_static (per-channel MinMax); references: int8 weights alone, bfloat16 weights.
   minilm  all-MiniLM-L6-v2 dynamic int8: cosine similarity to fp32 over real sentences, batch-1 latency,
           slimkit vs ORT quantize_dynamic.
 """
