@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -31,6 +31,16 @@ def environment(**extra: Any) -> dict[str, Any]:
     }
     env.update(extra)
     return env
+
+
+def interleaved_min(measurements: dict[Any, Callable[[], float]], rounds: int) -> dict[Any, float]:
+    """Run every measurement once per round, `rounds` rounds interleaved, and keep each one's smallest
+    value: a slow moment of a shared machine then hits one round of every figure, not one figure."""
+    best = dict.fromkeys(measurements, float("inf"))
+    for _ in range(rounds):
+        for key, measure in measurements.items():
+            best[key] = min(best[key], measure())
+    return best
 
 
 def check(name: str, value: Any, target: str, ok: bool) -> dict[str, Any]:

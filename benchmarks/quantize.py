@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check, environment, print_table, write_result  # noqa: E402
+from _common import check, environment, interleaved_min, print_table, write_result  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.evaluate import ort_latency, torch_latency  # noqa: E402
@@ -163,12 +163,9 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
         return same.float().mean().item(), same[decisive].float().mean().item()
 
     files = {"fp32": fp32, "slimkit_int8": qpath, "ort_quantizer_int8": ortq}
-    # latency in interleaved rounds (each file once per round, smallest median kept): a slow spell of the
-    # machine then hits every variant alike instead of one
-    lat = dict.fromkeys(files, float("inf"))
-    for _ in range(rounds):
-        for v, p in files.items():
-            lat[v] = min(lat[v], ort_latency(p, x8, threads=1, runs=10, warmup=3)["median_ms"])
+    # latency in interleaved rounds, smallest median kept: a slow spell hits every variant alike
+    lat = interleaved_min({v: (lambda p=p: ort_latency(p, x8, threads=1, runs=10, warmup=3)["median_ms"])
+                           for v, p in files.items()}, rounds)
     for variant, path in files.items():
         agree, agree_decisive = agreement(ort_predict(path, x_eval, batch=32))
         rows.append({"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
