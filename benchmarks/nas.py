@@ -287,12 +287,7 @@ def main() -> int:
     if "scale" in parts:
         scale_checks(rows, checks)
     if "bad" in parts:
-        bad = [r for r in rows if r["part"] == "bad-input"]
-        print_table(bad, ["case", "error", "message"], title="bad input")
-        checks.append(check("bad input raises typed errors naming the constraint",
-                            {r["case"]: r["error"] for r in bad}, "InfeasibleError / ConfigError",
-                            bad[0]["error"] == "InfeasibleError" and "max_macs" in (bad[0]["message"] or "")
-                            and all(r["typed"] for r in bad)))
+        bad_input_checks(rows, checks)
     write_result(args.out, "nas", env, rows, checks)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
@@ -360,6 +355,16 @@ def scale_checks(rows: list[dict], checks: list) -> None:
                                                  "kept_before_kill")}, "completed == N, finished trials kept",
                         resumed["trials_completed"] == resumed["trials_requested"] and resumed["kept_before_kill"]
                         and resumed["distinct_done"] == resumed["done_events"]))
+
+
+
+def bad_input_checks(rows: list[dict], checks: list) -> None:
+    bad = [r for r in rows if r["part"] == "bad-input"]
+    print_table(bad, ["case", "error", "message"], title="bad input")
+    checks.append(check("bad input raises typed errors naming the constraint",
+                        {r["case"]: r["error"] for r in bad}, "InfeasibleError / ConfigError",
+                        bad[0]["error"] == "InfeasibleError" and "max_macs" in (bad[0]["message"] or "")
+                        and all(r["typed"] for r in bad)))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ result runs real int8 kernels in plain PyTorch, on CPU.
 The lowered graph is specialized to an input shape; `Pt2eInt8Model` lowers once per new shape and
 caches it (a few seconds each). Saving stores the float weights and the observers' statistics in
 safetensors (never a pickle): loading re-captures the model and lowers it again, so a file loads
-only with the same PyTorch/torchao versions' graph capture (checked on load: a mismatch is an
-ArtifactError).
+only with the same PyTorch/torchao versions' graph capture (checked on load: a mismatch is a
+ModelError).
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
     """Static int8 of `model` with torchao's PT2E flow and x86 quantizer; returns a new model that
     runs oneDNN int8 kernels on CPU (the input is untouched). Calibration data: the task's
     calibration split, or `calibration_data` (a tensor or list of batches)."""
-    from slimkit.quantize.ptq import batches_from
+    from slimkit.quantize.ptq import _check_batch, batches_from
 
     if config is None:
         config = Pt2eConfig(**kwargs)
@@ -152,8 +152,7 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
     if not batches or not any(len(b) for b in batches):
         raise CalibrationError("the calibration set is empty: give at least one sample")
     for i, b in enumerate(batches):
-        if not torch.isfinite(b).all():
-            raise CalibrationError(f"calibration batch {i} contains NaN or Inf values")
+        _check_batch(b, i)
     src = copy_model(model).eval().cpu()
     example = batches[0][:1].expand(config.batch_size, *batches[0].shape[1:]).contiguous()
     prepared = _capture(src, example)

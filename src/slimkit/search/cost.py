@@ -112,11 +112,14 @@ class LatencyTable:
         """Set `scale` to the median ratio of measured end-to-end latency to the sum of unit entries
         over `models` (use candidates other than those you check the table on). Returns the scale.
         `rounds` > 1: see `measure_rounds`."""
-        import statistics
-
         if not models:
             raise ConfigError("latency calibration needs at least one model")
-        measured = self.measure_rounds(models, rounds)
+        return self._set_scale(models, self.measure_rounds(models, rounds))
+
+    def _set_scale(self, models: list[nn.Module], measured: list[float]) -> float:
+        """`scale` = median over `models` of measured end-to-end latency / sum of unit entries."""
+        import statistics
+
         self.scale = float(statistics.median(e / self.units_sum(m) for e, m in zip(measured, models)))
         return self.scale
 
@@ -228,12 +231,10 @@ def check_table(table: LatencyTable, models: list[nn.Module], *, tolerance: floa
     and whether it is within `tolerance`. `rounds` > 1 measures units and models in interleaved rounds
     (`LatencyTable.measure_rounds`). `calibration`: other models to set the table's `scale` from,
     measured in the same rounds (so the scale and the check see the machine at the same moments)."""
-    import statistics
-
     calibration = list(calibration or [])
     measured = table.measure_rounds(calibration + list(models), rounds)
     if calibration:
-        table.scale = float(statistics.median(e / table.units_sum(m) for e, m in zip(measured, calibration)))
+        table._set_scale(calibration, measured[:len(calibration)])
     rows = []
     for model, m in zip(models, measured[len(calibration):]):
         predicted = table.predict(model)

@@ -37,6 +37,7 @@ from slimkit.core.task import Task
 from slimkit.errors import ConfigError, InfeasibleError, SlimkitError
 
 OBJECTIVES = ("macs", "params", "latency")
+COST_KEY = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}  # objective -> row field
 
 
 class NASConfig(Config):
@@ -362,8 +363,7 @@ def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraint
 def _run_trial(trial, ctx: _Context) -> list[float]:
     """Propose (through the sampler), check, proxy-train and score one candidate: [accuracy, cost]."""
     from slimkit.core.artifact import save
-    from slimkit.core.trainer import TrainConfig, accuracy, fit
-    from slimkit.search.space import build
+    from slimkit.core.trainer import accuracy
 
     cfg = ctx.config
     params = {d.name: trial.suggest_categorical(d.name, list(d.choices)) for d in ctx.space.decisions()}
@@ -373,10 +373,7 @@ def _run_trial(trial, ctx: _Context) -> list[float]:
     if bad:  # only enqueued trials can get here: samplers reject infeasible proposals
         raise ConfigError("candidate breaks " + "; ".join(bad))
     t0 = time.perf_counter()
-    seed = cfg.seed + trial.number
-    torch.manual_seed(seed)  # initial weights depend on the trial only, not on what this worker ran before
-    model = fit(build(spec), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=seed,
-                                                         max_steps=cfg.max_steps), progress=False).model
+    model = _proxy_train(ctx, spec, cfg.seed + trial.number)
     acc = accuracy(model, ctx.task, "val")
     seconds = time.perf_counter() - t0
     weights = ctx.out_dir / "trials" / f"trial-{trial.number:05d}.safetensors"
@@ -386,6 +383,18 @@ def _run_trial(trial, ctx: _Context) -> list[float]:
     trial.set_user_attr("train_seconds", round(seconds, 3))
     trial.set_user_attr("weights", str(weights))
     return [acc, ctx.objective_value(costs)]
+
+
+def _proxy_train(ctx: _Context, spec: dict[str, Any], seed: int):
+    """`spec` built and trained on the proxy task; initial weights depend on `seed` only, not on what
+    this worker ran before."""
+    from slimkit.core.trainer import TrainConfig, fit
+    from slimkit.search.space import build
+
+    cfg = ctx.config
+    torch.manual_seed(seed)
+    return fit(build(spec), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=seed,
+                                                        max_steps=cfg.max_steps), progress=False).model
 
 
 def _worker_entry(task: Task, config: dict[str, Any], storage_url: str, study_name: str, out_dir: str,
@@ -528,7 +537,7 @@ def collect(study, storage_url: str, config: NASConfig) -> SearchResult:
                      "weights": t.user_attrs.get("weights"), "worker": t.user_attrs.get("worker"),
                      "failure": t.user_attrs.get("failure"), "surplus": bool(t.user_attrs.get("surplus"))})
     complete = [r for r in rows if r["state"] == TrialState.COMPLETE.name]
-    key = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}[config.objective]
+    key = COST_KEY[config.objective]
     front = pareto_front(complete, key)
     best = max(complete, key=lambda r: (r["val_accuracy"], -(r[key] or 0)), default=None)
     return SearchResult(study_name=study.study_name, storage=storage_url, rows=rows, pareto=front, best=best)
@@ -539,15 +548,14 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
 
     The extra accuracies are stored on the study (user attribute `finalists`), so a resumed or
     repeated search does not train them again."""
-    from slimkit.core.trainer import TrainConfig, accuracy, fit
+    from slimkit.core.trainer import accuracy
     from slimkit.evaluate.latency import torch_threads
-    from slimkit.search.space import build
 
     cfg = ctx.config
     complete = [r for r in result.rows if r["state"] == "COMPLETE"]
     if not cfg.finalists or len(complete) < 2:
         return
-    key = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}[cfg.objective]
+    key = COST_KEY[cfg.objective]
     top = sorted(complete, key=lambda r: (-r["val_accuracy"], r[key] or 0))[:cfg.finalists]
     done: dict[str, list[float]] = dict(study.user_attrs.get("finalists") or {})
     todo = [r for r in top if len(done.get(str(r["trial"]), [])) != cfg.finalist_seeds]
@@ -556,10 +564,7 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
         for r in todo:
             accs = []
             for j in range(1, cfg.finalist_seeds + 1):
-                seed = cfg.seed + 1_000_003 * j + r["trial"]  # seeds no trial uses
-                torch.manual_seed(seed)
-                model = fit(build(r["spec"]), ctx.proxy_task, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=seed,
-                                                                          max_steps=cfg.max_steps), progress=False).model
+                model = _proxy_train(ctx, r["spec"], cfg.seed + 1_000_003 * j + r["trial"])  # seeds no trial uses
                 accs.append(accuracy(model, ctx.task, "val"))
                 advance(1)
             done[str(r["trial"])] = accs

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.core.io import atomic_path, write_text
+from slimkit.search.nas import COST_KEY
 
-_COST_LABEL = {"macs": ("macs", "MACs (batch 1)"), "params": ("param_count", "parameters"),
-               "latency": ("latency_ms_predicted", "predicted latency (ms)")}
+_COST_LABEL = {"macs": "MACs (batch 1)", "params": "parameters", "latency": "predicted latency (ms)"}
 
 
 def write_report(result, out_dir: str | Path, config) -> dict[str, str]:
@@ -41,7 +41,7 @@ def pareto_plot(result, path: Path, objective: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label = _COST_LABEL[objective]
+    key, label = COST_KEY[objective], _COST_LABEL[objective]
     done = [r for r in result.rows if r["val_accuracy"] is not None and r[key] is not None]
     if not done:
         return None
@@ -76,7 +76,7 @@ def _arch(spec: dict[str, Any] | None) -> str:
 
 
 def markdown(result, config) -> str:
-    key, label = _COST_LABEL[config.objective]
+    key, label = COST_KEY[config.objective], _COST_LABEL[config.objective]
     lines = [f"# NAS report: {result.study_name}", "",
              f"strategy `{config.strategy}`, space `{config.space}`, {config.trials} trials of {config.epochs} "
              f"proxy epoch(s); constraints {result.info.get('constraints')}; storage `{result.storage}`", ""]
