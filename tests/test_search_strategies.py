@@ -6,7 +6,7 @@ import torch
 
 from slimkit.errors import ConfigError, InfeasibleError
 from slimkit.search.space import Decision
-from slimkit.search.strategies import Controller, ReinforceStrategy, make_sampler
+from slimkit.search.strategies import Controller, RandomStrategy, ReinforceStrategy, make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -60,14 +60,15 @@ def test_evolution_children_differ_from_a_member_in_one_decision():
 
 
 def test_evolution_beats_random_on_average():
+    # a space of 4^6 architectures (the small one above has fewer than the trials, and no repeats)
+    big = [Decision(f"d{i}", (0, 1, 2, 3)) for i in range(6)]
     best = {s: [] for s in ("random", "evolution")}
     for seed in range(3):
         for s in best:
             opts = {"population": 6, "sample_size": 3} if s == "evolution" else {}
-            sampler = make_sampler(s, DECISIONS, feasible, seed=seed, **opts)
+            sampler = make_sampler(s, big, lambda c: True, seed=seed, **opts)
             study = optuna.create_study(direction="maximize", sampler=sampler)
-            study.optimize(lambda t: reward({d.name: t.suggest_categorical(d.name, list(d.choices)) for d in DECISIONS}),
-                           n_trials=25)
+            study.optimize(lambda t: sum(t.suggest_categorical(d.name, list(d.choices)) for d in big), n_trials=25)
             best[s].append(sum(t.value for t in study.trials[-10:]) / 10)
     assert sum(best["evolution"]) > sum(best["random"])
 
@@ -76,9 +77,36 @@ def test_reinforce_raises_the_probability_of_rewarded_choices():
     sampler = ReinforceStrategy(DECISIONS, feasible, seed=0, lr=0.2)
     before = sampler.probabilities()["c"][1]
     for _ in range(12):
-        sampler.update({"a": 0, "b": 0, "c": "y"}, 1.0)
-        sampler.update({"a": 0, "b": 0, "c": "x"}, 0.0)
+        advantages = sampler.update([({"a": 0, "b": 0, "c": "y"}, 0.99), ({"a": 0, "b": 0, "c": "x"}, 0.98)])
     assert sampler.probabilities()["c"][1] > before + 0.2
+    # advantages are in units of the rewards' spread: a one-point accuracy gap moves the policy as a big one would
+    assert advantages[0] > 0.5 and advantages[1] < -0.5
+
+
+def test_reinforce_steps_once_per_batch_of_trials():
+    study, sampler = run("rl", n=10, lr=0.1, batch=4)
+    assert len(sampler.seen) == 9 and len(sampler.rewards) == 8 and len(sampler.pending) == 1
+    with pytest.raises(ConfigError, match="batch"):
+        make_sampler("rl", DECISIONS, feasible, batch=0)
+
+
+class Sticky(RandomStrategy):
+    """Proposes one architecture nine times in ten, like a controller that has collapsed."""
+
+    def propose(self, history, rng):
+        return {"a": 0, "b": 0, "c": "x"} if rng.random() < 0.9 else self.random_choices(rng)
+
+
+def test_no_architecture_is_evaluated_twice_while_new_ones_remain():
+    sampler = Sticky(DECISIONS, feasible, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lambda t: reward({d.name: t.suggest_categorical(d.name, list(d.choices)) for d in DECISIONS}),
+                   n_trials=20)
+    keys = [tuple(t.params[d.name] for d in DECISIONS) for t in study.trials]
+    assert len(set(keys)) == 20 and sampler.repeats > 20
+    # 26 feasible architectures: beyond them repeats are accepted rather than failing the search
+    study, _ = run("random", n=30)
+    assert len(study.trials) == 30 and len({tuple(t.params.values()) for t in study.trials}) == 26
 
 
 def test_controller_scores_what_it_samples():

@@ -73,14 +73,16 @@ class NASConfig(Config):
     # strategy settings
     population: int = Field(10, ge=2)
     sample_size: int = Field(3, ge=1)
-    controller_lr: float = Field(0.05, gt=0)
+    controller_lr: float = Field(0.1, gt=0)
+    controller_batch: int = Field(4, ge=1)  # completed trials per REINFORCE step
     supernet_epochs: int = Field(3, ge=1)
     supernet_max_steps: int | None = Field(None, gt=0)
     final_epochs: int | None = Field(None, ge=1)
-    # choosing: the `finalists` most accurate trials are proxy-trained again with `finalist_seeds` more
-    # seeds and the best mean validation accuracy wins (one proxy run's accuracy is noisy; 0: no re-ranking)
+    # choosing: the `finalists` most accurate trials are proxy-trained again with `finalist_seeds` fresh
+    # seeds and the best mean validation accuracy over those wins (one proxy run's accuracy is noisy, and
+    # the most accurate of many is a lucky one; 0: no re-ranking)
     finalists: int = Field(3, ge=0)
-    finalist_seeds: int = Field(2, ge=1)
+    finalist_seeds: int = Field(3, ge=1)
     seed: int = 0
     stale_after_s: float = Field(120.0, gt=0)
 
@@ -283,7 +285,7 @@ def _make_sampler(ctx: _Context, study):
     if cfg.strategy == "evolution":
         options = {"population": cfg.population, "sample_size": cfg.sample_size}
     elif cfg.strategy == "rl":
-        options = {"lr": cfg.controller_lr}
+        options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch}
     elif cfg.strategy == "gradient":
         info = study.user_attrs.get("supernet")
         if info is None:
@@ -544,7 +546,8 @@ def collect(study, storage_url: str, config: NASConfig) -> SearchResult:
 
 
 def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool = False) -> None:
-    """Re-train the most accurate trials with more seeds; the best mean validation accuracy is chosen.
+    """Re-train the most accurate trials with more seeds; the best mean validation accuracy over the
+    fresh seeds is chosen (the trial's own accuracy, which selected it, is listed but not averaged in).
 
     The extra accuracies are stored on the study (user attribute `finalists`), so a resumed or
     repeated search does not train them again."""
@@ -570,9 +573,11 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
             done[str(r["trial"])] = accs
             study.set_user_attr("finalists", done)
     for r in top:
-        seeds = [r["val_accuracy"], *done[str(r["trial"])]]
-        r["val_accuracy_seeds"] = seeds
-        r["val_accuracy_mean"] = sum(seeds) / len(seeds)
+        fresh = done[str(r["trial"])]
+        r["val_accuracy_seeds"] = [r["val_accuracy"], *fresh]
+        # the trial's own accuracy is what made it a finalist (the most accurate of many noisy runs is
+        # biased high, luckier than its architecture): only the fresh seeds rank the finalists
+        r["val_accuracy_mean"] = sum(fresh) / len(fresh)
     result.best = max(top, key=lambda r: (r["val_accuracy_mean"], -(r[key] or 0)))
     result.info["finalists"] = [{"trial": r["trial"], "val_accuracy_seeds": r["val_accuracy_seeds"],
                                  "val_accuracy_mean": round(r["val_accuracy_mean"], 4)} for r in top]

@@ -4,12 +4,16 @@
 * `EvolutionStrategy`  regularized (aging) evolution (Real et al. 2019): tournament selection in
                        the most recent `population` completed trials, one-decision mutations.
 * `ReinforceStrategy`  an LSTM controller trained with REINFORCE (Zoph & Le 2017, NASNet-style),
-                       reward = validation accuracy, moving-average baseline.
+                       reward = validation accuracy, moving-average baseline, batched steps with
+                       advantages scaled by the rewards' spread, bounded logits (ENAS).
 * `GradientStrategy`   samples from architecture weights learned by the gradient-based supernet
                        (`slimkit.search.gradient`); its first trial is their argmax.
 
 Each sampler proposes a full architecture in `sample_relative` and rejects candidates that break a
-hard constraint (so no trial is spent on an infeasible model). State lives in the study: a sampler
+hard constraint (so no trial is spent on an infeasible model) or that an earlier or running trial
+already evaluates (`dedup`, on by default: with a few dozen trials, a repeat is a trial not spent on
+a new candidate, and repeats of one architecture let its luckiest run win; a repeat is accepted only
+when the strategy proposes nothing new in `max_tries` draws, e.g. in a space smaller than the trials). State lives in the study: a sampler
 rebuilds what it needs from the completed trials, so several workers (processes or machines) on one
 storage share it, and a resumed search continues where it stopped. Draws are seeded by
 (seed, trial number), so a trial's proposal does not depend on which worker ran it.
@@ -38,14 +42,16 @@ class NASSampler(optuna.samplers.BaseSampler):
     name = "base"
 
     def __init__(self, decisions: list[Decision], feasible: Callable[[dict[str, Any]], bool], *, seed: int = 0,
-                 max_tries: int = 500):
+                 max_tries: int = 500, dedup: bool = True):
         if not decisions:
             raise ConfigError("the search space has no decisions")
         self.decisions = decisions
         self.feasible = feasible
         self.seed = seed
         self.max_tries = max_tries
+        self.dedup = dedup
         self.rejected = 0  # infeasible proposals skipped (reported, so a tight budget is visible)
+        self.repeats = 0  # proposals skipped because a trial already evaluates that architecture
 
     # -- optuna interface -------------------------------------------------------------
     def infer_relative_search_space(self, study, trial) -> dict[str, CategoricalDistribution]:
@@ -59,13 +65,27 @@ class NASSampler(optuna.samplers.BaseSampler):
                    if t.values and all(d.name in t.params for d in self.decisions)]
         history.sort(key=lambda t: t.number)
         self.observe(history)
+        seen = set()
+        if self.dedup:
+            live = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            seen = {self._key(t.params) for t in live if t.number != trial.number}
+        repeat = None
         for _ in range(self.max_tries):
             choices = self.propose(history, rng)
-            if self.feasible(choices):
+            if not self.feasible(choices):
+                self.rejected += 1
+            elif self._key(choices) in seen:
+                self.repeats += 1
+                repeat = choices
+            else:
                 return choices
-            self.rejected += 1
+        if repeat is not None:  # nothing new in max_tries draws: a repeat beats no trial
+            return repeat
         raise InfeasibleError(f"{self.name}: {self.max_tries} proposals in a row broke the constraints; "
                               "the feasible part of the space is too small for this strategy (relax the limits)")
+
+    def _key(self, params: dict[str, Any]) -> tuple:
+        return tuple(params.get(d.name) for d in self.decisions)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         # only reached for parameters outside the architecture (none today): uniform
@@ -124,15 +144,21 @@ class EvolutionStrategy(NASSampler):
 
 class Controller(nn.Module):
     """NASNet-style controller: an LSTM emits one decision per step; the embedding of each choice
-    is the next step's input."""
+    is the next step's input. Logits are squashed to [-`tanh_constant`, `tanh_constant`] (as in ENAS),
+    so no choice's probability collapses to zero on a few lucky rewards."""
 
-    def __init__(self, decisions: list[Decision], hidden: int = 32):
+    def __init__(self, decisions: list[Decision], hidden: int = 32, tanh_constant: float = 2.5):
         super().__init__()
         self.sizes = [len(d.choices) for d in decisions]
+        self.tanh_constant = tanh_constant
         self.start = nn.Parameter(torch.zeros(1, hidden))
         self.cell = nn.LSTMCell(hidden, hidden)
         self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in self.sizes)
         self.embeds = nn.ModuleList(nn.Embedding(n, hidden) for n in self.sizes)
+
+    def log_probs(self, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        c = self.tanh_constant
+        return torch.log_softmax(c * torch.tanh(head(h)[0] / c), dim=-1)
 
     def forward(self, indices: list[int] | None = None, generator: torch.Generator | None = None):
         """Sample (indices None) or score given indices; returns (indices, log-prob, entropy)."""
@@ -141,7 +167,7 @@ class Controller(nn.Module):
         out, logp, entropy = [], torch.zeros(()), torch.zeros(())
         for i, (head, embed) in enumerate(zip(self.heads, self.embeds)):
             h, c = self.cell(x, (h, c))
-            log_probs = torch.log_softmax(head(h)[0], dim=-1)
+            log_probs = self.log_probs(head, h)
             if indices is None:
                 k = int(torch.multinomial(log_probs.exp().detach(), 1, generator=generator))
             else:
@@ -154,37 +180,52 @@ class Controller(nn.Module):
 
 
 class ReinforceStrategy(NASSampler):
-    """REINFORCE on an LSTM controller. Each completed trial (any worker's, in trial order) is one
-    policy-gradient step with advantage = accuracy - moving-average baseline. Trials sampled by an
-    older policy are used as they are (a small off-policy error, the price of many workers)."""
+    """REINFORCE on an LSTM controller. Completed trials (any worker's, in trial order) are taken in
+    batches of `batch`: one policy-gradient step per batch, each architecture weighted by its advantage
+    (reward - moving-average baseline) divided by the spread of the rewards seen so far, so a step's
+    size follows how much better an architecture was than its peers, not the scale of the metric.
+    Trials sampled by an older policy are used as they are (a small off-policy error, the price of
+    many workers)."""
 
     name = "rl"
 
-    def __init__(self, decisions, feasible, *, lr: float = 0.05, baseline_decay: float = 0.8,
-                 entropy_weight: float = 1e-3, hidden: int = 32, **kw):
+    def __init__(self, decisions, feasible, *, lr: float = 0.1, batch: int = 4, baseline_decay: float = 0.8,
+                 entropy_weight: float = 0.01, hidden: int = 32, **kw):
         super().__init__(decisions, feasible, **kw)
+        if batch < 1:
+            raise ConfigError(f"rl: batch must be >= 1, got {batch}")
         torch.manual_seed(self.seed)
         self.controller = Controller(decisions, hidden)
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
+        self.batch = batch
         self.baseline: float | None = None
         self.baseline_decay, self.entropy_weight = baseline_decay, entropy_weight
+        self.rewards: list[float] = []
+        self.pending: list[tuple[dict[str, Any], float]] = []
         self.seen: set[int] = set()
 
     def _indices(self, params: dict[str, Any]) -> list[int]:
         return [d.choices.index(params[d.name]) for d in self.decisions]
 
-    def update(self, params: dict[str, Any], reward: float) -> float:
-        """One REINFORCE step for an architecture and its reward; returns the advantage."""
+    def update(self, batch: list[tuple[dict[str, Any], float]]) -> list[float]:
+        """One REINFORCE step on a batch of (architecture, reward); returns the advantages."""
+        rewards = [r for _, r in batch]
+        self.rewards += rewards
+        mean = sum(rewards) / len(rewards)
         if self.baseline is None:
-            self.baseline = reward
-        advantage = reward - self.baseline
-        _, logp, entropy = self.controller(self._indices(params))
-        loss = -advantage * logp - self.entropy_weight * entropy
+            self.baseline = mean
+        spread = float(np.std(self.rewards)) if len(self.rewards) > 1 else 0.0
+        scale = spread if spread > 1e-8 else 1.0
+        advantages = [(r - self.baseline) / scale for r in rewards]
+        loss = torch.zeros(())
+        for (params, _), adv in zip(batch, advantages):
+            _, logp, entropy = self.controller(self._indices(params))
+            loss = loss - adv * logp - self.entropy_weight * entropy
         self.optimizer.zero_grad()
-        loss.backward()
+        (loss / len(batch)).backward()
         self.optimizer.step()
-        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
-        return advantage
+        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
+        return advantages
 
     def observe(self, history):
         # the controller's ops are tiny: one thread avoids thread hand-offs that cost more than the math
@@ -192,7 +233,10 @@ class ReinforceStrategy(NASSampler):
             for t in history:
                 if t.number not in self.seen:
                     self.seen.add(t.number)
-                    self.update(t.params, float(t.values[0]))
+                    self.pending.append((t.params, float(t.values[0])))
+                    if len(self.pending) == self.batch:
+                        self.update(self.pending)
+                        self.pending = []
 
     def propose(self, history, rng):
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -208,7 +252,7 @@ class ReinforceStrategy(NASSampler):
             out = {}
             for d, head, embed in zip(self.decisions, self.controller.heads, self.controller.embeds):
                 h, c = self.controller.cell(x, (h, c))
-                p = torch.softmax(head(h)[0], -1)
+                p = self.controller.log_probs(head, h).exp()
                 out[d.name] = [round(float(v), 4) for v in p]
                 x = embed(p.argmax().view(1))
         return out
