@@ -231,7 +231,7 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="+", default=["random", "evolution", "rl", "gradient"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--finalists", type=int, default=5, help="most accurate trials re-trained before choosing")
-    parser.add_argument("--finalist-seeds", type=int, default=2, help="extra proxy-training seeds per finalist")
+    parser.add_argument("--finalist-seeds", type=int, default=3, help="fresh proxy-training seeds per finalist")
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--latency-calibration", type=int, default=3)
     parser.add_argument("--latency-runs", type=int, default=50)
@@ -239,7 +239,7 @@ def main() -> int:
                         help="interleaved measurement rounds (smallest value of each unit and model kept)")
     parser.add_argument("--scale-trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--final-seeds", type=int, default=5,
+    parser.add_argument("--final-seeds", type=int, default=10,
                         help="seeds the zoo net and each chosen architecture are retrained with for the accuracy check")
     parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")
     args = parser.parse_args()

@@ -147,7 +147,9 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
     # kept in float: the two layers a per-layer sensitivity scan ranked most sensitive (keeping three more
     # float, chosen on validation crops, did not raise test agreement and cost a third of the speed-up)
     keep = ["_conv_stem", "_blocks.0._depthwise_conv"]
-    cfg = QuantConfig(weights="int8", activations="uint8", calibration="percentile", bias_correction=True,
+    # activation thresholds MSE-optimal: chosen on validation crops (512, seed 11, disjoint from these):
+    # PyTorch-simulated agreement 0.955 vs percentile's 0.940 (output SQNR 24.5 vs 23.9 dB); KL 0.xxx
+    cfg = QuantConfig(weights="int8", activations="uint8", calibration="mse", bias_correction=True,
                       keep_float=keep, calibration_samples=n_calib)
     q = sk.quantize(model, cfg, calibration_data=x_cal)
     fp32 = export_onnx(model, tmp / "effnet_fp32.onnx", x_eval[:1])
