@@ -13,9 +13,10 @@ Each sampler proposes a full architecture in `sample_relative` and rejects candi
 hard constraint (so no trial is spent on an infeasible model) or that an earlier or running trial
 already evaluates (`dedup`, on by default: with a few dozen trials, a repeat is a trial not spent on
 a new candidate, and repeats of one architecture let its luckiest run win; a repeat is accepted only
-when the strategy proposes nothing new in `max_tries` draws, e.g. in a space smaller than the trials). State lives in the study: a sampler
-rebuilds what it needs from the completed trials, so several workers (processes or machines) on one
-storage share it, and a resumed search continues where it stopped. Draws are seeded by
+when the strategy proposes nothing new in `max_tries` draws, e.g. in a space smaller than the trials).
+State lives in the study: a sampler rebuilds what it needs from the completed trials, so several
+workers (processes or machines) on one storage share it, and a resumed search continues where it
+stopped. Draws are seeded by
 (seed, trial number), so a trial's proposal does not depend on which worker ran it.
 """
 from __future__ import annotations
