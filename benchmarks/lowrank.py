@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 before = accuracy(small, task, "test")
                 recovered = sk.distill.recover(small, mlp, task, epochs=args.recovery_epochs)
                 ranks = {k: v["rank"] for k, v in sk.lowrank.factorization_report(small)["layers"].items()}
-                rows.append(measure(f"{base_name} svd95 ({basis})", recovered, task, work, baseline=base_name, accuracy_before_recovery=before, ranks=ranks,
+                rows.append(measure(f"{base_name} svd95 ({basis})", recovered, task, work, baseline=base_name,
+                                    accuracy_before_recovery=before, ranks=ranks,
                                     technique=f"factorize energy=0.95 basis={basis} + KD {args.recovery_epochs} ep"))
         # -- VGG-small: Tucker-2 and depthwise-separable ---------------------------------------------------------
         if "cnn" in args.parts:

@@ -357,7 +357,6 @@ def scale_checks(rows: list[dict], checks: list) -> None:
                         and resumed["distinct_done"] == resumed["done_events"]))
 
 
-
 def bad_input_checks(rows: list[dict], checks: list) -> None:
     bad = [r for r in rows if r["part"] == "bad-input"]
     print_table(bad, ["case", "error", "message"], title="bad input")

@@ -16,8 +16,8 @@ a new candidate, and repeats of one architecture let its luckiest run win; a rep
 when the strategy proposes nothing new in `max_tries` draws, e.g. in a space smaller than the trials).
 State lives in the study: a sampler rebuilds what it needs from the completed trials, so several
 workers (processes or machines) on one storage share it, and a resumed search continues where it
-stopped. Draws are seeded by
-(seed, trial number), so a trial's proposal does not depend on which worker ran it.
+stopped. Draws are seeded by (seed, trial number), so a trial's proposal does not depend on which
+worker ran it.
 """
 from __future__ import annotations
 
@@ -62,14 +62,12 @@ class NASSampler(optuna.samplers.BaseSampler):
         if not search_space:
             return {}
         rng = np.random.default_rng([self.seed, trial.number])
-        history = [t for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                   if t.values and all(d.name in t.params for d in self.decisions)]
+        live = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        history = [t for t in live if t.state == TrialState.COMPLETE and t.values
+                   and all(d.name in t.params for d in self.decisions)]
         history.sort(key=lambda t: t.number)
         self.observe(history)
-        seen = set()
-        if self.dedup:
-            live = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            seen = {self._key(t.params) for t in live if t.number != trial.number}
+        seen = {self._key(t.params) for t in live if t.number != trial.number} if self.dedup else set()
         repeat = None
         for _ in range(self.max_tries):
             choices = self.propose(history, rng)
