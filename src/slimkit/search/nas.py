@@ -73,8 +73,13 @@ class NASConfig(Config):
     # strategy settings
     population: int = Field(10, ge=2)
     sample_size: int = Field(3, ge=1)
-    controller_lr: float = Field(0.1, gt=0)
+    controller_lr: float = Field(0.02, gt=0)
     controller_batch: int = Field(4, ge=1)  # completed trials per REINFORCE step
+    # rl: architectures the controller is rewarded on by a weight-sharing one-shot net before the first
+    # trial (ENAS-style; `slimkit.search.warmup`). None: 1024 for the mbconv space, 0 (none) for cell
+    controller_warmup: int | None = Field(None, ge=0)
+    oneshot_epochs: int = Field(20, ge=1)
+    oneshot_lr: float | None = Field(None, gt=0)  # None: `lr`, as the trials (ranks sub-networks best)
     supernet_epochs: int = Field(3, ge=1)
     supernet_max_steps: int | None = Field(None, gt=0)
     final_epochs: int | None = Field(None, ge=1)
@@ -97,10 +102,21 @@ class NASConfig(Config):
             max_macs = ratio_macs if max_macs is None else min(max_macs, ratio_macs)
         return Constraints(max_macs=max_macs, max_params=self.max_params, max_latency_ms=self.max_latency_ms)
 
+    def warmup_samples(self) -> int:
+        """Controller warm-up samples this config asks for (rl only)."""
+        if self.strategy != "rl":
+            return 0
+        if self.controller_warmup is None:
+            return 1024 if self.space == "mbconv" else 0
+        if self.controller_warmup and self.space != "mbconv":
+            raise ConfigError("controller_warmup needs the 'mbconv' space (its one-shot net); set it to 0 for 'cell'")
+        return self.controller_warmup
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings a study is bound to (resuming with different ones would mix experiments)."""
         keys = ("space", "space_options", "strategy", "epochs", "lr", "max_steps", "train_fraction", "max_macs",
-                "max_params", "max_latency_ms", "max_macs_ratio", "objective", "runtime", "seed")
+                "max_params", "max_latency_ms", "max_macs_ratio", "objective", "runtime", "seed", "controller_warmup",
+                "oneshot_epochs", "oneshot_lr")
         return {k: v for k, v in self.to_dict().items() if k in keys}
 
 
@@ -285,7 +301,11 @@ def _make_sampler(ctx: _Context, study):
     if cfg.strategy == "evolution":
         options = {"population": cfg.population, "sample_size": cfg.sample_size}
     elif cfg.strategy == "rl":
-        options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch}
+        warm = study.user_attrs.get("controller")
+        if cfg.warmup_samples() and warm is None:
+            raise ConfigError("rl strategy: the study has no warmed-up controller; start it with `search`")
+        options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch,
+                   "initial_state": warm["state"] if warm else None}
     elif cfg.strategy == "gradient":
         info = study.user_attrs.get("supernet")
         if info is None:
@@ -460,6 +480,15 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
         study.set_user_attr("supernet", {"probabilities": found["probabilities"], "choices": found["choices"],
                                          "width": found["width"], "seconds": round(supernet_seconds, 2)})
         study.enqueue_trial(found["choices"], user_attrs={"origin": "supernet argmax"})
+    if config.warmup_samples() and "controller" not in study.user_attrs:
+        from slimkit.evaluate.latency import torch_threads
+        from slimkit.search.warmup import controller_warmup
+
+        with torch_threads(config.train_threads):
+            warm = controller_warmup(ctx.space, ctx.proxy_task, ctx.cost, samples=config.warmup_samples(),
+                                     lr=config.controller_lr, epochs=config.oneshot_epochs, lr_train=config.oneshot_lr or config.lr,
+                                     seed=config.seed, max_steps=config.supernet_max_steps, progress=progress)
+        study.set_user_attr("controller", warm)
     cfg_dict, cons_dict = config.to_dict(), constraints.to_dict()
     if workers == 1:
         run_worker(task, config, storage_url, study_name, out_dir, constraints=constraints, progress=progress)
@@ -482,6 +511,8 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
     result.info.update({"seconds": round(seconds, 2), "workers": workers, "constraints": cons_dict,
                         "reference_macs": reference_macs, "cheapest_candidate": cheapest,
                         "supernet": study.user_attrs.get("supernet"),
+                        "controller_warmup": {k: v for k, v in (study.user_attrs.get("controller") or {}).items()
+                                              if k != "state"} or None,
                         "latency_table": ctx.cost.table.info() if ctx.cost.table is not None else None})
     if supernet_seconds is not None:
         result.info["supernet_seconds"] = round(supernet_seconds, 2)

@@ -86,6 +86,12 @@ def markdown(result, config) -> str:
                 if "val_accuracy_mean" in b else "")
         lines += [f"**Chosen**: trial {b['trial']} — val accuracy {100 * b['val_accuracy']:.2f}%{mean}, "
                   f"{b['macs']:,} MACs, {b['param_count']:,} params — `{_arch(b['spec'])}`", ""]
+    warm = result.info.get("controller_warmup")
+    if warm:
+        lines += [f"Controller warm-up (ENAS-style): {warm['samples']} architectures scored by weight-sharing one-shot "
+                  f"nets (widths {', '.join(f'{w:g}' for w in warm['widths'])}) before the first trial; mean reward "
+                  f"{warm['reward_first']:.3f} in the first batch, {warm['reward_last']:.3f} in the last "
+                  f"({warm['seconds']:.0f} s).", ""]
     finalists = result.info.get("finalists")
     if finalists:
         lines += [f"The {len(finalists)} most accurate trials were proxy-trained again with "

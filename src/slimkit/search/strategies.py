@@ -189,12 +189,16 @@ class ReinforceStrategy(NASSampler):
     name = "rl"
 
     def __init__(self, decisions, feasible, *, lr: float = 0.1, batch: int = 4, baseline_decay: float = 0.8,
-                 entropy_weight: float = 0.01, hidden: int = 32, **kw):
+                 entropy_weight: float = 0.01, hidden: int = 32, initial_state: dict | None = None, **kw):
         super().__init__(decisions, feasible, **kw)
         if batch < 1:
             raise ConfigError(f"rl: batch must be >= 1, got {batch}")
         torch.manual_seed(self.seed)
         self.controller = Controller(decisions, hidden)
+        if initial_state is not None:  # a warmed-up policy (`slimkit.search.warmup`)
+            from slimkit.search.warmup import load_state
+
+            load_state(self.controller, initial_state)
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
         self.batch = batch
         self.baseline: float | None = None
