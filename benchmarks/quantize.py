@@ -140,8 +140,9 @@ def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
 
 def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, rounds: int = 3) -> None:
     model = sk.zoo.efficientnet_lite0()
-    x_eval = sk.data.natural_images(n_eval, seed=1)
-    x_cal = sk.data.natural_images(n_calib, seed=2)  # a different seed: disjoint crops for calibration
+    norm = dict(mean=sk.zoo.EFFICIENTNET_LITE_MEAN, std=sk.zoo.EFFICIENTNET_LITE_STD)  # the model's own, (x-127)/128
+    x_eval = sk.data.natural_images(n_eval, seed=1, **norm)
+    x_cal = sk.data.natural_images(n_calib, seed=2, **norm)  # a different seed: disjoint crops for calibration
     @torch.no_grad()
     def torch_predict(m):  # PyTorch outputs over the evaluation crops, in batches of 32
         return torch.cat([m(x_eval[i:i + 32]) for i in range(0, n_eval, 32)])
@@ -150,10 +151,10 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
     # kept in float: the two layers a per-layer sensitivity scan ranked most sensitive (keeping three more
     # float, chosen on validation crops, did not raise test agreement and cost a third of the speed-up)
     keep = ["_conv_stem", "_blocks.0._depthwise_conv"]
-    # activation thresholds MSE-optimal: chosen on validation crops (512, seed 11, disjoint from these):
-    # PyTorch-simulated agreement 0.955 vs percentile's 0.940 (output SQNR 24.5 vs 23.9 dB); MSE weights
-    # too 0.945; KL 0.004 (its smallest candidate clips ReLU6 outputs at 0.75: see calibration.py)
-    cfg = QuantConfig(weights="int8", activations="uint8", calibration="mse", bias_correction=True,
+    # activation thresholds: percentile and MSE tie on validation crops (512, seed 11, disjoint from these;
+    # PyTorch simulation): agreement 0.945 vs 0.941, output SQNR 24.0 dB both; min-max 0.940 (20.8 dB);
+    # keeping the head conv and classifier float too changes nothing (0.945); KL collapses (calibration.py)
+    cfg = QuantConfig(weights="int8", activations="uint8", calibration="percentile", bias_correction=True,
                       keep_float=keep, calibration_samples=n_calib)
     q = sk.quantize(model, cfg, calibration_data=x_cal)
     fp32 = export_onnx(model, tmp / "effnet_fp32.onnx", x_eval[:1])
@@ -278,7 +279,7 @@ def main() -> int:
     ap.add_argument("--parts", default="cnn,lowbit,effnet,minilm")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--eval-crops", type=int, default=256)
-    ap.add_argument("--calib-crops", type=int, default=128)
+    ap.add_argument("--calib-crops", type=int, default=256)
     ap.add_argument("--sentences", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)

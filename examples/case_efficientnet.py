@@ -42,8 +42,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = sk.zoo.efficientnet_lite0()
-    calib = sk.data.natural_images(args.calibration, seed=0)
-    test = sk.data.natural_images(args.eval, seed=1)
+    norm = dict(mean=sk.zoo.EFFICIENTNET_LITE_MEAN, std=sk.zoo.EFFICIENTNET_LITE_STD)  # the model's own
+    calib = sk.data.natural_images(args.calibration, seed=0, **norm)
+    test = sk.data.natural_images(args.eval, seed=1, **norm)
     # a Task whose inputs are the calibration crops; the labels (the model's own predictions) are unused
     task = tensor_task("natural-images", calib, outputs(model, calib).argmax(1), num_classes=1000, batch_size=32)
     config = sk.LowRankConfig(conv_method="channel", data_aware=True, energy=args.energy,

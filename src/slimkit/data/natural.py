@@ -54,7 +54,8 @@ def source_images() -> list[tuple[str, np.ndarray]]:
 def natural_images(n: int = 256, *, size: int = 224, seed: int = 0, min_scale: float = 0.2,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """`n` random square crops (side: a random fraction `min_scale`-1 of the image's short side;
-    random flips), resized to `size`, normalized with ImageNet statistics. Different seeds give
+    random flips), resized to `size`, normalized with `mean` / `std` (default: ImageNet statistics; pass
+    the model's own, e.g. `slimkit.zoo.EFFICIENTNET_LITE_MEAN` / `_STD`). Different seeds give
     disjoint-ish sets; use separate seeds for calibration and evaluation. Small crops of these
     photographs are often textures no ImageNet class fits, so a larger `min_scale` gives crops on
     which an ImageNet model is more decisive."""

@@ -116,9 +116,10 @@ def train_one_shot(space: MBConvSpace, task: Task, width: float, *, epochs: int 
     return net
 
 
-def _val_batch(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+def _val_batch(task: Task, max_samples: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_samples` of the validation split as one batch (each reward is one forward pass)."""
     xs, ys = zip(*task.loader("val"))
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs)[:max_samples], torch.cat(ys)[:max_samples]
 
 
 def _penalty(costs: dict[str, float], constraints) -> float:
@@ -134,7 +135,7 @@ def _penalty(costs: dict[str, float], constraints) -> float:
 def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: int = 1024, batch: int = 16,
                       lr: float = 0.02, epochs: int = 20, max_steps: int | None = None, seed: int = 0,
                       lr_train: float = 2e-3, progress: bool = True) -> dict[str, Any]:
-    """Train supernets, then the controller on `samples` supernet-scored architectures.
+    """Train one-shot nets, then the controller on `samples` architectures they score.
 
     Returns {"state" (controller weights as {name: {"shape", "values"}}), "widths", "samples",
     "reward_first", "reward_last" (mean reward of the first and last batches), "seconds"}.
@@ -143,12 +144,12 @@ def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: in
     from slimkit.search.strategies import ReinforceStrategy
 
     if not isinstance(space, MBConvSpace):
-        raise ConfigError("the controller warm-up needs the 'mbconv' space (its supernet); "
+        raise ConfigError("the controller warm-up needs the 'mbconv' space (its one-shot net); "
                           "set controller_warmup=0 for the 'cell' space")
     t0 = time.perf_counter()
     widths = [w for w in space.widths if cost_model.feasible(space.spec({**space.cheapest(), "width": w}))]
     nets = {w: train_one_shot(space, task, w, epochs=epochs, lr=lr_train, seed=seed, max_steps=max_steps,
-                                   progress=progress) for w in widths}
+                              progress=progress) for w in widths}
     x, y = _val_batch(task)
     decisions = space.decisions()
     strategy = ReinforceStrategy(decisions, lambda choices: True, lr=lr, batch=batch, seed=seed)

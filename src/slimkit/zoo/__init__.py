@@ -13,7 +13,7 @@ from slimkit.zoo.models import (
     resnet_small,
     vgg_small,
 )
-from slimkit.zoo.pretrained import efficientnet_lite0, minilm
+from slimkit.zoo.pretrained import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, efficientnet_lite0, minilm
 
 __all__ = ["ZOO", "build", "for_task", "lenet5", "lenet300_100", "vgg_small", "resnet_small",
-           "mobilenetv2_small", "efficientnet_lite0", "minilm"]
+           "mobilenetv2_small", "efficientnet_lite0", "minilm", "EFFICIENTNET_LITE_MEAN", "EFFICIENTNET_LITE_STD"]

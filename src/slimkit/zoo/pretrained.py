@@ -26,9 +26,17 @@ def _require(module: str, extra: str):
         ) from None
 
 
+# EfficientNet-Lite's own input normalization (the official TensorFlow models': (pixel - 127) / 128, so
+# inputs lie in [-1, 1]), not the ImageNet mean/std most torchvision models use: with ImageNet statistics
+# the converted weights still classify, but less confidently (mean top-1 probability and top-2 margins drop)
+EFFICIENTNET_LITE_MEAN = (127 / 255,) * 3
+EFFICIENTNET_LITE_STD = (128 / 255,) * 3
+
+
 @zoo_model("efficientnet_lite0", "EfficientNet-Lite0, real ImageNet weights (extra: efficientnet)", extra="efficientnet")
 def efficientnet_lite0(num_classes: int = 1000, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights (input 3x224x224, ImageNet normalization)."""
+    """EfficientNet-Lite0 with its ImageNet weights. Input 3x224x224 RGB in [0, 1], normalized with
+    `EFFICIENTNET_LITE_MEAN` / `EFFICIENTNET_LITE_STD` (the TensorFlow original's (pixel - 127) / 128)."""
     lib = _require("efficientnet_lite_pytorch", "efficientnet")
     model = lib.EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
     if pretrained:
