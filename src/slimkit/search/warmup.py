@@ -134,8 +134,12 @@ def _penalty(costs: dict[str, float], constraints) -> float:
 
 def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: int = 1024, batch: int = 16,
                       lr: float = 0.02, epochs: int = 20, max_steps: int | None = None, seed: int = 0,
-                      lr_train: float = 2e-3, progress: bool = True) -> dict[str, Any]:
+                      lr_train: float = 2e-3, entropy_weight: float = 0.05, progress: bool = True) -> dict[str, Any]:
     """Train one-shot nets, then the controller on `samples` architectures they score.
+
+    `entropy_weight` (5x the real phase's) keeps the policy diverse: on the digits space, 40 draws from
+    the warmed-up policy gave 40 distinct architectures (27 at 0.01), at a mean one-shot reward of 0.72
+    (0.74 at 0.01; 0.68 at 0.1).
 
     Returns {"state" (controller weights as {name: {"shape", "values"}}), "widths", "samples",
     "reward_first", "reward_last" (mean reward of the first and last batches), "seconds"}.
@@ -152,7 +156,8 @@ def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: in
                               progress=progress) for w in widths}
     x, y = _val_batch(task)
     decisions = space.decisions()
-    strategy = ReinforceStrategy(decisions, lambda choices: True, lr=lr, batch=batch, seed=seed)
+    strategy = ReinforceStrategy(decisions, lambda choices: True, lr=lr, batch=batch, seed=seed,
+                                 entropy_weight=entropy_weight)
     gen = torch.Generator().manual_seed(seed)
     means: list[float] = []
     steps = max(1, samples // batch)
