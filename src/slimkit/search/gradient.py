@@ -75,15 +75,6 @@ class SuperNet(nn.Module):
             x = x * (w_op[op] * w_depth[d])
         return self.head(x)
 
-    def path_forward(self, x: torch.Tensor, choices: dict[str, Any]) -> torch.Tensor:
-        """The sub-network of `choices` (depth, kernel, expansion, SE per stage; width is the supernet's)."""
-        x = self.stem(x)
-        for s, positions in enumerate(self.stages):
-            op = self.ops.index((choices[f"s{s}.kernel"], choices[f"s{s}.expansion"], choices[f"s{s}.se"]))
-            for j in range(int(choices[f"s{s}.depth"])):
-                x = positions[j][op](x)
-        return self.head(x)
-
     def probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
         return F.softmax(self.alpha_op, -1), F.softmax(self.alpha_depth, -1)
 

@@ -486,8 +486,9 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
 
         with torch_threads(config.train_threads):
             warm = controller_warmup(ctx.space, ctx.proxy_task, ctx.cost, samples=config.warmup_samples(),
-                                     lr=config.controller_lr, epochs=config.oneshot_epochs, lr_train=config.oneshot_lr or config.lr,
-                                     seed=config.seed, max_steps=config.supernet_max_steps, progress=progress)
+                                     lr=config.controller_lr, epochs=config.oneshot_epochs,
+                                     lr_train=config.oneshot_lr or config.lr, seed=config.seed,
+                                     max_steps=config.supernet_max_steps, progress=progress)
         study.set_user_attr("controller", warm)
     cfg_dict, cons_dict = config.to_dict(), constraints.to_dict()
     if workers == 1:

@@ -5,7 +5,8 @@
                        the most recent `population` completed trials, one-decision mutations.
 * `ReinforceStrategy`  an LSTM controller trained with REINFORCE (Zoph & Le 2017, NASNet-style),
                        reward = validation accuracy, moving-average baseline, batched steps with
-                       advantages scaled by the rewards' spread, bounded logits (ENAS).
+                       advantages scaled by the rewards' spread, bounded logits (ENAS); it can
+                       start from a policy warmed up on a one-shot net (`slimkit.search.warmup`).
 * `GradientStrategy`   samples from architecture weights learned by the gradient-based supernet
                        (`slimkit.search.gradient`); its first trial is their argmax.
 
