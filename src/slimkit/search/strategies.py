@@ -189,7 +189,7 @@ class ReinforceStrategy(NASSampler):
 
     name = "rl"
 
-    def __init__(self, decisions, feasible, *, lr: float = 0.1, batch: int = 4, baseline_decay: float = 0.8,
+    def __init__(self, decisions, feasible, *, lr: float = 0.02, batch: int = 4, baseline_decay: float = 0.8,
                  entropy_weight: float = 0.01, hidden: int = 32, initial_state: dict | None = None, **kw):
         super().__init__(decisions, feasible, **kw)
         if batch < 1:

@@ -87,6 +87,9 @@ class OneShotNet(nn.Module):
                 cin = stage["channels"]
             self.stages.append(blocks)
         self.head = Head(cin, spec["last_channels"], space.num_classes)
+        for m in (*self.stem.modules(), *self.head.modules()):  # batch statistics in the shared stem and head too
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
         self.decisions = [d for d in space.decisions() if d.name != "width"]
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -96,7 +99,6 @@ class OneShotNet(nn.Module):
 
     def forward(self, x: torch.Tensor, choices: dict[str, Any] | None = None) -> torch.Tensor:
         choices = choices or self.random_choices()
-        self.train()  # batch statistics in the shared stem and head too
         x = self.stem(x)
         for s, blocks in enumerate(self.stages):
             for j in range(int(choices[f"s{s}.depth"])):
