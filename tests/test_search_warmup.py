@@ -9,6 +9,7 @@ from slimkit.search.cost import Constraints, CostModel
 from slimkit.search.nas import NASConfig, open_storage, search
 from slimkit.search.space import MBConvSpace
 from slimkit.search.strategies import ReinforceStrategy
+from slimkit.search import warmup
 from slimkit.search.warmup import (ElasticMBConv, OneShotNet, _penalty, _val_batch, controller_warmup, load_state,
                                    train_one_shot)
 
@@ -70,7 +71,7 @@ def test_warmup_raises_the_reward_and_its_state_loads_into_a_controller(small_di
     space = MBConvSpace.for_task(small_digits, **TINY_SPACE)
     cost = CostModel(Constraints())
     out = controller_warmup(space, small_digits, cost, samples=96, batch=16, lr=0.05, epochs=3, lr_train=1e-2,
-                            progress=False)
+                            within_width=False, progress=False)
     assert out["samples"] == 96 and out["widths"] == [0.5, 1.0]
     assert out["reward_last"] > out["reward_first"]
     a = ReinforceStrategy(space.decisions(), lambda c: True, initial_state=out["state"])
@@ -81,6 +82,25 @@ def test_warmup_raises_the_reward_and_its_state_loads_into_a_controller(small_di
     other = MBConvSpace.for_task(small_digits, **{**TINY_SPACE, "kernels": [3, 5, 7]})
     with pytest.raises(ConfigError, match="does not fit"):
         ReinforceStrategy(other.decisions(), lambda c: True, initial_state=out["state"])
+
+
+def test_within_width_rewards_teach_choices_inside_a_width_not_which_width(small_digits, monkeypatch):
+    # one-shot nets of different widths are trained apart: a large width offset in their scores says
+    # little about real accuracy, a kernel effect inside each width does
+    space = MBConvSpace.for_task(small_digits, **TINY_SPACE)
+    monkeypatch.setattr(warmup, "train_one_shot", lambda *a, **k: None)
+    monkeypatch.setattr(warmup, "_reward", lambda nets, c, *a: 0.3 + 0.5 * (c["width"] == 1.0)
+                        + 0.1 * (c["s0.kernel"] == 5))
+
+    def policy(within: bool) -> dict:
+        out = controller_warmup(space, small_digits, CostModel(Constraints()), samples=320, batch=16, lr=0.05,
+                                within_width=within, progress=False)
+        return ReinforceStrategy(space.decisions(), lambda c: True, initial_state=out["state"]).probabilities()
+
+    across, within = policy(False), policy(True)
+    assert across["width"][1] > 0.9  # the offset alone decides the width
+    assert max(within["width"]) < 0.8
+    assert within["s0.kernel"][1] > 0.7  # the kernel effect is still learned
 
 
 def test_warmup_drops_widths_that_cannot_meet_the_budget(small_digits):

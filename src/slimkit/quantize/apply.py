@@ -1,7 +1,9 @@
 """`slimkit.quantize(model, QuantConfig(...), task=task)`: the quantization stage.
 
 Order: trace + fold BN (+ cross-layer equalization) -> wrap layers -> weight thresholds ->
-activation statistics (one pass) -> activation thresholds -> bias correction -> AdaRound -> QAT.
+activation statistics (one pass) -> activation thresholds -> AdaRound -> bias correction -> QAT.
+(Bias correction comes after AdaRound: AdaRound fits the float model's outputs, and a bias already
+corrected for round-to-nearest would shift that target.)
 The result simulates the integer model exactly in PyTorch and exports to ONNX QDQ
 (`slimkit.export(q, "model.onnx", example_input=...)`), which ONNX Runtime runs on int8 kernels.
 """
@@ -89,10 +91,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.mode == "static":
         stats = ptq.collect_activation_stats(new, batches)
         ptq.apply_activation_thresholds(new, stats, config.calibration, config.percentile)
-    if config.bias_correction:
-        ptq.bias_correction(new, batches)
+    float_weights = None
     if config.adaround:
+        # AdaRound bakes its rounding into the weights: bias correction then needs the float ones
+        float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
         ptq.adaround(new, batches, iters=config.adaround_iters)
+    if config.bias_correction:  # after AdaRound: it corrects the learned rounding's residual mean error
+        ptq.bias_correction(new, batches, float_weights)
     if config.qat_epochs:
         new = _qat(new, config, task)
     # -- what the result is, in words --------------------------------------------------------

@@ -131,18 +131,23 @@ def _equalize_pair(first: nn.Module, second: nn.Module) -> None:
 
 
 # -- bias correction ------------------------------------------------------------------------
-def _float_and_quant_outputs(layer: _QuantWeightLayer, x: torch.Tensor):
+def _float_and_quant_outputs(layer: _QuantWeightLayer, x: torch.Tensor, wf: torch.Tensor | None = None):
+    wf = layer.layer.weight if wf is None else wf
     wq = layer.quantized_weight()
     bias = layer.layer.bias
     if isinstance(layer.layer, nn.Linear):
-        return F.linear(x, layer.layer.weight, bias), F.linear(x, wq, bias)
-    return conv_forward(layer.layer, x, layer.layer.weight, bias), conv_forward(layer.layer, x, wq, bias)
+        return F.linear(x, wf, bias), F.linear(x, wq, bias)
+    return conv_forward(layer.layer, x, wf, bias), conv_forward(layer.layer, x, wq, bias)
 
 
 @torch.no_grad()
-def bias_correction(model: nn.Module, batches: list) -> dict[str, float]:
+def bias_correction(model: nn.Module, batches: list,
+                    float_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Empirical bias correction: add E[W x - Q(W) x] per output channel to each layer's bias,
-    measured on the calibration inputs each layer sees. Returns the mean |correction| per layer."""
+    measured on the calibration inputs each layer sees. Returns the mean |correction| per layer.
+    `float_weights` (name -> W): the float weights when the layers' own were already replaced by their
+    quantized values (AdaRound bakes its rounding into them)."""
+    float_weights = float_weights or {}
     layers = weight_layers(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -155,7 +160,7 @@ def bias_correction(model: nn.Module, batches: list) -> dict[str, float]:
             x = args[0]
             if mod.input_owned is not None:
                 x = mod.input_owned(x)
-            yf, yq = _float_and_quant_outputs(mod, x)
+            yf, yq = _float_and_quant_outputs(mod, x, float_weights.get(_name))
             diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1) if yf.dim() > 2 else (yf - yq).transpose(0, 1)
             sums[_name] = sums.get(_name, 0) + diff.sum(1)
             counts[_name] = counts.get(_name, 0) + diff.shape[1]
