@@ -248,6 +248,23 @@ def test_bias_correction_after_adaround_removes_what_rounding_left():
     assert (both - ref).pow(2).mean() <= (ada - ref).pow(2).mean()
 
 
+def test_adaround_layers_rounds_only_the_named_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(256, 16)
+    cfg = dict(weights="int3", activations="none", mode="weight_only", calibration_samples=256)
+    rtn = sk.quantize(model, QuantConfig(**cfg), calibration_data=x)
+    one = sk.quantize(model, QuantConfig(**cfg, adaround=True, adaround_iters=200, adaround_layers=["2"]),
+                      calibration_data=x)
+    w = {n: p for n, p in one.named_parameters() if n.endswith("weight")}
+    w_rtn = {n: p for n, p in rtn.named_parameters() if n.endswith("weight")}
+    first, last = sorted(w)
+    assert torch.equal(w[first], w_rtn[first])  # not named: float weights, nearest rounding at run time
+    assert not torch.equal(w[last], w_rtn[last])  # named: weights baked to their learned grid points
+    with pytest.raises(ConfigError, match="adaround_layers"):
+        sk.quantize(model, QuantConfig(**cfg, adaround=True, adaround_layers=["nope*"]), calibration_data=x)
+
+
 @pytest.mark.slow
 def test_qat_lsq_trains_and_exports(trained_lenet5, digits_task, tmp_path):
     q = sk.quantize(trained_lenet5, QuantConfig(weights="int4", activations="uint8", qat_epochs=1,

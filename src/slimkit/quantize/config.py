@@ -68,6 +68,8 @@ class QuantConfig(Config):
         of that many input elements (Linear, low-bit weight-only).
     calibration / weight_calibration: threshold methods (minmax, ema_minmax, percentile, mse, kl).
     fold_bn, equalize (cross-layer equalization), bias_correction, adaround: accuracy-preserving PTQ.
+    adaround_layers: layer-name patterns AdaRound learns the rounding of (default: every layer; it
+        costs a few minutes per large layer on a CPU, so pick the sensitive ones).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
     """
@@ -89,6 +91,7 @@ class QuantConfig(Config):
     bias_correction: bool = False
     adaround: bool = False
     adaround_iters: int = Field(1000, ge=1)
+    adaround_layers: list[str] | None = None
     qat_epochs: int = Field(0, ge=0)
     qat_lr: float = Field(1e-4, gt=0)
     mixed_precision: MixedPrecisionConfig | None = None

@@ -3,6 +3,7 @@ correction and learned rounding (AdaRound). Statistics passes never change the m
 transformations use the statistics they are given."""
 from __future__ import annotations
 
+import fnmatch
 from typing import Iterable
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.progress import progress_bar
-from slimkit.errors import CalibrationError
+from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize.calibration import thresholds
 from slimkit.quantize.graph import act_quantizers, weight_layers
 from slimkit.quantize.modules import _QuantWeightLayer, conv_forward
@@ -208,11 +209,15 @@ def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list
 
 
 def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float = 0.01, batch_size: int = 32,
-             lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
+             lr: float = 1e-2, seed: int = 0, layers: list[str] | None = None) -> dict[str, float]:
     """Learned rounding (Nagel et al. 2020), layer by layer in model order: choose floor or ceil for
     every weight to minimize the layer's output error against the float model on calibration data.
-    Returns the final reconstruction MSE per layer."""
-    layers = weight_layers(model)
+    `layers`: fnmatch patterns of the layers to round this way (default all; the rest keep nearest
+    rounding). Returns the final reconstruction MSE per layer."""
+    layers = {n: m for n, m in weight_layers(model).items()
+              if layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers)}
+    if not layers:
+        raise ConfigError("adaround: no quantized layer matches adaround_layers")
     float_model = _float_copy(model)
     gen = torch.Generator().manual_seed(seed)
     results = {}
