@@ -250,7 +250,7 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
                 loss.backward()
                 opt.step()
                 if it % 50 == 0:
-                    advance(50 if it + 50 <= iters else iters - it, layer=name, rec=float(rec))
+                    advance(50 if it + 50 <= iters else iters - it, layer=name, rec=float(rec.detach()))
             grad_ctx.__exit__(None, None, None)
             with torch.no_grad():  # bake the hard decision: weights sit exactly on the chosen grid point
                 layer.round_offset = (_rectified_sigmoid(v) >= 0.5).float()
