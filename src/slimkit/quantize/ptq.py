@@ -214,8 +214,9 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
     every weight to minimize the layer's output error against the float model on calibration data.
     `layers`: fnmatch patterns of the layers to round this way (default all; the rest keep nearest
     rounding). Returns the final reconstruction MSE per layer."""
+    patterns = layers
     layers = {n: m for n, m in weight_layers(model).items()
-              if layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers)}
+              if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     if not layers:
         raise ConfigError("adaround: no quantized layer matches adaround_layers")
     float_model = _float_copy(model)
