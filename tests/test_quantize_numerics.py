@@ -104,6 +104,17 @@ def test_clipping_methods_beat_minmax_with_outliers(method):
     assert clipped > minmax + 10
 
 
+def test_kl_is_not_fooled_by_the_zeros_after_a_relu():
+    # half the values exactly zero, as after a ReLU6: the zero spike once drove KL to clip at amax/8 (4.7 dB)
+    torch.manual_seed(0)
+    x = (torch.randn(50_000) * 1.5 - 1.0).clamp(0, 6)
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    lo, hi = thresholds(_stats(x), "kl", spec)
+    assert hi > 0.5 * x.max()
+    assert sqnr_db(x, _roundtrip(x, lo, hi, spec)) > 35
+    assert thresholds(_stats(torch.zeros(1000)), "kl", spec)[1] == 0  # all zeros: nothing to clip
+
+
 def test_mse_clips_heavy_tails_at_low_bits():
     torch.manual_seed(0)
     x = torch.distributions.Laplace(0.0, 1.0).sample((50_000,))

@@ -14,10 +14,11 @@ Methods (for activations; weights use the same functions on the weight tensor it
                  quantization error on the sample.
 - "kl":          TensorRT's entropy calibration: the threshold (over a 2048-bin histogram of |x|)
                  minimizing KL(P || Q) between the clipped distribution and its quantized version.
-                 Known weakness (measured on EfficientNet-Lite0, uint8): KL counts the clipped mass,
-                 not how far it is clipped, and at its smallest candidate (as many bins as levels)
-                 quantization costs nothing in the histogram model, so on ReLU6 outputs with most
-                 values near zero it picks amax/8 and the model collapses. Prefer "mse" there.
+                 Exact zeros are left out of the histogram: zero is always on the grid, so they
+                 cost nothing, but after a ReLU they form a spike that merged bins smear over their
+                 neighbours, and KL then prefers the smallest candidate (as many bins as levels,
+                 where no bins merge): on ReLU outputs it clipped at amax/8 (EfficientNet-Lite0
+                 collapsed to 0.004 top-1 agreement; a ReLU6-like sample: 4.7 dB -> 43.4 dB).
 """
 from __future__ import annotations
 
@@ -104,11 +105,13 @@ def _symmetric_threshold_candidates(amax: float, n: int = 100) -> np.ndarray:
 
 
 def _kl_threshold(values: np.ndarray, levels: int, bins: int = 2048) -> float:
-    """TensorRT entropy calibration on |x|: threshold minimizing KL(P || Q)."""
+    """TensorRT entropy calibration on |x|: threshold minimizing KL(P || Q). Exact zeros are left
+    out (they are represented exactly; as a spike they would drive KL to the smallest candidate)."""
     values = np.abs(values)
-    amax = float(values.max())
-    if amax == 0:
+    values = values[values > 0]
+    if values.size == 0:
         return 0.0
+    amax = float(values.max())
     hist, edges = np.histogram(values, bins=bins, range=(0, amax))
     hist = hist.astype(np.float64)
     best_kl, best_i = np.inf, bins
