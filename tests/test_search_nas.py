@@ -64,6 +64,7 @@ def test_two_workers_share_one_study_no_trial_lost_or_run_twice(small_digits, tm
     # the chosen one: the best mean validation accuracy among the finalists (the most accurate trials)
     finalists = result.info["finalists"]
     assert len(finalists) == 3 and all(len(f["val_accuracy_seeds"]) == 1 + 3 for f in finalists)  # own run + 3 fresh
+    assert all(f["fresh_seeds"] == 3 for f in finalists) and result.best["fresh_seeds"] == 3
     top = sorted((r["val_accuracy"] for r in result.rows if r["state"] == "COMPLETE"), reverse=True)[:3]
     assert sorted((f["val_accuracy_seeds"][0] for f in finalists), reverse=True) == top
     assert abs(result.best["val_accuracy_mean"] - max(f["val_accuracy_mean"] for f in finalists)) < 1e-4

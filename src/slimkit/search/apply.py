@@ -32,7 +32,7 @@ def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None
     new = result.model
     new.slimkit_notes = [f"NAS {config.strategy}: trial {best['trial']} of {len(result.rows)}, "
                          f"val accuracy {100 * best['val_accuracy']:.2f}% after {config.epochs} proxy epoch(s)"
-                         + (f" (mean {100 * best['val_accuracy_mean']:.2f}% over {len(best['val_accuracy_seeds']) - 1} "
+                         + (f" (mean {100 * best['val_accuracy_mean']:.2f}% over {best['fresh_seeds']} "
                             "fresh seeds)" if "val_accuracy_mean" in best else "") + "; "
                          f"report in {out_dir}"]
     return record_stage(new, "nas", config, {"trial": best["trial"], "out_dir": str(out_dir)})

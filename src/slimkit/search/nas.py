@@ -607,12 +607,14 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
     for r in top:
         fresh = done[str(r["trial"])]
         r["val_accuracy_seeds"] = [r["val_accuracy"], *fresh]
+        r["fresh_seeds"] = len(fresh)
         # the trial's own accuracy is what made it a finalist (the most accurate of many noisy runs is
         # biased high, luckier than its architecture): only the fresh seeds rank the finalists
         r["val_accuracy_mean"] = sum(fresh) / len(fresh)
     result.best = max(top, key=lambda r: (r["val_accuracy_mean"], -(r[key] or 0)))
     result.info["finalists"] = [{"trial": r["trial"], "val_accuracy_seeds": r["val_accuracy_seeds"],
-                                 "val_accuracy_mean": round(r["val_accuracy_mean"], 4)} for r in top]
+                                 "fresh_seeds": r["fresh_seeds"], "val_accuracy_mean": round(r["val_accuracy_mean"], 4)}
+                                for r in top]
 
 
 def pareto_front(rows: list[dict[str, Any]], cost_key: str) -> list[dict[str, Any]]:

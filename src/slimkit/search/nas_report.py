@@ -82,7 +82,7 @@ def markdown(result, config) -> str:
              f"proxy epoch(s); constraints {result.info.get('constraints')}; storage `{result.storage}`", ""]
     if result.best is not None:
         b = result.best
-        mean = (f" (mean {100 * b['val_accuracy_mean']:.2f}% over {len(b['val_accuracy_seeds']) - 1} fresh seeds)"
+        mean = (f" (mean {100 * b['val_accuracy_mean']:.2f}% over {b['fresh_seeds']} fresh seeds)"
                 if "val_accuracy_mean" in b else "")
         lines += [f"**Chosen**: trial {b['trial']} — val accuracy {100 * b['val_accuracy']:.2f}%{mean}, "
                   f"{b['macs']:,} MACs, {b['param_count']:,} params — `{_arch(b['spec'])}`", ""]
@@ -95,7 +95,7 @@ def markdown(result, config) -> str:
     finalists = result.info.get("finalists")
     if finalists:
         lines += [f"The {len(finalists)} most accurate trials were proxy-trained again with "
-                  f"{len(finalists[0]['val_accuracy_seeds']) - 1} fresh seeds; the best mean validation accuracy "
+                  f"{finalists[0]['fresh_seeds']} fresh seeds; the best mean validation accuracy "
                   "over the fresh seeds was chosen (one short training's accuracy is noisy, and the most accurate "
                   "of many runs is a lucky one, so the trial's own run is listed first but not averaged in).", "",
                   "| trial | val accuracy: trial's run; fresh seeds | mean of fresh seeds |", "|---|---|---|"]
