@@ -93,8 +93,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         ptq.apply_activation_thresholds(new, stats, config.calibration, config.percentile)
     float_weights = None
     if config.adaround:
-        # AdaRound bakes its rounding into the weights: bias correction then needs the float ones
-        float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
+        if config.bias_correction:  # AdaRound bakes its rounding into the weights: keep the float ones
+            float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
         ptq.adaround(new, batches, iters=config.adaround_iters, layers=config.adaround_layers)
     if config.bias_correction:  # after AdaRound: it corrects the learned rounding's residual mean error
         ptq.bias_correction(new, batches, float_weights)

@@ -613,8 +613,8 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
         r["val_accuracy_mean"] = sum(fresh) / len(fresh)
     result.best = max(top, key=lambda r: (r["val_accuracy_mean"], -(r[key] or 0)))
     result.info["finalists"] = [{"trial": r["trial"], "val_accuracy_seeds": r["val_accuracy_seeds"],
-                                 "fresh_seeds": r["fresh_seeds"], "val_accuracy_mean": round(r["val_accuracy_mean"], 4)}
-                                for r in top]
+                                 "fresh_seeds": r["fresh_seeds"],
+                                 "val_accuracy_mean": round(r["val_accuracy_mean"], 4)} for r in top]
 
 
 def pareto_front(rows: list[dict[str, Any]], cost_key: str) -> list[dict[str, Any]]:
