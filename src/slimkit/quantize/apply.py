@@ -1,8 +1,8 @@
 """`slimkit.quantize(model, QuantConfig(...), task=task)`: the quantization stage.
 
 Order: trace + fold BN (+ cross-layer equalization) -> wrap layers -> weight thresholds ->
-activation statistics (one pass) -> activation thresholds -> AdaRound -> bias correction -> QAT.
-(Bias correction comes after AdaRound: AdaRound fits the float model's outputs, and a bias already
+activation statistics (one pass) -> activation thresholds -> AdaRound or GPTQ -> bias correction -> QAT.
+(Bias correction comes after the rounding: AdaRound fits the float model's outputs, and a bias already
 corrected for round-to-nearest would shift that target.)
 The result simulates the integer model exactly in PyTorch and exports to ONNX QDQ
 (`slimkit.export(q, "model.onnx", example_input=...)`), which ONNX Runtime runs on int8 kernels.
@@ -68,7 +68,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize expects a QuantConfig, got {type(config).__name__}")
     src = copy_model(model).eval()
-    needs_data = config.mode == "static" or config.bias_correction or config.adaround or config.mixed_precision
+    needs_data = (config.mode == "static" or config.bias_correction or config.adaround or config.gptq
+                  or config.mixed_precision)
     batches = None
     if needs_data:
         data = calibration_data if calibration_data is not None else task
@@ -92,11 +93,17 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         stats = ptq.collect_activation_stats(new, batches)
         ptq.apply_activation_thresholds(new, stats, config.calibration, config.percentile)
     float_weights = None
+    if (config.adaround or config.gptq) and config.bias_correction:
+        # AdaRound and GPTQ bake their rounding into the weights: keep the float ones
+        float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
     if config.adaround:
-        if config.bias_correction:  # AdaRound bakes its rounding into the weights: keep the float ones
-            float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
         ptq.adaround(new, batches, iters=config.adaround_iters, layers=config.adaround_layers)
-    if config.bias_correction:  # after AdaRound: it corrects the learned rounding's residual mean error
+    if config.gptq:
+        ratios = ptq.gptq(new, batches)
+        better = sorted(ratios.values())
+        notes.append(f"GPTQ rounding of {len(ratios)} layer(s): output error on the calibration inputs "
+                     f"{better[len(better) // 2]:.2f}x round-to-nearest's (median)")
+    if config.bias_correction:  # after the rounding: it corrects the rounding's residual mean error
         ptq.bias_correction(new, batches, float_weights)
     if config.qat_epochs:
         new = _qat(new, config, task)

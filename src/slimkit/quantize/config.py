@@ -70,6 +70,8 @@ class QuantConfig(Config):
     fold_bn, equalize (cross-layer equalization), bias_correction, adaround: accuracy-preserving PTQ.
     adaround_layers: layer-name patterns AdaRound learns the rounding of (default: every layer; it
         costs a few minutes per large layer on a CPU, so pick the sensitive ones).
+    gptq: second-order rounding of every layer's weights (GPTQ): one statistics pass, then seconds
+        per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
     """
@@ -92,6 +94,7 @@ class QuantConfig(Config):
     adaround: bool = False
     adaround_iters: int = Field(1000, ge=1)
     adaround_layers: list[str] | None = None
+    gptq: bool = False
     qat_epochs: int = Field(0, ge=0)
     qat_lr: float = Field(1e-4, gt=0)
     mixed_precision: MixedPrecisionConfig | None = None
@@ -121,6 +124,11 @@ class QuantConfig(Config):
         if self.mode == "dynamic" and self.activations not in ("uint8", "int8"):
             raise ConfigError("QuantConfig: dynamic mode quantizes activations to 8 bits per batch; "
                               f"activations={self.activations!r} is not supported there")
+        if self.adaround and self.gptq:
+            raise ConfigError("QuantConfig: adaround and gptq both choose the weights' rounding; pick one")
+        if self.gptq and self.mode == "dynamic":
+            raise ConfigError("QuantConfig: gptq needs static or weight-only mode (it rounds against the inputs "
+                              "calibration shows each layer)")
         if self.qat_epochs and self.mode == "dynamic":
             raise ConfigError("QuantConfig: QAT needs static or weight-only mode")
         return self
