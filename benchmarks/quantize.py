@@ -124,7 +124,7 @@ def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
     common = dict(weights="int4", activations="uint8", weight_calibration="mse", calibration="percentile",
                   calibration_samples=256)
     variants = {"rtn": QuantConfig(**common), "adaround": QuantConfig(**common, adaround=True, adaround_iters=500),
-                "qat_lsq": QuantConfig(**common, qat_epochs=3, qat_lr=5e-4)}
+                "gptq": QuantConfig(**common, gptq=True), "qat_lsq": QuantConfig(**common, qat_epochs=3, qat_lr=5e-4)}
     accs = {}
     for label, cfg in variants.items():
         t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
         accs[label] = accuracy(q, task, "test")
         rows.append({"part": "lowbit", "model": "lenet5", "variant": f"W4A8 {label}", "accuracy": accs[label],
                      "fp32_accuracy": base, "seconds": round(time.perf_counter() - t0, 1), "simulated": True})
-    for label in ("adaround", "qat_lsq"):
+    for label in ("adaround", "gptq", "qat_lsq"):
         drop = 100 * (base - accs[label])
         checks.append(check(f"lowbit: W4A8 {label} accuracy drop (points; RTN drop {100 * (base - accs['rtn']):.2f})",
                             round(drop, 3), "<= 1.0", drop <= 1.0))

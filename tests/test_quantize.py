@@ -142,6 +142,8 @@ def test_cli_quantize(tmp_path, trained_lenet5):
     assert (out / "model.onnx").stat().st_size < (out / "fp32.onnx").stat().st_size
     assert main(["quantize", str(model), "--weights", "int1", "--out", str(out)]) == 2
     assert main(["quantize", str(model), "--calibration", "nope", "--out", str(out)]) == 2
+    assert main(["quantize", str(model), "--gptq", "--adaround", "--out", str(out)]) == 2  # one rounding method
+    assert main(["quantize", str(model), "--gptq", "--samples", "64", "--out", str(tmp_path / "g")]) == 0
 
 
 def test_registered_for_demo_and_recipes(trained_lenet5, digits_task):

@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         equalize: bool = typer.Option(False, "--equalize", help="cross-layer equalization"),
         bias_correction: bool = typer.Option(False, "--bias-correction", help="empirical bias correction"),
         adaround: bool = typer.Option(False, "--adaround", help="learned rounding of weights"),
+        gptq: bool = typer.Option(False, "--gptq", help="second-order (GPTQ) rounding of weights; fast, not with --adaround"),
         qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after PTQ"),
         keep_float: list[str] = typer.Option([], "--keep-float", help="layer name patterns left in float (repeatable)"),
         backend: str = typer.Option("onnx", "--backend", help="onnx: int8 QDQ for ONNX Runtime (slimkit's own "
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
             cfg = QuantConfig(weights=weights, activations=activations, mode=mode, per_channel=per_channel,
                               calibration=calibration, weight_calibration=weight_calibration,
                               calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
-                              adaround=adaround, qat_epochs=qat_epochs, keep_float=keep_float)
+                              adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float)
         task = load_task(data)
         net = load_model(model, weights=weights_file, task=task)
         q = quantize(net, cfg, task=task)
