@@ -83,6 +83,18 @@ def test_reinforce_raises_the_probability_of_rewarded_choices():
     assert advantages[0] > 0.5 and advantages[1] < -0.5
 
 
+def test_rank_advantages_are_not_shrunk_by_a_failed_trial():
+    good, better, failed = {"a": 0, "b": 0, "c": "x"}, {"a": 0, "b": 0, "c": "y"}, {"a": 1, "b": 1, "c": "x"}
+    batch = [(failed, 0.10), (better, 0.98), (good, 0.97), (better, 0.98)]
+    spread = ReinforceStrategy(DECISIONS, feasible, seed=0).update(batch)
+    rank = ReinforceStrategy(DECISIONS, feasible, seed=0, advantage="rank").update(batch)
+    # spread: the failed trial's 0.88 gap sets the scale, one point between the good ones is ~nothing
+    assert abs(spread[1] - spread[2]) < 0.05
+    assert rank[1] - rank[2] > 0.8 and rank[0] < rank[2] < rank[1] and abs(sum(rank)) < 1e-9
+    with pytest.raises(ConfigError, match="advantage"):
+        make_sampler("rl", DECISIONS, feasible, advantage="ranks")
+
+
 def test_reinforce_steps_once_per_batch_of_trials():
     study, sampler = run("rl", n=10, lr=0.1, batch=4)
     assert len(sampler.seen) == 9 and len(sampler.rewards) == 8 and len(sampler.pending) == 1

@@ -75,6 +75,7 @@ class NASConfig(Config):
     sample_size: int = Field(3, ge=1)
     controller_lr: float = Field(0.02, gt=0)
     controller_batch: int = Field(4, ge=1)  # completed trials per REINFORCE step
+    controller_advantage: Literal["spread", "rank"] = "spread"  # how trial rewards weight a policy step
     # rl: architectures the controller is rewarded on by a weight-sharing one-shot net before the first
     # trial (ENAS-style; `slimkit.search.warmup`). None: 1024 for the mbconv space, 0 (none) for cell
     controller_warmup: int | None = Field(None, ge=0)
@@ -304,7 +305,7 @@ def _make_sampler(ctx: _Context, study):
         warm = study.user_attrs.get("controller")
         if cfg.warmup_samples() and warm is None:
             raise ConfigError("rl strategy: the study has no warmed-up controller; start it with `search`")
-        options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch,
+        options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch, "advantage": cfg.controller_advantage,
                    "initial_state": warm["state"] if warm else None}
     elif cfg.strategy == "gradient":
         info = study.user_attrs.get("supernet")

@@ -181,19 +181,26 @@ class Controller(nn.Module):
 
 class ReinforceStrategy(NASSampler):
     """REINFORCE on an LSTM controller. Completed trials (any worker's, in trial order) are taken in
-    batches of `batch`: one policy-gradient step per batch, each architecture weighted by its advantage
-    (reward - moving-average baseline) divided by the spread of the rewards seen so far, so a step's
-    size follows how much better an architecture was than its peers, not the scale of the metric.
-    Trials sampled by an older policy are used as they are (a small off-policy error, the price of
-    many workers)."""
+    batches of `batch`: one policy-gradient step per batch, each architecture weighted by its advantage.
+    advantage="spread": (reward - moving-average baseline) divided by the spread of the rewards seen so
+    far, so a step's size follows how much better an architecture was than its peers, not the scale of
+    the metric. advantage="rank": the reward's rank among all rewards seen so far, centred and scaled to
+    unit spread (fitness shaping, as in natural evolution strategies): a few very poor trials (a width
+    that trains badly) then cannot shrink the differences between the good ones, which decide the
+    search. Trials sampled by an older policy are used as they are (a small off-policy error, the price
+    of many workers)."""
 
     name = "rl"
 
     def __init__(self, decisions, feasible, *, lr: float = 0.02, batch: int = 4, baseline_decay: float = 0.8,
-                 entropy_weight: float = 0.01, hidden: int = 32, initial_state: dict | None = None, **kw):
+                 entropy_weight: float = 0.01, hidden: int = 32, initial_state: dict | None = None,
+                 advantage: str = "spread", **kw):
         super().__init__(decisions, feasible, **kw)
         if batch < 1:
             raise ConfigError(f"rl: batch must be >= 1, got {batch}")
+        if advantage not in ("spread", "rank"):
+            raise ConfigError(f"rl: advantage must be 'spread' or 'rank', got {advantage!r}")
+        self.advantage = advantage
         torch.manual_seed(self.seed)
         self.controller = Controller(decisions, hidden)
         if initial_state is not None:  # a warmed-up policy (`slimkit.search.warmup`)
@@ -218,9 +225,14 @@ class ReinforceStrategy(NASSampler):
         mean = sum(rewards) / len(rewards)
         if self.baseline is None:
             self.baseline = mean
-        spread = float(np.std(self.rewards)) if len(self.rewards) > 1 else 0.0
-        scale = spread if spread > 1e-8 else 1.0
-        advantages = [(r - self.baseline) / scale for r in rewards]
+        if self.advantage == "rank":  # centred rank among every reward so far; uniform ranks have spread 1/sqrt(12)
+            seen = np.asarray(self.rewards)
+            ranks = [(np.sum(seen < r) + 0.5 * np.sum(seen == r)) / len(seen) for r in rewards]
+            advantages = [(q - 0.5) * np.sqrt(12.0) for q in ranks]
+        else:
+            spread = float(np.std(self.rewards)) if len(self.rewards) > 1 else 0.0
+            scale = spread if spread > 1e-8 else 1.0
+            advantages = [(r - self.baseline) / scale for r in rewards]
         loss = torch.zeros(())
         for (params, _), adv in zip(batch, advantages):
             _, logp, entropy = self.controller(self._indices(params))
