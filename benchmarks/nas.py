@@ -52,7 +52,8 @@ def run_strategies(task, args, budget, work: Path) -> list[dict]:
         cfg = NASConfig(strategy=strategy, trials=args.trials, epochs=args.epochs, max_macs=budget,
                         population=args.population, sample_size=args.sample_size, supernet_epochs=args.epochs,
                         seed=args.seed, train_threads=args.threads, finalists=args.finalists,
-                        finalist_seeds=args.finalist_seeds, controller_advantage=args.controller_advantage)
+                        finalist_seeds=args.finalist_seeds, controller_advantage=args.controller_advantage,
+                        controller_cost_weight=args.controller_cost_weight)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         result = search(task, cfg, out_dir=work / strategy, progress=False)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -241,6 +242,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--controller-advantage", choices=["spread", "rank"], default="spread",
                         help="rl: how trial rewards weight a policy step")
+    parser.add_argument("--controller-cost-weight", type=float, default=0.0,
+                        help="rl: reward = accuracy - weight * |MACs / budget - 1| (TuNAS)")
     parser.add_argument("--final-seeds", type=int, default=10,
                         help="seeds the zoo net and each chosen architecture are retrained with for the accuracy check")
     parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")

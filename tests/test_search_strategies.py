@@ -95,6 +95,24 @@ def test_rank_advantages_are_not_shrunk_by_a_failed_trial():
         make_sampler("rl", DECISIONS, feasible, advantage="ranks")
 
 
+def test_cost_weight_rewards_the_controller_for_spending_the_budget():
+    from types import SimpleNamespace
+
+    from slimkit.search.cost import Constraints
+
+    limits = Constraints(max_macs=1000)
+    assert limits.budget_gap({"macs": 500}, "macs") == 0.5 and limits.budget_gap({"macs": 1000}, "macs") == 0.0
+    assert limits.budget_gap({"params": 10}, "params") == 0.0  # no limit on the objective: no term
+    trials = [SimpleNamespace(number=i, params={"a": 0, "b": 0, "c": c}, values=[0.9], user_attrs={"costs": {"macs": m}})
+              for i, (c, m) in enumerate([("x", 300), ("y", 1000)])]
+    shaped = ReinforceStrategy(DECISIONS, feasible, seed=0, batch=2, cost_weight=0.1, constraints=limits)
+    shaped.observe(trials)
+    assert shaped.rewards == pytest.approx([0.9 - 0.07, 0.9])  # same accuracy: the one using its budget wins
+    plain = ReinforceStrategy(DECISIONS, feasible, seed=0, batch=2)
+    plain.observe(trials)
+    assert plain.rewards == [0.9, 0.9]
+
+
 def test_reinforce_steps_once_per_batch_of_trials():
     study, sampler = run("rl", n=10, lr=0.1, batch=4)
     assert len(sampler.seen) == 9 and len(sampler.rewards) == 8 and len(sampler.pending) == 1

@@ -99,10 +99,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.adaround:
         ptq.adaround(new, batches, iters=config.adaround_iters, layers=config.adaround_layers)
     if config.gptq:
-        ratios = ptq.gptq(new, batches)
-        better = sorted(ratios.values())
+        ratios = sorted(ptq.gptq(new, batches).values())
         notes.append(f"GPTQ rounding of {len(ratios)} layer(s): output error on the calibration inputs "
-                     f"{better[len(better) // 2]:.2f}x round-to-nearest's (median)")
+                     f"{ratios[len(ratios) // 2]:.2f}x round-to-nearest's (median)")
     if config.bias_correction:  # after the rounding: it corrects the rounding's residual mean error
         ptq.bias_correction(new, batches, float_weights)
     if config.qat_epochs:

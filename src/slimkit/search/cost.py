@@ -49,6 +49,15 @@ class Constraints(Config):
     max_params: int | None = Field(None, gt=0)
     max_latency_ms: float | None = Field(None, gt=0)
 
+    def budget_gap(self, costs: dict[str, float], objective: str) -> float:
+        """|cost / limit - 1| for the objective's own limit (0.0 without one): how far a candidate is
+        from spending its budget, the cost term of TuNAS's absolute reward (Bender et al. 2020)."""
+        key, limit = {"macs": ("macs", self.max_macs), "params": ("params", self.max_params),
+                      "latency": ("latency_ms", self.max_latency_ms)}[objective]
+        if limit is None or key not in costs:
+            return 0.0
+        return abs(costs[key] / limit - 1.0)
+
     def violations(self, costs: dict[str, float]) -> list[str]:
         """One line per violated limit, naming the limit and the candidate's value."""
         out = []

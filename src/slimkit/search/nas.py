@@ -76,6 +76,8 @@ class NASConfig(Config):
     controller_lr: float = Field(0.02, gt=0)
     controller_batch: int = Field(4, ge=1)  # completed trials per REINFORCE step
     controller_advantage: Literal["spread", "rank"] = "spread"  # how trial rewards weight a policy step
+    # rl: reward = accuracy - controller_cost_weight * |cost / limit - 1| for the objective's limit (TuNAS)
+    controller_cost_weight: float = Field(0.0, ge=0)
     # rl: architectures the controller is rewarded on by a weight-sharing one-shot net before the first
     # trial (ENAS-style; `slimkit.search.warmup`). None: 1024 for the mbconv space, 0 (none) for cell
     controller_warmup: int | None = Field(None, ge=0)
@@ -117,7 +119,7 @@ class NASConfig(Config):
         """The settings a study is bound to (resuming with different ones would mix experiments)."""
         keys = ("space", "space_options", "strategy", "epochs", "lr", "max_steps", "train_fraction", "max_macs",
                 "max_params", "max_latency_ms", "max_macs_ratio", "objective", "runtime", "seed", "controller_warmup",
-                "oneshot_epochs", "oneshot_lr")
+                "oneshot_epochs", "oneshot_lr", "controller_cost_weight")
         return {k: v for k, v in self.to_dict().items() if k in keys}
 
 
@@ -306,7 +308,8 @@ def _make_sampler(ctx: _Context, study):
         if cfg.warmup_samples() and warm is None:
             raise ConfigError("rl strategy: the study has no warmed-up controller; start it with `search`")
         options = {"lr": cfg.controller_lr, "batch": cfg.controller_batch, "advantage": cfg.controller_advantage,
-                   "initial_state": warm["state"] if warm else None}
+                   "cost_weight": cfg.controller_cost_weight, "constraints": ctx.cost.constraints,
+                   "objective": cfg.objective, "initial_state": warm["state"] if warm else None}
     elif cfg.strategy == "gradient":
         info = study.user_attrs.get("supernet")
         if info is None:
@@ -489,7 +492,8 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
             warm = controller_warmup(ctx.space, ctx.proxy_task, ctx.cost, samples=config.warmup_samples(),
                                      lr=config.controller_lr, epochs=config.oneshot_epochs,
                                      lr_train=config.oneshot_lr or config.lr, seed=config.seed,
-                                     max_steps=config.supernet_max_steps, progress=progress)
+                                     max_steps=config.supernet_max_steps, objective=config.objective,
+                                     cost_weight=config.controller_cost_weight, progress=progress)
         study.set_user_attr("controller", warm)
     cfg_dict, cons_dict = config.to_dict(), constraints.to_dict()
     if workers == 1:

@@ -187,20 +187,25 @@ class ReinforceStrategy(NASSampler):
     the metric. advantage="rank": the reward's rank among all rewards seen so far, centred and scaled to
     unit spread (fitness shaping, as in natural evolution strategies): a few very poor trials (a width
     that trains badly) then cannot shrink the differences between the good ones, which decide the
-    search. Trials sampled by an older policy are used as they are (a small off-policy error, the price
+    search. `cost_weight` > 0 (with `constraints` and `objective`): the controller's reward is the
+    trial's accuracy minus cost_weight * |cost / limit - 1| (TuNAS's absolute reward), so the policy
+    learns to spend the budget; the trials' own values (and the choice of the result) stay accuracy.
+    Trials sampled by an older policy are used as they are (a small off-policy error, the price
     of many workers)."""
 
     name = "rl"
 
     def __init__(self, decisions, feasible, *, lr: float = 0.02, batch: int = 4, baseline_decay: float = 0.8,
                  entropy_weight: float = 0.01, hidden: int = 32, initial_state: dict | None = None,
-                 advantage: str = "spread", **kw):
+                 advantage: str = "spread", cost_weight: float = 0.0, constraints=None, objective: str = "macs",
+                 **kw):
         super().__init__(decisions, feasible, **kw)
         if batch < 1:
             raise ConfigError(f"rl: batch must be >= 1, got {batch}")
         if advantage not in ("spread", "rank"):
             raise ConfigError(f"rl: advantage must be 'spread' or 'rank', got {advantage!r}")
         self.advantage = advantage
+        self.cost_weight, self.constraints, self.objective = cost_weight, constraints, objective
         torch.manual_seed(self.seed)
         self.controller = Controller(decisions, hidden)
         if initial_state is not None:  # a warmed-up policy (`slimkit.search.warmup`)
@@ -249,7 +254,11 @@ class ReinforceStrategy(NASSampler):
             for t in history:
                 if t.number not in self.seen:
                     self.seen.add(t.number)
-                    self.pending.append((t.params, float(t.values[0])))
+                    reward = float(t.values[0])
+                    if self.cost_weight and self.constraints is not None:
+                        reward -= self.cost_weight * self.constraints.budget_gap(t.user_attrs.get("costs", {}),
+                                                                                 self.objective)
+                    self.pending.append((t.params, reward))
                     if len(self.pending) == self.batch:
                         self.update(self.pending)
                         self.pending = []

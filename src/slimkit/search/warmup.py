@@ -139,7 +139,7 @@ def _penalty(costs: dict[str, float], constraints) -> float:
 def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: int = 1024, batch: int = 16,
                       lr: float = 0.02, epochs: int = 20, max_steps: int | None = None, seed: int = 0,
                       lr_train: float = 2e-3, entropy_weight: float = 0.05, within_width: bool = True,
-                      progress: bool = True) -> dict[str, Any]:
+                      objective: str = "macs", cost_weight: float = 0.0, progress: bool = True) -> dict[str, Any]:
     """Train one-shot nets, then the controller on `samples` architectures they score.
 
     `entropy_weight` (5x the real phase's) keeps the policy diverse: on the digits space, 40 draws from
@@ -182,7 +182,7 @@ def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: in
                 with torch.no_grad():
                     indices, _, _ = strategy.controller(generator=gen)
                 choices = {d.name: d.choices[k] for d, k in zip(decisions, indices)}
-                pairs.append((choices, _reward(nets, choices, x, y, space, cost_model)))
+                pairs.append((choices, _reward(nets, choices, x, y, space, cost_model, objective, cost_weight)))
             means.append(sum(r for _, r in pairs) / len(pairs))
             if within_width:  # centre each width's rewards on a common level: no push across widths
                 for choices, r in pairs:
@@ -199,13 +199,15 @@ def controller_warmup(space: MBConvSpace, task: Task, cost_model, *, samples: in
 
 
 def _reward(nets: dict[float, OneShotNet], choices: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
-            space: MBConvSpace, cost_model) -> float:
+            space: MBConvSpace, cost_model, objective: str = "macs", cost_weight: float = 0.0) -> float:
     net = nets.get(choices["width"])
     if net is None:  # even the cheapest candidate at this width breaks a limit
         return 0.0
     with torch.no_grad():
         acc = float((net(x, choices).argmax(1) == y).float().mean())
-    return acc * _penalty(cost_model.costs(space.spec(choices)), cost_model.constraints)
+    costs = cost_model.costs(space.spec(choices))
+    gap = cost_weight * cost_model.constraints.budget_gap(costs, objective) if cost_weight else 0.0
+    return acc * _penalty(costs, cost_model.constraints) - gap
 
 
 def load_state(controller: torch.nn.Module, state: dict[str, dict[str, Any]]) -> None:
