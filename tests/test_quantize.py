@@ -92,6 +92,14 @@ def test_int4_weight_only_linear_runs_as_matmulnbits(digits_task, tmp_path):
     fp32 = sk.export(mlp, tmp_path / "fp32.onnx", example_input=digits_task.example_input(1))
     assert path.stat().st_size < 0.25 * fp32.stat().st_size  # 4 bits + one fp32 scale per 16 weights
     assert abs(accuracy(q, digits_task) - accuracy(mlp, digits_task)) < 0.03
+    # GPTQ rounding with per-block scales: the baked weights pack and run exactly as well
+    g = sk.quantize(mlp, QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=16, gptq=True),
+                    task=digits_task)
+    gpath = export_quantized(g, tmp_path / "int4_gptq.onnx", digits_task.example_input(1))
+    assert check_parity(g, gpath, digits_task.example_input(64))["max_abs_diff"] < 1e-4
+    x = digits_task.example_input(256)
+    with torch.no_grad():
+        assert (g(x) - mlp(x)).pow(2).mean() < 0.7 * (q(x) - mlp(x)).pow(2).mean()
     per_channel = sk.quantize(mlp, QuantConfig(weights="int4", activations="none", mode="weight_only"))
     assert per_channel.slimkit_simulated is True  # no kernel for per-channel int4: said so
     assert any("group_size a power of two" in n for n in per_channel.slimkit_notes)

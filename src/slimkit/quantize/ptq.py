@@ -287,10 +287,11 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
-                damp: float) -> torch.Tensor:
-    """GPTQ for (G, R, d) weights with per-group input Hessians h (G, d, d) and per-row scale / zero point
-    (G, R): round column by column, spreading each column's rounding error over the columns not yet
-    rounded in proportion to the inverse Hessian (the error that least changes the layer's output)."""
+                damp: float, block: int) -> torch.Tensor:
+    """GPTQ for (G, R, d) weights with per-group input Hessians h (G, d, d) and scales / zero points
+    (G, R, d // block) — one per row and block of `block` input columns: round column by column,
+    spreading each column's rounding error over the columns not yet rounded in proportion to the
+    inverse Hessian (the error that least changes the layer's output)."""
     w, h = w.double().clone(), h.double().clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0  # inputs that are always zero: their weights do not matter
@@ -301,8 +302,8 @@ def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: tor
     s, z = scale.double(), zero.double()
     q = torch.empty_like(w)
     for i in range(w.shape[2]):
-        col = w[:, :, i]
-        qc = (torch.clamp(torch.round(col / s) + z, qmin, qmax) - z) * s
+        col, sc, zc = w[:, :, i], s[:, :, i // block], z[:, :, i // block]
+        qc = (torch.clamp(torch.round(col / sc) + zc, qmin, qmax) - zc) * sc
         q[:, :, i] = qc
         err = (col - qc) / hinv[:, i, i, None]
         w[:, :, i + 1:] -= err[:, :, None] * hinv[:, None, i, i + 1:]
@@ -316,14 +317,14 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
     each layer's weights are rounded one input column at a time, and the rounding error of a column is
     compensated on the columns not yet rounded, using H = E[x x^T] of the inputs the layer sees in the
     quantized model (one statistics pass over the calibration batches for all layers). The weight scales
-    stay as calibrated; the chosen grid values are baked into the weights. Grouped and depthwise
-    convolutions are solved per group. Returns, per layer, the output error E|(W - Q) x|^2 relative to
+    stay as calibrated (per tensor, channel or block of inputs); the chosen grid values are baked into the
+    weights. Grouped and depthwise convolutions are solved per group. Returns, per layer, the output error E|(W - Q) x|^2 relative to
     round-to-nearest's (below 1: GPTQ's rounding is better on the calibration inputs)."""
     selected = {n: m for n, m in weight_layers(model).items()
                 if (layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers))
-                and not m.dynamic and m.spec.granularity != "group" and m.enabled}
+                and not m.dynamic and m.enabled}
     if not selected:
-        raise ConfigError("gptq: no quantized layer (per-channel or per-tensor, static or weight-only) matches")
+        raise ConfigError("gptq: no quantized layer to round (static or weight-only) matches")
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -347,12 +348,20 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
         for name, layer in selected.items():
             w = layer.layer.weight.detach()
             g = getattr(layer.layer, "groups", 1)
+            if g > 1 and layer.spec.granularity == "group":  # blocks of inputs across conv groups: not supported
+                advance(1, layer=name)
+                continue
             h = hessians[name] / counts[name]
             wg = w.reshape(g, w.shape[0] // g, -1)
-            shape = (g, w.shape[0] // g)
-            scale = layer.weight_scale.detach().float().expand(w.shape[0]).reshape(shape)
-            zero = layer.weight_zero_point.detach().float().expand(w.shape[0]).reshape(shape)
-            q = _gptq_round(wg, h, scale, zero, layer.spec.qmin, layer.spec.qmax, damp)
+            if layer.spec.granularity == "group":  # Linear: one scale per row and block of inputs
+                block = layer.spec.group_size
+                scale = layer.weight_scale.detach().float().reshape(1, w.shape[0], -1)
+                zero = layer.weight_zero_point.detach().float().reshape(1, w.shape[0], -1)
+            else:
+                block, shape = wg.shape[2], (g, w.shape[0] // g, 1)
+                scale = layer.weight_scale.detach().float().expand(w.shape[0]).reshape(shape)
+                zero = layer.weight_zero_point.detach().float().expand(w.shape[0]).reshape(shape)
+            q = _gptq_round(wg, h, scale, zero, layer.spec.qmin, layer.spec.qmax, damp, block)
             rtn = layer.quantized_weight().detach().reshape(wg.shape).double()
 
             def out_err(wq: torch.Tensor) -> float:
