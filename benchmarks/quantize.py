@@ -257,10 +257,18 @@ def part_minilm(tmp: Path, rows: list, checks: list, n: int) -> None:
     # int4 weight-only Linear layers (blocks of 32 along the input, one scale each): ORT MatMulNBits
     q4 = sk.quantize(model, QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=32))
     q4path = export_quantized(q4, tmp / "minilm_int4.onnx", ex1)
+    # the same int4 layout, rounded by GPTQ on 128 other sentences (calibration, disjoint from the evaluation)
+    cal = sentences(n + 128)[n:]
+    cal_enc = tok(cal, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    cal_batches = [(cal_enc["input_ids"][i:i + 32], cal_enc["attention_mask"][i:i + 32]) for i in range(0, len(cal), 32)]
+    q4g = sk.quantize(model, QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=32, gptq=True),
+                      calibration_data=cal_batches)
+    q4gpath = export_quantized(q4g, tmp / "minilm_int4_gptq.onnx", ex1)
     ortq = tmp / "minilm_ortq.onnx"
     quantize_dynamic(str(fp32), str(ortq), weight_type=QuantType.QInt8, per_channel=True)
     for variant, path in (("fp32", fp32), ("slimkit_dynamic_int8", qpath), ("ort_quantizer_dynamic_int8", ortq),
-                          ("slimkit_int4_weight_only_matmulnbits", q4path)):
+                          ("slimkit_int4_weight_only_matmulnbits", q4path),
+                          ("slimkit_int4_weight_only_gptq_matmulnbits", q4gpath)):
         emb = torch.cat([torch.as_tensor(run_onnx(path, (ids[i:i + 16], mask[i:i + 16]), threads=2))
                          for i in range(0, len(sents), 16)])
         cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
