@@ -316,10 +316,12 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
     """Second-order rounding of weights (GPTQ, Frantar et al. 2023, from Optimal Brain Quantization):
     each layer's weights are rounded one input column at a time, and the rounding error of a column is
     compensated on the columns not yet rounded, using H = E[x x^T] of the inputs the layer sees in the
-    quantized model (one statistics pass over the calibration batches for all layers). The weight scales
-    stay as calibrated (per tensor, channel or block of inputs); the chosen grid values are baked into the
-    weights. Grouped and depthwise convolutions are solved per group. Returns, per layer, the output error E|(W - Q) x|^2 relative to
-    round-to-nearest's (below 1: GPTQ's rounding is better on the calibration inputs)."""
+    quantized model (one statistics pass over the calibration batches for all layers). The weight
+    scales stay as calibrated (per tensor, channel or block of inputs); the chosen grid values are baked
+    into the weights. Grouped and depthwise convolutions are solved per group (per-block scales across
+    conv groups are skipped). Returns, per rounded layer, the output error E|(W - Q) x|^2 relative to
+    round-to-nearest's (below 1: GPTQ's rounding is better on the calibration inputs; a layer where it
+    is not keeps round-to-nearest)."""
     selected = {n: m for n, m in weight_layers(model).items()
                 if (layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers))
                 and not m.dynamic and m.enabled}
