@@ -131,6 +131,25 @@ def _equalize_pair(first: nn.Module, second: nn.Module) -> None:
         w2.mul_(s.reshape(1, -1, *[1] * (w2.dim() - 2)))
 
 
+def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
+    """What `layer` multiplies its weight with: its input after its own input quantizer, if it has one."""
+    return layer.input_owned(x) if layer.input_owned is not None else x
+
+
+def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
+                          observe) -> None:
+    """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` sees."""
+    def hook(name: str):
+        return lambda mod, args: observe(name, mod, _layer_input(mod, args[0]))
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        run_batches(model, batches, description)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # -- bias correction ------------------------------------------------------------------------
 def _float_and_quant_outputs(layer: _QuantWeightLayer, x: torch.Tensor, wf: torch.Tensor | None = None):
     wf = layer.layer.weight if wf is None else wf
@@ -152,25 +171,15 @@ def bias_correction(model: nn.Module, batches: list,
     layers = weight_layers(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
-    for name, layer in layers.items():
-        if layer.dynamic:
-            continue
 
-        def hook(mod, args, _name=name):
-            x = args[0]
-            if mod.input_owned is not None:
-                x = mod.input_owned(x)
-            yf, yq = _float_and_quant_outputs(mod, x, float_weights.get(_name))
-            diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1) if yf.dim() > 2 else (yf - yq).transpose(0, 1)
-            sums[_name] = sums.get(_name, 0) + diff.sum(1)
-            counts[_name] = counts.get(_name, 0) + diff.shape[1]
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        run_batches(model, batches, "bias correction")
-    finally:
-        for h in handles:
-            h.remove()
+    def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
+        yf, yq = _float_and_quant_outputs(layer, x, float_weights.get(name))
+        diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1) if yf.dim() > 2 else (yf - yq).transpose(0, 1)
+        sums[name] = sums.get(name, 0) + diff.sum(1)
+        counts[name] = counts.get(name, 0) + diff.shape[1]
+
+    _observe_layer_inputs(model, {n: m for n, m in layers.items() if not m.dynamic}, batches, "bias correction",
+                          observe)
     corrections = {}
     for name, total in sums.items():
         layer = layers[name].layer
@@ -196,7 +205,7 @@ def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list
     xs, ys = [], []
     qlayer = model.get_submodule(name)
     flayer = float_model.get_submodule(name)
-    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(m.input_owned(a[0]) if m.input_owned is not None else a[0]))
+    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_layer_input(m, a[0])))
     h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(out))
     try:
         for batch in batches:
@@ -324,35 +333,26 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
     is not keeps round-to-nearest)."""
     selected = {n: m for n, m in weight_layers(model).items()
                 if (layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers))
-                and not m.dynamic and m.enabled}
+                and not m.dynamic and m.enabled
+                # per-block scales across conv groups: not supported
+                and not (m.spec.granularity == "group" and getattr(m.layer, "groups", 1) > 1)}
     if not selected:
         raise ConfigError("gptq: no quantized layer to round (static or weight-only) matches")
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
-    for name, layer in selected.items():
-        def hook(mod, args, _name=name):
-            x = args[0]
-            if mod.input_owned is not None:
-                x = mod.input_owned(x)
-            for part in x.split(chunk):  # the unfolded patches of early layers are large: a few images at a time
-                cols, _ = _patches(mod.layer, part.float())
-                hessians[_name] = hessians.get(_name, 0) + cols.transpose(1, 2) @ cols
-                counts[_name] = counts.get(_name, 0) + cols.shape[1]
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        run_batches(model, batches, "gptq statistics")
-    finally:
-        for h in handles:
-            h.remove()
+
+    def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
+        for part in x.split(chunk):  # the unfolded patches of early layers are large: a few images at a time
+            cols, _ = _patches(layer.layer, part.float())
+            hessians[name] = hessians.get(name, 0) + cols.transpose(1, 2) @ cols
+            counts[name] = counts.get(name, 0) + cols.shape[1]
+
+    _observe_layer_inputs(model, selected, batches, "gptq statistics", observe)
     ratios = {}
     with progress_bar("gptq", len(selected)) as advance:
         for name, layer in selected.items():
             w = layer.layer.weight.detach()
             g = getattr(layer.layer, "groups", 1)
-            if g > 1 and layer.spec.granularity == "group":  # blocks of inputs across conv groups: not supported
-                advance(1, layer=name)
-                continue
             h = hessians[name] / counts[name]
             wg = w.reshape(g, w.shape[0] // g, -1)
             if layer.spec.granularity == "group":  # Linear: one scale per row and block of inputs
