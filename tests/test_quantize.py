@@ -341,3 +341,46 @@ def test_qat_lsq_trains_and_exports(trained_lenet5, digits_task, tmp_path):
     assert not any(isinstance(p, nn.Parameter) and p.dim() <= 1 and n.endswith("scale")
                    for n, p in q.named_parameters())  # step sizes fixed again after training
     sk.save(q, tmp_path / "qat.safetensors")
+
+
+def test_blame_ranks_a_coarsened_activation_first_and_leaves_the_model_as_it_was(q_lenet, trained_lenet5,
+                                                                                digits_task):
+    import copy
+
+    from slimkit.errors import ModelError
+    from slimkit.quantize import blame
+    from slimkit.quantize.graph import act_quantizers
+    from slimkit.quantize.numerics import sqnr_db
+
+    q = copy.deepcopy(q_lenet)
+    batch = digits_task.example_input(64)
+    victim = act_quantizers(q)[1]
+    victim.scale = victim.scale * 16  # 16x coarser steps: this tensor now dominates the output error
+    before = q(batch)
+    result = blame(q, trained_lenet5, batch)
+    assert torch.equal(q(batch), before)  # every quantizer back on
+    top = result["rows"][0]
+    assert top["quantizer"] == victim.name and top["gain_db"] > 3 + result["rows"][1]["gain_db"]
+    assert [r["gain_db"] for r in result["rows"]] == sorted((r["gain_db"] for r in result["rows"]), reverse=True)
+    assert len(result["rows"]) == len(act_quantizers(q))
+    assert "->" in top["tensor"]  # producer -> consumer, from the traced graph
+    victim.mode = "off"  # the row's figure is the model's SQNR with that quantizer off
+    assert top["sqnr_db"] == pytest.approx(sqnr_db(trained_lenet5(batch), q(batch)), abs=1e-3)
+    assert result["weights_only_sqnr_db"] > result["sqnr_db"]
+    weight_only = sk.quantize(trained_lenet5, QuantConfig(weights="int8", activations="none"))
+    with pytest.raises(ModelError, match="no calibrated activation quantizer"):
+        blame(weight_only, trained_lenet5, batch)
+
+
+def test_cli_quantize_blame(tmp_path, trained_lenet5):
+    import json
+
+    from slimkit.cli.main import main
+
+    model = sk.save(trained_lenet5, tmp_path / "m.safetensors")
+    out = tmp_path / "q"
+    assert main(["quantize", str(model), "--samples", "64", "--blame", "3", "--out", str(out)]) == 0
+    rows = json.loads((out / "blame.json").read_text())["rows"]
+    assert rows and all(r["gain_db"] >= rows[-1]["gain_db"] for r in rows)
+    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--blame", "3",
+                 "--out", str(tmp_path / "w")]) != 0  # nothing to blame: a one-line error, not a traceback
