@@ -162,7 +162,7 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
     # session 9, validation crops with GPTQ: 1,024 calibration crops 24.6 dB, MSE thresholds 24.85 dB,
     # percentile 99.999 25.0 dB, 99.9 15.6 dB (agreement 0.936-0.959 at equal SQNR: near-ties). int16 for the
     # block-0/1 activations `blame` ranks worst: +0.7 dB (one) to +1.9 dB (five), but ONNX Runtime has no int16
-    # convolution on CPU and runs their consumers in float: 1.76x / 1.0x of fp32's speed; not adopted
+    # convolution on CPU and runs their consumers in float: 1.76x / 1.05x of fp32's speed; not adopted
     cfg = QuantConfig(weights="int8", activations="uint8", calibration="percentile", bias_correction=True,
                       gptq=True, keep_float=keep, calibration_samples=n_calib)
     q = sk.quantize(model, cfg, calibration_data=x_cal)
