@@ -383,4 +383,4 @@ def test_cli_quantize_blame(tmp_path, trained_lenet5):
     rows = json.loads((out / "blame.json").read_text())["rows"]
     assert rows and all(r["gain_db"] >= rows[-1]["gain_db"] for r in rows)
     assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--blame", "3",
-                 "--out", str(tmp_path / "w")]) != 0  # nothing to blame: a one-line error, not a traceback
+                 "--out", str(tmp_path / "w")]) == 2  # nothing to blame: refused before any work

@@ -52,7 +52,7 @@ def blame(quantized: nn.Module, reference: nn.Module, batch) -> dict:
     quantizers = {n: m for n, m in quantized.named_modules() if isinstance(m, ActQuant) and m.mode == "quant"}
     if not quantizers:
         raise ModelError("blame: the model has no calibrated activation quantizer (static mode quantizes "
-                          "activations; weight-only and dynamic models have none to blame)")
+                         "activations; weight-only and dynamic models have none to blame)")
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     quantized.eval()
     ref = reference.eval()(*args)
