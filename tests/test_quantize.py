@@ -370,6 +370,25 @@ def test_blame_ranks_a_coarsened_activation_first_and_leaves_the_model_as_it_was
     weight_only = sk.quantize(trained_lenet5, QuantConfig(weights="int8", activations="none"))
     with pytest.raises(ModelError, match="no calibrated activation quantizer"):
         blame(weight_only, trained_lenet5, batch)
+    with pytest.raises(ConfigError, match="blame .* needs static mode"):
+        QuantConfig(activations="none", blame=True)
+
+
+def test_quantize_with_blame_reports_it_and_the_html_draws_it(trained_lenet5, digits_task, tmp_path):
+    from slimkit.pipeline.recipe import Recipe
+    from slimkit.quantize.graph import act_quantizers
+
+    q = sk.quantize(trained_lenet5, QuantConfig(calibration_samples=64, blame=True), task=digits_task)
+    rows = q.slimkit_blame["rows"]
+    assert len(rows) == len(act_quantizers(q)) and all(q_.mode == "quant" for q_ in act_quantizers(q))
+    assert sum(n.startswith("blame: ") for n in q.slimkit_notes) == 1 + min(5, len(rows))
+    recipe = Recipe.from_dict({"name": "b", "evaluation": {"runtimes": ["ort"], "batch_sizes": [1]}, "stages": [
+        {"technique": "quantize", "config": {"calibration_samples": 64, "blame": True}}]})
+    result = sk.compress(trained_lenet5, recipe, digits_task, tmp_path)
+    stage_rows = result["stages"][1]["blame"]["rows"]
+    assert {r["quantizer"] for r in stage_rows} == {r["quantizer"] for r in rows}
+    html = (tmp_path / "report.html").read_text()
+    assert "which activation is to blame: " in html and 'alt="blame chart"' in html
 
 
 def test_cli_quantize_blame(tmp_path, trained_lenet5):
@@ -379,8 +398,9 @@ def test_cli_quantize_blame(tmp_path, trained_lenet5):
 
     model = sk.save(trained_lenet5, tmp_path / "m.safetensors")
     out = tmp_path / "q"
-    assert main(["quantize", str(model), "--samples", "64", "--blame", "3", "--out", str(out)]) == 0
+    assert main(["quantize", str(model), "--samples", "64", "--blame", "--out", str(out)]) == 0
     rows = json.loads((out / "blame.json").read_text())["rows"]
     assert rows and all(r["gain_db"] >= rows[-1]["gain_db"] for r in rows)
-    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--blame", "3",
+    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--blame",
                  "--out", str(tmp_path / "w")]) == 2  # nothing to blame: refused before any work
+    assert not (tmp_path / "w").exists()

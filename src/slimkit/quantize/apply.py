@@ -106,6 +106,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         ptq.bias_correction(new, batches, float_weights)
     if config.qat_epochs:
         new = _qat(new, config, task)
+    if config.blame:
+        from slimkit.quantize.blame import blame, format_blame
+
+        blamed = blame(new, copy_model(model), batches[0])
+        notes.extend("blame: " + line.strip() for line in format_blame(blamed))
+        object.__setattr__(new, "slimkit_blame", blamed)
     # -- what the result is, in words --------------------------------------------------------
     wspec = config.weight_spec()
     kept = qgraph.unquantized_layers(new, set(layers))
@@ -193,7 +199,8 @@ def _write_artifact(model: nn.Module, path: Path, task) -> Path:
 
 
 def _demo(model: nn.Module, task) -> QuantConfig:
-    return QuantConfig(weights="int8", activations="uint8", mode="static", per_channel=True, calibration="percentile")
+    return QuantConfig(weights="int8", activations="uint8", mode="static", per_channel=True, calibration="percentile",
+                       blame=True)
 
 
 registry.register(Technique(

@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("slimkit-out/quantized"), "--out", "-o", help="output folder"),
         threads: int = typer.Option(1, help="threads for latency"),
         batch_size: int = typer.Option(64, "--batch-size", help="batch for latency"),
-        blame: int = typer.Option(0, "--blame", help="print the N activations whose quantization costs the "
-                                  "most output SQNR (one forward per quantizer) and write blame.json"),
+        blame: bool = typer.Option(False, "--blame", help="measure each activation's share of the output error "
+                                   "(one forward per quantizer): the five worst in the notes, all in blame.json"),
     ) -> None:
         """Quantize weights (and activations); write model.onnx (int8 QDQ) and model.safetensors."""
         from slimkit.cli.common import console, load_model, load_task
@@ -56,9 +56,8 @@ def register(app: typer.Typer) -> None:
                               calibration=calibration, weight_calibration=weight_calibration,
                               calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
                               adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float)
-        if blame and cfg.activation_spec() is None:
-            raise ConfigError("--blame attributes the output error to quantized activations: it needs static "
-                              f"mode with an activation type (got mode {cfg.mode!r}, activations {cfg.activations!r})")
+        if blame:
+            cfg = QuantConfig(**{**cfg.to_dict(), "blame": True})
         task = load_task(data)
         net = load_model(model, weights=weights_file, task=task)
         q = quantize(net, cfg, task=task)
@@ -83,24 +82,13 @@ def register(app: typer.Typer) -> None:
         for note in getattr(q, "slimkit_notes", []):
             console.print(f"note: {note}", markup=False, highlight=False)
         written = [q_onnx, out / "model.safetensors"]
-        if blame > 0:
-            written.append(_blame(q, net, task, out, blame))
+        if cfg.blame:  # the notes above name the five worst; the whole table as JSON
+            import json
+
+            from slimkit.core.io import write_text
+
+            written.append(write_text(out / "blame.json", json.dumps(q.slimkit_blame, indent=1)))
         console.print("wrote " + ", ".join(map(str, written)), markup=False, highlight=False)
-
-
-def _blame(q, net, task, out: Path, top: int) -> Path:
-    """`--blame N`: leave-one-out attribution on one calibration batch, printed and written as JSON."""
-    import json
-
-    from slimkit.cli.common import console
-    from slimkit.core.io import write_text
-    from slimkit.quantize.blame import blame, format_blame
-    from slimkit.quantize.ptq import batches_from
-
-    result = blame(q, net, batches_from(task, max_samples=64)[0])
-    for line in format_blame(result, top):
-        console.print(f"blame: {line}", markup=False, highlight=False)
-    return write_text(out / "blame.json", json.dumps(result, indent=1))
 
 
 def _pt2e(model: str, data: str, weights_file, samples: int, out: Path, threads: int, batch_size: int) -> None:

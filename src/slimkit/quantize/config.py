@@ -74,6 +74,8 @@ class QuantConfig(Config):
         per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
+    blame: measure each activation quantizer's share of the output error (leave-one-out, one forward
+        per quantizer on a calibration batch; `slimkit.quantize.blame`): in the notes and the report.
     """
 
     technique: ClassVar[str] = "quantize"
@@ -100,6 +102,7 @@ class QuantConfig(Config):
     mixed_precision: MixedPrecisionConfig | None = None
     keep_float: list[str] = Field(default_factory=list)
     quantize_output: bool = False
+    blame: bool = False
     selector: Selector | None = None
 
     @field_validator("weights")
@@ -131,6 +134,10 @@ class QuantConfig(Config):
                               "calibration shows each layer)")
         if self.qat_epochs and self.mode == "dynamic":
             raise ConfigError("QuantConfig: QAT needs static or weight-only mode")
+        if self.blame and self.mode != "static":
+            raise ConfigError("QuantConfig: blame attributes the output error to quantized activations: it needs "
+                              f"static mode with an activation type (got mode {self.mode!r}, "
+                              f"activations {self.activations!r})")
         return self
 
     # -- specs ---------------------------------------------------------------------------

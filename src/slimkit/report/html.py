@@ -87,6 +87,38 @@ def _sensitivity_sections(stages: list[dict]) -> str:
     return "".join(parts)
 
 
+def blame_chart(result: dict, top: int = 12) -> str:
+    """Horizontal bars: output SQNR gain (dB) if each of the `top` worst activations were float."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"][:top][::-1]
+    labels = [r["tensor"] if len(r["tensor"]) <= 60 else r["tensor"][:57] + "..." for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    ax.barh(range(len(rows)), [r["gain_db"] for r in rows], color="#c0392b")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("output SQNR gain if this activation were float (dB)")
+    ax.set_title(f"output SQNR {result['sqnr_db']:.1f} dB; every activation float: "
+                 f"{result['weights_only_sqnr_db']:.1f} dB", fontsize=10)
+    return figure_png(fig)
+
+
+def _blame_sections(stages: list[dict]) -> str:
+    """One bar chart per stage that measured which activations carry its quantization error."""
+    parts = []
+    for s in stages:
+        if not (s.get("blame") or {}).get("rows"):
+            continue
+        parts.append(f"<h2>which activation is to blame: {html.escape(str(s.get('name')))}</h2>"
+                     f'<div class=plots><img alt="blame chart" src="{blame_chart(s["blame"])}"></div>'
+                     "<p class=sub>Each bar switches one activation quantizer off (that tensor in float, the rest "
+                     "as deployed) and measures the output's SQNR against the float model on a calibration batch; "
+                     "the title's second figure is the weights' quantization alone.</p>")
+    return "".join(parts)
+
+
 def _scatter(stages: list[dict], x_of, xlabel: str, title: str) -> str | None:
     import matplotlib
 
@@ -183,7 +215,7 @@ def render_html(result: dict[str, Any]) -> str:
     env_rows = "".join(f"<tr><td class=l>{html.escape(str(k))}</td><td class=l>{html.escape(str(v))}</td></tr>"
                        for k, v in env.items())
     model, data = result.get("model", {}), result.get("data", {})
-    sections = _sensitivity_sections(stages) + "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
+    sections = _sensitivity_sections(stages) + _blame_sections(stages) + "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
     title = f"slimkit report: {html.escape(str(model.get('name', 'model')))} on {html.escape(str(data.get('name', 'data')))}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>

@@ -5,8 +5,10 @@
 
 A stage: {"name", "technique", "family", "config", "metrics" (evaluate.Metrics as dict),
 "artifact", "runtime", "simulated" (bool), "notes" [str], "error" (str or null),
-"seconds" (wall time of the technique)}. Later features add named `sections` (sensitivity,
-Pareto fronts, recommendation) without changing the stage format.
+"seconds" (wall time of the technique)}, and where the technique measured them "sensitivity"
+(per-layer curves, prune scope="sensitivity") and "blame" (each quantized activation's share of the
+output error, quantize blame=True). Later features add named `sections` (sensitivity, Pareto fronts,
+recommendation) without changing the stage format.
 """
 from __future__ import annotations
 
