@@ -18,6 +18,7 @@ import torch.nn as nn
 from slimkit.errors import ModelError
 from slimkit.quantize.modules import ActQuant
 from slimkit.quantize.numerics import sqnr_db
+from slimkit.quantize.ptq import _call
 
 
 def _node_name(node) -> str:
@@ -53,22 +54,21 @@ def blame(quantized: nn.Module, reference: nn.Module, batch) -> dict:
     if not quantizers:
         raise ModelError("blame: the model has no calibrated activation quantizer (static mode quantizes "
                          "activations; weight-only and dynamic models have none to blame)")
-    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     quantized.eval()
-    ref = reference.eval()(*args)
-    base = sqnr_db(ref, quantized(*args))
+    ref = _call(reference.eval(), batch)
+    base = sqnr_db(ref, _call(quantized, batch))
     where = _where(quantized)
     rows = []
     try:
         for name, q in quantizers.items():
             q.mode = "off"
-            s = sqnr_db(ref, quantized(*args))
+            s = sqnr_db(ref, _call(quantized, batch))
             q.mode = "quant"
             rows.append({"quantizer": name, "tensor": where.get(name, name), "sqnr_db": round(s, 3),
                          "gain_db": round(s - base, 3)})
         for q in quantizers.values():
             q.mode = "off"
-        weights_only = sqnr_db(ref, quantized(*args))
+        weights_only = sqnr_db(ref, _call(quantized, batch))
     finally:
         for q in quantizers.values():
             q.mode = "quant"
