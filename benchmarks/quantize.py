@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import tempfile
 import time
@@ -54,6 +55,14 @@ def ort_static(fp32_path: Path, out_path: Path, calib: np.ndarray, per_channel: 
     quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out_path
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k / n."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
 
 
 def ort_predict(path: Path, x, batch: int = 64) -> torch.Tensor:
@@ -181,23 +190,30 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
         same = out.argmax(1) == ref.argmax(1)
         return same.float().mean().item(), same[decisive].float().mean().item()
 
+    def spread(out) -> dict:  # how precisely the crops measure agreement; the first 256 were session 8-9's test set
+        same = (out.argmax(1) == ref.argmax(1)).float()
+        return {"top1_agreement_ci95": wilson(int(same.sum()), len(same)),
+                "top1_agreement_first256": round(same[:256].mean().item(), 4)}
+
     files = {"fp32": fp32, "slimkit_int8": qpath, "ort_quantizer_int8": ortq}
     # latency in interleaved rounds, smallest median kept: a slow spell hits every variant alike
     lat = interleaved_min({v: (lambda p=p: ort_latency(p, x8, threads=1, runs=10, warmup=3)["median_ms"])
                            for v, p in files.items()}, rounds)
     for variant, path in files.items():
-        agree, agree_decisive = agreement(ort_predict(path, x_eval, batch=32))
+        out = ort_predict(path, x_eval, batch=32)
+        agree, agree_decisive = agreement(out)
         rows.append({"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
-                     "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
+                     **spread(out), "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
                      "bytes": path.stat().st_size, "ort_ms_b8_1t": lat[variant], "latency_rounds": rounds,
                      "eval_crops": n_eval, "calib_crops": n_calib}
                     | ({"blame": {k: v if k != "rows" else v[:8] for k, v in blamed.items()}}
                        if variant == "slimkit_int8" else {}))
     # reference point, not a deployable variant: int8 weights alone (activations float), PyTorch simulation
     def reference_row(variant: str, m, note: str) -> dict:
-        agree, agree_decisive = agreement(torch_predict(m))
+        out = torch_predict(m)
+        agree, agree_decisive = agreement(out)
         return {"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
-                "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
+                **spread(out), "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
                 "eval_crops": n_eval, "note": note}
 
     wq = sk.quantize(model, QuantConfig(weights="int8", activations="none", mode="weight_only"))
@@ -212,7 +228,9 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
                               "weights rounded to bfloat16, PyTorch fp32 compute: how fragile top-1 is on these crops"))
     r = {row["variant"]: row for row in rows if row["part"] == "effnet"}
     a = r["slimkit_int8"]["top1_agreement"]
-    checks.append(check(f"effnet: static int8 top-1 agreement with fp32 (ORT quantizer: "
+    lo, hi = r["slimkit_int8"]["top1_agreement_ci95"]
+    checks.append(check(f"effnet: static int8 top-1 agreement with fp32 over {n_eval} crops (95% interval "
+                        f"{lo:.4f}-{hi:.4f}; first 256 crops {r['slimkit_int8']['top1_agreement_first256']:.4f}; ORT quantizer: "
                         f"{r['ort_quantizer_int8']['top1_agreement']:.4f}; int8 weights alone: "
                         f"{r['weight_only_int8_simulated']['top1_agreement']:.4f}; weights rounded to bfloat16: "
                         f"{r['bf16_weights_reference']['top1_agreement']:.4f}; on the {int(decisive.sum())} crops "
@@ -300,7 +318,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="cnn,lowbit,effnet,minilm")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--eval-crops", type=int, default=256)
+    # 1,024 test crops (seed 1; the first 256 are sessions 8-9's set): at 256 the agreement's 95% interval is
+    # +-2.7 points, wider than the gap the 0.95 check judges (sessions 8-9 measured 0.9492 there)
+    ap.add_argument("--eval-crops", type=int, default=1024)
     ap.add_argument("--calib-crops", type=int, default=256)
     ap.add_argument("--sentences", type=int, default=200)
     args = ap.parse_args()
