@@ -321,6 +321,59 @@ def test_gptq_rounds_with_lower_output_error_than_nearest():
         QuantConfig(**cfg, gptq=True, adaround=True)
 
 
+class _TokenModel(nn.Module):
+    """Embedding -> two Linear layers -> masked mean pooling: padded positions never reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, ids, mask):
+        h = self.b(torch.relu(self.a(self.emb(ids))))
+        m = mask.unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1)
+
+
+def _token_batches(pad_id: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (64, 12), generator=g)
+    lengths = torch.randint(3, 13, (64,), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+    return [(ids[i:i + 16], mask[i:i + 16]) for i in range(0, 64, 16)]
+
+
+def test_gptq_and_bias_correction_ignore_padded_tokens():
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    cfg = QuantConfig(weights="int4", activations="none", mode="weight_only", group_size=16, gptq=True,
+                      bias_correction=True)
+    # padding with token 0 or token 7: the padded positions' hidden states differ, the real tokens do not
+    a = sk.quantize(model, cfg, calibration_data=_token_batches(pad_id=0))
+    b = sk.quantize(model, cfg, calibration_data=_token_batches(pad_id=7))
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name  # statistics from real tokens only: identical quantized models
+    # and the statistics do change with the real tokens (the check above is not vacuous)
+    c = sk.quantize(model, cfg, calibration_data=_token_batches(pad_id=0, seed=1))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_bias_correction_on_linear_layers_with_sequence_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(128, 5, 8) + 2.0  # (batch, tokens, features): the features are the last axis
+    cfg = dict(weights="int4", activations="none", mode="weight_only")
+    rtn = sk.quantize(model, QuantConfig(**cfg), calibration_data=x)
+    bc = sk.quantize(model, QuantConfig(**cfg, bias_correction=True), calibration_data=x)
+    x_test = torch.randn(128, 5, 8) + 2.0
+    with torch.no_grad():
+        ref = model(x_test)
+        mean_err_rtn = (rtn(x_test) - ref).mean((0, 1)).abs().mean()
+        mean_err_bc = (bc(x_test) - ref).mean((0, 1)).abs().mean()
+    assert mean_err_bc < 0.5 * mean_err_rtn  # the per-feature mean error is what bias correction removes
+
+
 def test_gptq_static_int8_saves_loads_and_exports(trained_lenet5, digits_task, tmp_path):
     q = sk.quantize(trained_lenet5, QuantConfig(weights="int8", activations="uint8", gptq=True, bias_correction=True,
                                                 calibration_samples=256), task=digits_task)

@@ -29,14 +29,29 @@ def _check_batch(batch, index: int) -> None:
             raise CalibrationError(f"calibration batch {index} contains NaN or Inf values; clean the calibration data")
 
 
+def token_mask(batch) -> torch.Tensor | None:
+    """The attention mask of an (input_ids, attention_mask, ...) batch as a (B, T) bool tensor, else None:
+    the second element must be a 0/1 integer tensor of the first's 2-D shape."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return None
+    ids, mask = batch[0], batch[1]
+    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.dim() == 2
+            and mask.shape == ids.shape and not mask.is_floating_point()):
+        return None
+    return mask.bool() if bool(((mask == 0) | (mask == 1)).all()) else None
+
+
 @torch.no_grad()
-def run_batches(model: nn.Module, batches: list, description: str) -> int:
-    """Forward every batch (eval mode); returns the number of samples. Raises on an empty set."""
+def run_batches(model: nn.Module, batches: list, description: str, on_batch=None) -> int:
+    """Forward every batch (eval mode); returns the number of samples. Raises on an empty set.
+    on_batch(batch) is called before each forward."""
     model.eval()
     n = 0
     with progress_bar(description, len(batches)) as advance:
         for i, batch in enumerate(batches):
             _check_batch(batch, i)
+            if on_batch is not None:
+                on_batch(batch)
             _call(model, batch)
             n += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
             advance(1)
@@ -138,13 +153,23 @@ def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
 
 def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
                           observe) -> None:
-    """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` sees."""
+    """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` sees.
+    Token batches (input_ids, attention_mask): a Linear layer's (B, T, D) input is reduced to its
+    (n, D) rows at real tokens, so padding never enters the statistics."""
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def real_tokens(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
+        mask = current["mask"]
+        if mask is not None and isinstance(layer.layer, nn.Linear) and x.dim() == 3 and x.shape[:2] == mask.shape:
+            return x[mask]
+        return x
+
     def hook(name: str):
-        return lambda mod, args: observe(name, mod, _layer_input(mod, args[0]))
+        return lambda mod, args: observe(name, mod, real_tokens(mod, _layer_input(mod, args[0])))
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
-        run_batches(model, batches, description)
+        run_batches(model, batches, description, on_batch=lambda b: current.update(mask=token_mask(b)))
     finally:
         for h in handles:
             h.remove()
@@ -174,7 +199,10 @@ def bias_correction(model: nn.Module, batches: list,
 
     def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
         yf, yq = _float_and_quant_outputs(layer, x, float_weights.get(name))
-        diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1) if yf.dim() > 2 else (yf - yq).transpose(0, 1)
+        if isinstance(layer.layer, nn.Linear):  # features last: (..., out)
+            diff = (yf - yq).reshape(-1, yf.shape[-1]).transpose(0, 1)
+        else:  # channels second: (N, C, ...)
+            diff = (yf - yq).transpose(0, 1).reshape(yf.shape[1], -1)
         sums[name] = sums.get(name, 0) + diff.sum(1)
         counts[name] = counts.get(name, 0) + diff.shape[1]
 
@@ -342,7 +370,8 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
     counts: dict[str, int] = {}
 
     def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
-        for part in x.split(chunk):  # the unfolded patches of early layers are large: a few images at a time
+        # the unfolded patches of early convolutions are large: a few images at a time
+        for part in (x,) if isinstance(layer.layer, nn.Linear) else x.split(chunk):
             cols, _ = _patches(layer.layer, part.float())
             hessians[name] = hessians.get(name, 0) + cols.transpose(1, 2) @ cols
             counts[name] = counts.get(name, 0) + cols.shape[1]
