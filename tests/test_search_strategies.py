@@ -103,6 +103,8 @@ def test_cost_weight_rewards_the_controller_for_spending_the_budget():
     limits = Constraints(max_macs=1000)
     assert limits.budget_gap({"macs": 500}, "macs") == 0.5 and limits.budget_gap({"macs": 1000}, "macs") == 0.0
     assert limits.budget_gap({"params": 10}, "params") == 0.0  # no limit on the objective: no term
+    assert limits.reward(0.9, {"macs": 500}, "macs", 0.1) == pytest.approx(0.85)  # TuNAS: accuracy - w * gap
+    assert limits.reward(0.9, {"macs": 500}, "macs", 0.0) == 0.9
     trials = [SimpleNamespace(number=i, params={"a": 0, "b": 0, "c": c}, values=[0.9], user_attrs={"costs": {"macs": m}})
               for i, (c, m) in enumerate([("x", 300), ("y", 1000)])]
     shaped = ReinforceStrategy(DECISIONS, feasible, seed=0, batch=2, cost_weight=0.1, constraints=limits)

@@ -58,6 +58,11 @@ class Constraints(Config):
             return 0.0
         return abs(costs[key] / limit - 1.0)
 
+    def reward(self, accuracy: float, costs: dict[str, float], objective: str, cost_weight: float) -> float:
+        """TuNAS's absolute reward: accuracy - cost_weight * budget_gap (the RL controller's reward,
+        in the real trials and in the one-shot warm-up alike)."""
+        return accuracy - cost_weight * self.budget_gap(costs, objective) if cost_weight else accuracy
+
     def violations(self, costs: dict[str, float]) -> list[str]:
         """One line per violated limit, naming the limit and the candidate's value."""
         out = []

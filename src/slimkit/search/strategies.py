@@ -255,9 +255,9 @@ class ReinforceStrategy(NASSampler):
                 if t.number not in self.seen:
                     self.seen.add(t.number)
                     reward = float(t.values[0])
-                    if self.cost_weight and self.constraints is not None:
-                        reward -= self.cost_weight * self.constraints.budget_gap(t.user_attrs.get("costs", {}),
-                                                                                 self.objective)
+                    if self.constraints is not None:
+                        reward = self.constraints.reward(reward, t.user_attrs.get("costs", {}), self.objective,
+                                                         self.cost_weight)
                     self.pending.append((t.params, reward))
                     if len(self.pending) == self.batch:
                         self.update(self.pending)

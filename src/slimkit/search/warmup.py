@@ -206,8 +206,7 @@ def _reward(nets: dict[float, OneShotNet], choices: dict[str, Any], x: torch.Ten
     with torch.no_grad():
         acc = float((net(x, choices).argmax(1) == y).float().mean())
     costs = cost_model.costs(space.spec(choices))
-    gap = cost_weight * cost_model.constraints.budget_gap(costs, objective) if cost_weight else 0.0
-    return acc * _penalty(costs, cost_model.constraints) - gap
+    return cost_model.constraints.reward(acc * _penalty(costs, cost_model.constraints), costs, objective, cost_weight)
 
 
 def load_state(controller: torch.nn.Module, state: dict[str, dict[str, Any]]) -> None:
