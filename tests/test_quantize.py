@@ -359,6 +359,17 @@ def test_gptq_and_bias_correction_ignore_padded_tokens():
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
+def test_token_mask_is_recognised_only_where_it_is_one():
+    from slimkit.quantize.ptq import token_mask
+
+    ids = torch.randint(1, 50, (2, 4))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(token_mask((ids, mask)), mask.bool())
+    assert token_mask((ids, torch.zeros_like(ids))) is None  # token_type_ids, not a mask
+    assert token_mask((ids, mask.float())) is None and token_mask(ids) is None
+    assert token_mask((ids, torch.full_like(ids, 2))) is None
+
+
 def test_bias_correction_on_linear_layers_with_sequence_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()

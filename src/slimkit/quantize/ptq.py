@@ -31,14 +31,15 @@ def _check_batch(batch, index: int) -> None:
 
 def token_mask(batch) -> torch.Tensor | None:
     """The attention mask of an (input_ids, attention_mask, ...) batch as a (B, T) bool tensor, else None:
-    the second element must be a 0/1 integer tensor of the first's 2-D shape."""
+    the second element must be a 0/1 integer tensor of the first's 2-D shape with a real token in every
+    row (an all-zero token_type_ids is not a mask)."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         return None
     ids, mask = batch[0], batch[1]
     if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.dim() == 2
             and mask.shape == ids.shape and not mask.is_floating_point()):
         return None
-    return mask.bool() if bool(((mask == 0) | (mask == 1)).all()) else None
+    return mask.bool() if bool(((mask == 0) | (mask == 1)).all() and mask.any(1).all()) else None
 
 
 @torch.no_grad()
