@@ -431,20 +431,49 @@ def test_blame_ranks_a_coarsened_activation_first_and_leaves_the_model_as_it_was
     victim.mode = "off"  # the row's figure is the model's SQNR with that quantizer off
     assert top["sqnr_db"] == pytest.approx(sqnr_db(trained_lenet5(batch), q(batch)), abs=1e-3)
     assert result["weights_only_sqnr_db"] > result["sqnr_db"]
+    assert result["activations_only_sqnr_db"] is None and {r["kind"] for r in result["rows"]} == {"activation"}
     weight_only = sk.quantize(trained_lenet5, QuantConfig(weights="int8", activations="none"))
     with pytest.raises(ModelError, match="no calibrated activation quantizer"):
         blame(weight_only, trained_lenet5, batch)
-    with pytest.raises(ConfigError, match="blame .* needs static mode"):
-        QuantConfig(activations="none", blame=True)
+
+
+def test_blame_ranks_a_coarsened_layer_weight_first(q_lenet, trained_lenet5, digits_task):
+    import copy
+
+    from slimkit.quantize import blame, float_layer_weights
+    from slimkit.quantize.graph import weight_layers
+    from slimkit.quantize.numerics import sqnr_db
+
+    q = copy.deepcopy(q_lenet)
+    floats = float_layer_weights(q)  # round-to-nearest without bias correction: the layers' weights are still float
+    batch = digits_task.example_input(64)
+    name, victim = list(weight_layers(q).items())[1]
+    victim.weight_scale = victim.weight_scale * 16  # 16x coarser weight steps in one layer
+    before = q(batch)
+    result = blame(q, trained_lenet5, batch, floats)
+    assert torch.equal(q(batch), before) and all(m.enabled for m in weight_layers(q).values())  # left as it was
+    top = result["rows"][0]
+    assert (top["kind"], top["quantizer"]) == ("weights", name) and top["gain_db"] > 3 + result["rows"][1]["gain_db"]
+    assert {r["quantizer"] for r in result["rows"] if r["kind"] == "weights"} == set(weight_layers(q))
+    victim.enabled = False  # the row's figure is the model's SQNR with that layer's weights float
+    assert top["sqnr_db"] == pytest.approx(sqnr_db(trained_lenet5(batch), q(batch)), abs=1e-3)
+    assert result["activations_only_sqnr_db"] > result["sqnr_db"]
+    # weight-only models: the layers' weights are all there is to blame
+    wq = sk.quantize(trained_lenet5, QuantConfig(weights="int4", activations="none", blame=True),
+                     calibration_data=batch)
+    rows = wq.slimkit_blame["rows"]
+    assert rows and {r["kind"] for r in rows} == {"weights"} and wq.slimkit_blame["weights_only_sqnr_db"] is None
+    assert rows[0]["gain_db"] > 0
 
 
 def test_quantize_with_blame_reports_it_and_the_html_draws_it(trained_lenet5, digits_task, tmp_path):
     from slimkit.pipeline.recipe import Recipe
-    from slimkit.quantize.graph import act_quantizers
+    from slimkit.quantize.graph import act_quantizers, weight_layers
 
     q = sk.quantize(trained_lenet5, QuantConfig(calibration_samples=64, blame=True), task=digits_task)
     rows = q.slimkit_blame["rows"]
-    assert len(rows) == len(act_quantizers(q)) and all(q_.mode == "quant" for q_ in act_quantizers(q))
+    assert len(rows) == len(act_quantizers(q)) + len(weight_layers(q))
+    assert all(q_.mode == "quant" for q_ in act_quantizers(q))
     assert sum(n.startswith("blame: ") for n in q.slimkit_notes) == 1 + min(5, len(rows))
     recipe = Recipe.from_dict({"name": "b", "evaluation": {"runtimes": ["ort"], "batch_sizes": [1]}, "stages": [
         {"technique": "quantize", "config": {"calibration_samples": 64, "blame": True}}]})
@@ -452,7 +481,7 @@ def test_quantize_with_blame_reports_it_and_the_html_draws_it(trained_lenet5, di
     stage_rows = result["stages"][1]["blame"]["rows"]
     assert {r["quantizer"] for r in stage_rows} == {r["quantizer"] for r in rows}
     html = (tmp_path / "report.html").read_text()
-    assert "which activation is to blame: " in html and 'alt="blame chart"' in html
+    assert "which tensor is to blame: " in html and 'alt="blame chart"' in html
 
 
 def test_cli_quantize_blame(tmp_path, trained_lenet5):
@@ -465,6 +494,9 @@ def test_cli_quantize_blame(tmp_path, trained_lenet5):
     assert main(["quantize", str(model), "--samples", "64", "--blame", "--out", str(out)]) == 0
     rows = json.loads((out / "blame.json").read_text())["rows"]
     assert rows and all(r["gain_db"] >= rows[-1]["gain_db"] for r in rows)
-    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--blame",
-                 "--out", str(tmp_path / "w")]) == 2  # nothing to blame: refused before any work
-    assert not (tmp_path / "w").exists()
+    assert {r["kind"] for r in rows} == {"activation", "weights"}
+    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--weights", "int4",
+                 "--blame", "--samples", "64", "--out", str(tmp_path / "w")]) == 0
+    assert {r["kind"] for r in json.loads((tmp_path / "w" / "blame.json").read_text())["rows"]} == {"weights"}
+    assert main(["quantize", str(model), "--weights", "int99", "--blame", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()  # a bad option: one line, exit 2, nothing written

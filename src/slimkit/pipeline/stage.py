@@ -76,6 +76,6 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     if sensitivity is not None:  # per-layer curves a technique measured (e.g. prune scope="sensitivity")
         entry["sensitivity"] = sensitivity
     blame = getattr(new, "slimkit_blame", None)
-    if blame is not None:  # each quantized activation's share of the output error (quantize blame=True)
+    if blame is not None:  # each quantized tensor's share of the output error (quantize blame=True)
         entry["blame"] = blame
     return StageOutcome(new, entry, artifact, metrics)

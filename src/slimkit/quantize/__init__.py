@@ -9,14 +9,14 @@ Numerics (see `slimkit.quantize.numerics` and docs/quantization.md):
     slimkit.export(q, "model.onnx", example_input=task.example_input(1))
 """
 from slimkit.quantize.apply import quantize, restore
-from slimkit.quantize.blame import blame
+from slimkit.quantize.blame import blame, float_layer_weights
 from slimkit.quantize.config import MixedPrecisionConfig, QuantConfig
 from slimkit.quantize.export import check_parity, export_quantized
 from slimkit.quantize.numerics import QuantSpec, sqnr_db
 from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
 
 __all__ = ["quantize", "QuantConfig", "MixedPrecisionConfig", "QuantSpec", "export_quantized", "check_parity",
-           "sqnr_db", "restore", "quantize_pt2e", "Pt2eConfig", "blame"]
+           "sqnr_db", "restore", "quantize_pt2e", "Pt2eConfig", "blame", "float_layer_weights"]
 
 
 from slimkit.core.verbs import make_callable  # noqa: E402

@@ -69,7 +69,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         raise ConfigError(f"quantize expects a QuantConfig, got {type(config).__name__}")
     src = copy_model(model).eval()
     needs_data = (config.mode == "static" or config.bias_correction or config.adaround or config.gptq
-                  or config.mixed_precision)
+                  or config.mixed_precision or config.blame)
     batches = None
     if needs_data:
         data = calibration_data if calibration_data is not None else task
@@ -87,6 +87,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         notes.extend(report)
     new, structure = _build(src, config, bits=bits, equalize=config.equalize)
     layers = qgraph.weight_layers(new)
+    float_layers = None
+    if config.blame:  # before any rounding or bias correction: what each layer's weights would be in float
+        from slimkit.quantize.blame import float_layer_weights
+
+        float_layers = float_layer_weights(new)
     for layer in layers.values():
         layer.calibrate_weight(config.weight_calibration, config.percentile)
     if config.mode == "static":
@@ -109,7 +114,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.blame:
         from slimkit.quantize.blame import blame, format_blame
 
-        blamed = blame(new, copy_model(model), batches[0])
+        blamed = blame(new, copy_model(model), batches[0], float_layers)
         notes.extend("blame: " + line.strip() for line in format_blame(blamed))
         object.__setattr__(new, "slimkit_blame", blamed)
     # -- what the result is, in words --------------------------------------------------------

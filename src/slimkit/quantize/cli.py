@@ -33,8 +33,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("slimkit-out/quantized"), "--out", "-o", help="output folder"),
         threads: int = typer.Option(1, help="threads for latency"),
         batch_size: int = typer.Option(64, "--batch-size", help="batch for latency"),
-        blame: bool = typer.Option(False, "--blame", help="measure each activation's share of the output error "
-                                   "(one forward per quantizer): the five worst in the notes, all in blame.json"),
+        blame: bool = typer.Option(False, "--blame", help="measure each activation's and each layer's weights' "
+                                   "share of the output error (one forward each): the five worst in the notes, "
+                                   "all in blame.json"),
     ) -> None:
         """Quantize weights (and activations); write model.onnx (int8 QDQ) and model.safetensors."""
         from slimkit.cli.common import console, load_model, load_task

@@ -74,8 +74,9 @@ class QuantConfig(Config):
         per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
-    blame: measure each activation quantizer's share of the output error (leave-one-out, one forward
-        per quantizer on a calibration batch; `slimkit.quantize.blame`): in the notes and the report.
+    blame: measure each activation quantizer's and each layer's weights' share of the output error
+        (leave-one-out, one forward per quantizer and per layer on a calibration batch;
+        `slimkit.quantize.blame`): in the notes and the report. Needs calibration data in every mode.
     """
 
     technique: ClassVar[str] = "quantize"
@@ -134,10 +135,6 @@ class QuantConfig(Config):
                               "calibration shows each layer)")
         if self.qat_epochs and self.mode == "dynamic":
             raise ConfigError("QuantConfig: QAT needs static or weight-only mode")
-        if self.blame and self.mode != "static":
-            raise ConfigError("QuantConfig: blame attributes the output error to quantized activations: it needs "
-                              f"static mode with an activation type (got mode {self.mode!r}, "
-                              f"activations {self.activations!r})")
         return self
 
     # -- specs ---------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def _sensitivity_sections(stages: list[dict]) -> str:
 
 
 def blame_chart(result: dict, top: int = 12) -> str:
-    """Horizontal bars: output SQNR gain (dB) if each of the `top` worst activations were float."""
+    """Horizontal bars: output SQNR gain (dB) if each of the `top` worst tensors (activations red,
+    layer weights blue) were float."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,25 +98,31 @@ def blame_chart(result: dict, top: int = 12) -> str:
     rows = result["rows"][:top][::-1]
     labels = [r["tensor"] if len(r["tensor"]) <= 60 else r["tensor"][:57] + "..." for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
-    ax.barh(range(len(rows)), [r["gain_db"] for r in rows], color="#c0392b")
+    colors = ["#2c6fbb" if r.get("kind") == "weights" else "#c0392b" for r in rows]
+    ax.barh(range(len(rows)), [r["gain_db"] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.set_xlabel("output SQNR gain if this activation were float (dB)")
-    ax.set_title(f"output SQNR {result['sqnr_db']:.1f} dB; every activation float: "
-                 f"{result['weights_only_sqnr_db']:.1f} dB", fontsize=10)
+    ax.set_xlabel("output SQNR gain if this tensor were float (dB); red: activation, blue: weights")
+    title = [f"output SQNR {result['sqnr_db']:.1f} dB"]
+    if result.get("weights_only_sqnr_db") is not None:
+        title.append(f"activations float: {result['weights_only_sqnr_db']:.1f} dB")
+    if result.get("activations_only_sqnr_db") is not None:
+        title.append(f"weights float: {result['activations_only_sqnr_db']:.1f} dB")
+    ax.set_title("; ".join(title), fontsize=10)
     return figure_png(fig)
 
 
 def _blame_sections(stages: list[dict]) -> str:
-    """One bar chart per stage that measured which activations carry its quantization error."""
+    """One bar chart per stage that measured which tensors carry its quantization error."""
     parts = []
     for s in stages:
         if not (s.get("blame") or {}).get("rows"):
             continue
-        parts.append(f"<h2>which activation is to blame: {html.escape(str(s.get('name')))}</h2>"
+        parts.append(f"<h2>which tensor is to blame: {html.escape(str(s.get('name')))}</h2>"
                      f'<div class=plots><img alt="blame chart" src="{blame_chart(s["blame"])}"></div>'
-                     "<p class=sub>Each bar switches one activation quantizer off (that tensor in float, the rest "
-                     "as deployed) and measures the output's SQNR against the float model on a calibration batch; "
-                     "the title's second figure is the weights' quantization alone.</p>")
+                     "<p class=sub>Each bar puts one tensor back in float (an activation quantizer switched off, "
+                     "or one layer's weights unrounded), the rest as deployed, and measures the output's SQNR "
+                     "against the float model on a calibration batch; the title gives the SQNR with every "
+                     "activation, and with every weight, in float.</p>")
     return "".join(parts)
 
 

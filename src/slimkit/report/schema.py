@@ -6,7 +6,7 @@
 A stage: {"name", "technique", "family", "config", "metrics" (evaluate.Metrics as dict),
 "artifact", "runtime", "simulated" (bool), "notes" [str], "error" (str or null),
 "seconds" (wall time of the technique)}, and where the technique measured them "sensitivity"
-(per-layer curves, prune scope="sensitivity") and "blame" (each quantized activation's share of the
+(per-layer curves, prune scope="sensitivity") and "blame" (each quantized activation's and layer weights' share of the
 output error, quantize blame=True). Later features add named `sections` (sensitivity, Pareto fronts,
 recommendation) without changing the stage format.
 """
