@@ -359,6 +359,21 @@ def test_gptq_and_bias_correction_ignore_padded_tokens():
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
+def test_static_activation_ranges_ignore_padded_tokens():
+    from slimkit.quantize.graph import act_quantizers
+
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    with torch.no_grad():
+        model.emb.weight[7] *= 50  # a padding token whose hidden states would widen every range
+    cfg = QuantConfig(weights="int8", activations="uint8", calibration="minmax")
+    a = sk.quantize(model, cfg, calibration_data=_token_batches(pad_id=0))
+    b = sk.quantize(model, cfg, calibration_data=_token_batches(pad_id=7))
+    scales_a = [q.scale.item() for q in act_quantizers(a)]
+    assert len(scales_a) >= 2 and scales_a == [q.scale.item() for q in act_quantizers(b)]
+    assert all(q.observe_mask is None for q in act_quantizers(a))  # nothing left behind for later passes
+
+
 def test_token_mask_is_recognised_only_where_it_is_one():
     from slimkit.quantize.ptq import token_mask
 

@@ -155,6 +155,7 @@ class ActQuant(nn.Module):
         zdtype = _TORCH_DTYPE.get((spec.bits, spec.signed), torch.int32)
         self.register_buffer("zero_point", torch.tensor(0, dtype=zdtype))
         self.stats: TensorStats | None = None
+        self.observe_mask: torch.Tensor | None = None  # (B, T) real-token mask of the batch being observed
 
     def extra_repr(self) -> str:
         kind = f"{'int' if self.spec.signed else 'uint'}{self.spec.bits}"
@@ -182,7 +183,8 @@ class ActQuant(nn.Module):
         if self.mode == "observe":
             if self.stats is None:
                 self.stats = TensorStats(self.name)
-            self.stats.update(x)
+            m = self.observe_mask  # token batches: padded positions never reach a pooled output
+            self.stats.update(x[m] if m is not None and x.dim() == 3 and x.shape[:2] == m.shape else x)
             return x
         if _EXPORTING:
             return _QDQ.apply(x, self.scale.detach(), self.zero_point, self.spec)

@@ -70,11 +70,19 @@ def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, objec
         q.mode, q.stats = "observe", None
     for layer in layers:
         layer.enabled = False
+
+    def set_mask(batch) -> None:  # (input_ids, attention_mask) batches: statistics of real tokens only
+        mask = token_mask(batch)
+        for q in quantizers:
+            q.observe_mask = mask
+
     try:
-        run_batches(model, batches, "calibrate")
+        run_batches(model, batches, "calibrate", on_batch=set_mask)
     finally:
         for layer in layers:
             layer.enabled = True
+        for q in quantizers:
+            q.observe_mask = None
     stats = {}
     for q in quantizers:
         if q.stats is None:
