@@ -374,6 +374,21 @@ def test_static_activation_ranges_ignore_padded_tokens():
     assert all(q.observe_mask is None for q in act_quantizers(a))  # nothing left behind for later passes
 
 
+def test_adaround_on_token_batches_of_different_lengths():
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    batches = _token_batches(pad_id=0)
+    batches[1] = (batches[1][0][:, :7], batches[1][1][:, :7].clone())  # a shorter padded length
+    batches[1][1][:, 0] = 1
+    cfg = dict(weights="int4", activations="none", mode="weight_only")
+    rtn = sk.quantize(model, QuantConfig(**cfg), calibration_data=batches)
+    ada = sk.quantize(model, QuantConfig(**cfg, adaround=True, adaround_iters=200), calibration_data=batches)
+    ids, mask = _token_batches(pad_id=0, seed=1)[0]
+    with torch.no_grad():
+        ref = model(ids, mask)
+        assert (ada(ids, mask) - ref).pow(2).mean() < (rtn(ids, mask) - ref).pow(2).mean()
+
+
 def test_token_mask_is_recognised_only_where_it_is_one():
     from slimkit.quantize.ptq import token_mask
 

@@ -160,6 +160,13 @@ def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
     return layer.input_owned(x) if layer.input_owned is not None else x
 
 
+def _real_tokens(layer: _QuantWeightLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear layer's (B, T, D) input or output at the batch's real tokens, as (n, D); else x."""
+    if mask is not None and isinstance(layer.layer, nn.Linear) and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x
+
+
 def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
                           observe) -> None:
     """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` sees.
@@ -167,14 +174,8 @@ def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer]
     (n, D) rows at real tokens, so padding never enters the statistics."""
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def real_tokens(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
-        mask = current["mask"]
-        if mask is not None and isinstance(layer.layer, nn.Linear) and x.dim() == 3 and x.shape[:2] == mask.shape:
-            return x[mask]
-        return x
-
     def hook(name: str):
-        return lambda mod, args: observe(name, mod, real_tokens(mod, _layer_input(mod, args[0])))
+        return lambda mod, args: observe(name, mod, _real_tokens(mod, _layer_input(mod, args[0]), current["mask"]))
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
@@ -238,14 +239,18 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list):
-    """Inputs of layer `name` in the (partly) quantized model and its outputs in the float model."""
+    """Inputs of layer `name` in the (partly) quantized model and its outputs in the float model
+    (token batches: at real tokens only, so batches of different lengths concatenate)."""
     xs, ys = [], []
     qlayer = model.get_submodule(name)
     flayer = float_model.get_submodule(name)
-    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_layer_input(m, a[0])))
-    h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(out))
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_real_tokens(m, _layer_input(m, a[0]),
+                                                                              current["mask"])))
+    h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(_real_tokens(m, out, current["mask"])))
     try:
         for batch in batches:
+            current["mask"] = token_mask(batch)
             _call(model, batch)
             _call(float_model, batch)
     finally:
@@ -286,7 +291,8 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
                 idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
                 layer.round_offset = _rectified_sigmoid(v)
                 out = _forward_layer(layer, x[idx])
-                rec = (out - y[idx]).pow(2).sum(1).mean() if out.dim() == 2 else (out - y[idx]).pow(2).sum(1).mean()
+                # squared error summed over the output features (channels of a conv, last axis of a Linear)
+                rec = (out - y[idx]).pow(2).sum(-1 if isinstance(layer.layer, nn.Linear) else 1).mean()
                 if it < warmup:
                     loss = rec
                 else:
