@@ -139,3 +139,20 @@ def test_natural_images_min_scale():
     assert not torch.equal(whole, data.natural_images(4, size=32, seed=5))
     with pytest.raises(ValueError, match="min_scale"):
         data.natural_images(2, min_scale=0.0)
+
+
+def test_natural_image_sources_name_each_crop():
+    from slimkit.data.natural import is_grey
+
+    names = data.natural_image_sources(64, seed=3)
+    x = data.natural_images(64, size=32, seed=3)
+    assert len(names) == 64 and all(n.startswith(("skimage.", "sklearn.")) for n in names)
+    grey = torch.tensor([is_grey(n) for n in names])
+    assert 0 < grey.sum() < 64
+    # grey-level photographs are stacked to three equal channels; colour ones are not (same normalization)
+    raw = data.natural_images(64, size=32, seed=3, mean=(0, 0, 0), std=(1, 1, 1))
+    equal = (raw[:, 0] == raw[:, 1]).flatten(1).all(1) & (raw[:, 1] == raw[:, 2]).flatten(1).all(1)
+    assert torch.equal(equal[grey], torch.ones(int(grey.sum()), dtype=torch.bool))
+    assert x.shape[0] == len(names)
+    with pytest.raises(ValueError, match="min_scale"):
+        data.natural_image_sources(0, min_scale=2.0)  # checked before any crop is drawn

@@ -1,7 +1,7 @@
 """Data sets as `Task`s: digits (embedded default), mnist (IDX files), npz, imagefolder,
 natural images (for fidelity checks of ImageNet models). Nothing here downloads."""
 from slimkit.data.loaders import digits, imagefolder, mnist, npz, resolve
-from slimkit.data.natural import natural_images
+from slimkit.data.natural import natural_image_sources, natural_images
 
 DATASETS = {
     "digits": "scikit-learn's 1,797 real 8x8 handwritten digits, stratified 60/20/20 split (embedded)",
@@ -10,4 +10,4 @@ DATASETS = {
     "imagefolder:DIR": "one sub-folder per class of PNG/JPEG images (optional train/ val/ test/ splits)",
 }
 
-__all__ = ["digits", "mnist", "npz", "imagefolder", "natural_images", "resolve", "DATASETS"]
+__all__ = ["digits", "mnist", "npz", "imagefolder", "natural_images", "natural_image_sources", "resolve", "DATASETS"]

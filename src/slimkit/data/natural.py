@@ -51,6 +51,25 @@ def source_images() -> list[tuple[str, np.ndarray]]:
     return images
 
 
+def _draws(n: int, seed: int, min_scale: float):
+    """The random crops of `natural_images`: (source name, image, side, top, left, flip), in order."""
+    if not 0 < min_scale <= 1:  # checked now, not at the first crop
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    rng = np.random.default_rng(seed)
+    sources = source_images()
+
+    def crops():
+        for _ in range(n):
+            name, img = sources[int(rng.integers(len(sources)))]
+            h, w = img.shape[:2]
+            side = max(int(min(h, w) * rng.uniform(min_scale, 1.0)), 32)
+            top = int(rng.integers(0, h - side + 1))
+            left = int(rng.integers(0, w - side + 1))
+            yield name, img, side, top, left, bool(rng.random() < 0.5)
+
+    return crops()
+
+
 def natural_images(n: int = 256, *, size: int = 224, seed: int = 0, min_scale: float = 0.2,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """`n` random square crops (side: a random fraction `min_scale`-1 of the image's short side;
@@ -58,26 +77,27 @@ def natural_images(n: int = 256, *, size: int = 224, seed: int = 0, min_scale: f
     the model's own, e.g. `slimkit.zoo.EFFICIENTNET_LITE_MEAN` / `_STD`). Different seeds give
     disjoint-ish sets; use separate seeds for calibration and evaluation. Small crops of these
     photographs are often textures no ImageNet class fits, so a larger `min_scale` gives crops on
-    which an ImageNet model is more decisive."""
-    if not 0 < min_scale <= 1:
-        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    which an ImageNet model is more decisive. `natural_image_sources` names each crop's photograph."""
     import torch.nn.functional as F
 
-    rng = np.random.default_rng(seed)
-    sources = source_images()
     out = torch.empty(n, 3, size, size)
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
-    for i in range(n):
-        _, img = sources[int(rng.integers(len(sources)))]
-        h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(min_scale, 1.0))
-        side = max(side, 32)
-        top = int(rng.integers(0, h - side + 1))
-        left = int(rng.integers(0, w - side + 1))
+    for i, (_, img, side, top, left, flip) in enumerate(_draws(n, seed, min_scale)):
         crop = torch.tensor(img[top:top + side, left:left + side], dtype=torch.float32).permute(2, 0, 1) / 255.0
-        if rng.random() < 0.5:
+        if flip:
             crop = crop.flip(-1)
         crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0]
         out[i] = (crop - m) / s
     return out
+
+
+def natural_image_sources(n: int = 256, *, seed: int = 0, min_scale: float = 0.2) -> list[str]:
+    """The photograph each crop of `natural_images(n, seed=seed, min_scale=min_scale)` comes from
+    (e.g. "skimage.coffee"), to break a measurement down by source."""
+    return [name for name, *_ in _draws(n, seed, min_scale)]
+
+
+def is_grey(source: str) -> bool:
+    """True for the grey-level photographs (stacked to three equal channels), e.g. "skimage.camera"."""
+    return source.startswith("skimage.") and source.split(".", 1)[1] in _SKIMAGE_GRAY
