@@ -22,6 +22,7 @@ from slimkit.core.state import ATTR, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
 from slimkit.quantize import ptq
+from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
 from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable, nbits_exportable
 
@@ -88,19 +89,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     new, structure = _build(src, config, bits=bits, equalize=config.equalize)
     layers = qgraph.weight_layers(new)
     float_layers = None
-    if config.blame:  # before any rounding or bias correction: what each layer's weights would be in float
-        from slimkit.quantize.blame import float_layer_weights
-
+    if config.blame or ((config.adaround or config.gptq) and config.bias_correction):
+        # AdaRound and GPTQ bake their rounding into the weights and bias correction moves the biases: keep
+        # the float ones (bias correction measures against them, blame puts them back one layer at a time)
         float_layers = float_layer_weights(new)
     for layer in layers.values():
         layer.calibrate_weight(config.weight_calibration, config.percentile)
     if config.mode == "static":
         stats = ptq.collect_activation_stats(new, batches)
         ptq.apply_activation_thresholds(new, stats, config.calibration, config.percentile)
-    float_weights = None
-    if (config.adaround or config.gptq) and config.bias_correction:
-        # AdaRound and GPTQ bake their rounding into the weights: keep the float ones
-        float_weights = {n: m.layer.weight.detach().clone() for n, m in layers.items()}
     if config.adaround:
         ptq.adaround(new, batches, iters=config.adaround_iters, layers=config.adaround_layers)
     if config.gptq:
@@ -108,12 +105,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         notes.append(f"GPTQ rounding of {len(ratios)} layer(s): output error on the calibration inputs "
                      f"{ratios[len(ratios) // 2]:.2f}x round-to-nearest's (median)")
     if config.bias_correction:  # after the rounding: it corrects the rounding's residual mean error
-        ptq.bias_correction(new, batches, float_weights)
+        ptq.bias_correction(new, batches, float_layers and {n: w for n, (w, _) in float_layers.items()})
     if config.qat_epochs:
         new = _qat(new, config, task)
     if config.blame:
-        from slimkit.quantize.blame import blame, format_blame
-
         blamed = blame(new, copy_model(model), batches[0], float_layers)
         notes.extend("blame: " + line.strip() for line in format_blame(blamed))
         object.__setattr__(new, "slimkit_blame", blamed)

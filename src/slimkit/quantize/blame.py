@@ -58,9 +58,9 @@ def float_layer_weights(model: nn.Module) -> FloatWeights:
 
 
 @contextmanager
-def _float_layers(model: nn.Module, float_weights: FloatWeights, names: list[str]):
-    """Temporarily run the named layers with their float weights and biases, unquantized."""
-    layers = weight_layers(model)
+def _float_layers(layers: dict[str, nn.Module], float_weights: FloatWeights, names: list[str]):
+    """Temporarily run the named layers (of `layers`, name -> quantized layer) with their float weights and
+    biases, unquantized."""
     saved = {}
     try:
         for n in names:
@@ -95,7 +95,8 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
     `batch`: the model's input (a tensor, or a tuple of its inputs). The model is left as it was given.
     """
     quantizers = {n: m for n, m in quantized.named_modules() if isinstance(m, ActQuant) and m.mode == "quant"}
-    layers = [n for n, m in weight_layers(quantized).items() if m.enabled and n in (float_weights or {})]
+    all_layers = weight_layers(quantized)
+    layers = [n for n, m in all_layers.items() if m.enabled and n in (float_weights or {})]
     if not quantizers and not layers:
         raise ModelError("blame: the model has no calibrated activation quantizer (static mode quantizes "
                          "activations; weight-only and dynamic models have none to blame) and no float weights "
@@ -104,7 +105,6 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
     ref = _call(reference.eval(), batch)
     base = sqnr_db(ref, _call(quantized, batch))
     where = _where(quantized)
-    dynamic = {n for n, m in weight_layers(quantized).items() if m.dynamic}
     rows = []
 
     def row(kind: str, name: str, tensor: str) -> None:
@@ -126,11 +126,11 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
         for q in quantizers.values():
             q.mode = "quant"
     for name in layers:
-        with _float_layers(quantized, float_weights, [name]):
+        with _float_layers(all_layers, float_weights, [name]):
             row("weights", name, f"weights of {name}" + (" (and its per-batch input quantization)"
-                                                         if name in dynamic else ""))
+                                                         if all_layers[name].dynamic else ""))
     if layers:
-        with _float_layers(quantized, float_weights, layers):
+        with _float_layers(all_layers, float_weights, layers):
             activations_only = round(sqnr_db(ref, _call(quantized, batch)), 3)
     rows.sort(key=lambda r: -r["gain_db"])
     return {"sqnr_db": round(base, 3), "weights_only_sqnr_db": weights_only,

@@ -88,6 +88,11 @@ class _DQ(torch.autograd.Function):
         return g.op(f"{_domain(spec)}DequantizeLinear", q, scale, zero_point, **kw)
 
 
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A (B, T, D) tensor at the real tokens of a (B, T) attention mask, as (n, D); any other x as it is."""
+    return x[mask] if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape else x
+
+
 def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of ONNX DynamicQuantizeLinear (uint8, range widened to contain 0)."""
     lo = torch.clamp(x.detach().min(), max=0.0)
@@ -183,8 +188,7 @@ class ActQuant(nn.Module):
         if self.mode == "observe":
             if self.stats is None:
                 self.stats = TensorStats(self.name)
-            m = self.observe_mask  # token batches: padded positions never reach a pooled output
-            self.stats.update(x[m] if m is not None and x.dim() == 3 and x.shape[:2] == m.shape else x)
+            self.stats.update(real_tokens(x, self.observe_mask))  # padded positions never reach a pooled output
             return x
         if _EXPORTING:
             return _QDQ.apply(x, self.scale.detach(), self.zero_point, self.spec)

@@ -15,7 +15,7 @@ from slimkit.core.progress import progress_bar
 from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize.calibration import thresholds
 from slimkit.quantize.graph import act_quantizers, weight_layers
-from slimkit.quantize.modules import _QuantWeightLayer, conv_forward
+from slimkit.quantize.modules import _QuantWeightLayer, conv_forward, real_tokens
 
 
 def _call(model: nn.Module, batch):
@@ -162,9 +162,7 @@ def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
 
 def _real_tokens(layer: _QuantWeightLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A Linear layer's (B, T, D) input or output at the batch's real tokens, as (n, D); else x."""
-    if mask is not None and isinstance(layer.layer, nn.Linear) and x.dim() == 3 and x.shape[:2] == mask.shape:
-        return x[mask]
-    return x
+    return real_tokens(x, mask) if isinstance(layer.layer, nn.Linear) else x
 
 
 def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
