@@ -10,7 +10,7 @@ import torch
 
 import slimkit
 from slimkit.errors import ConfigError, InfeasibleError
-from slimkit.search.nas import NASConfig, open_storage, search
+from slimkit.search.nas import NASConfig, open_storage, search, worker_start_method
 
 TINY_SPACE = {"widths": [0.5], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3], "se": [False, True]}
 
@@ -93,7 +93,7 @@ def _search_forever(task, out_dir, storage):
 
 
 def test_killed_search_resumes_and_completes(small_digits, tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(worker_start_method())  # spawn once CUDA is in use (GPU machines)
     # an RDB storage here (the journal file is covered above): a writer killed while holding the journal's
     # file lock would make the resume wait out Optuna's 30 s lock grace period
     storage = f"sqlite:///{tmp_path / 'nas.db'}"

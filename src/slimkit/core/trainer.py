@@ -3,14 +3,17 @@
     model = slimkit.train(model, task, epochs=10)
 
 Optimizer and LR schedule, early stopping on validation, seed control, a progress bar, CUDA
-when available. Techniques customize it through `loss` (e.g. distillation), `extra_parameters`
+when available. The same seed gives the same weights on CUDA too (`deterministic`, default on:
+deterministic cuDNN/cuBLAS kernels while training, restored afterwards). Techniques customize it through `loss` (e.g. distillation), `extra_parameters`
 (e.g. adapters), and hooks (`on_step`, `on_epoch` — e.g. pruning masks and schedules).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -26,7 +29,9 @@ from slimkit.errors import DataError
 
 
 class TrainConfig(Config):
-    """How to train. `patience` enables early stopping on validation accuracy (None: off)."""
+    """How to train. `patience` enables early stopping on validation accuracy (None: off).
+    `deterministic`: on CUDA, use deterministic kernels so the same seed gives the same weights (pipeline
+    resume and seed comparisons rely on it; a few percent slower). On CPU training is deterministic anyway."""
 
     epochs: int = Field(10, ge=0)
     lr: float = Field(1e-3, gt=0)
@@ -40,6 +45,7 @@ class TrainConfig(Config):
     seed: int = 0
     device: str = "auto"
     grad_clip: float | None = Field(None, gt=0)
+    deterministic: bool = True
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,6 +68,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device, enabled: bool = True):
+    """Deterministic cuDNN/cuBLAS kernels on CUDA inside the block (the previous settings come back after).
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when the process first uses it, so it is set (if unset) here."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
 def move_batch(batch, device: torch.device):
@@ -153,7 +179,7 @@ def fit(
     has_val = task.val is not None and task.metric == "accuracy"
     best_acc, best_state, best_epoch, bad_epochs = -1.0, None, None, 0
     step = 0
-    with progress_bar(description, total_steps if progress else 0) as advance:
+    with deterministic_kernels(device, cfg.deterministic), progress_bar(description, total_steps if progress else 0) as advance:
         for epoch in range(cfg.epochs):
             model.train()
             running, count = 0.0, 0

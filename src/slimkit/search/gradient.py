@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.task import Task
-from slimkit.core.trainer import TrainConfig, fit
+from slimkit.core.trainer import TrainConfig, fit, move_batch, resolve_device
 from slimkit.errors import ConfigError
 from slimkit.search.space import Head, MBConvSpace, _conv_bn, _out_size, mbconv_unit
 
@@ -81,12 +81,13 @@ class SuperNet(nn.Module):
     def expected_cost(self, cost_table: list[list[torch.Tensor]], fixed: float) -> torch.Tensor:
         """Expected cost under the current logits: block j of stage s runs when depth > j."""
         p_op, p_depth = self.probabilities()
-        depths = torch.tensor(self.depths)
-        total = torch.tensor(float(fixed))
+        device = p_op[0].device  # the logits follow the supernet (CUDA while training there)
+        depths = torch.tensor(self.depths, device=device)
+        total = torch.tensor(float(fixed), device=device)
         for s in range(len(self.stages)):
             for j, costs in enumerate(cost_table[s]):
                 runs = p_depth[s][depths > j].sum()
-                total = total + runs * (p_op[s] * costs).sum()
+                total = total + runs * (p_op[s] * costs.to(device)).sum()
         return total
 
     def decision_probabilities(self) -> dict[str, list[float]]:
@@ -166,6 +167,11 @@ def supernet_search(space: MBConvSpace, task: Task, cost_model, *, objective: st
     width = choose_width(space, cost_model, objective, budget, width_headroom)
     supernet = SuperNet(space, width)
     cost_table, fixed = _unit_costs(supernet, objective, cost_model)
+    train_cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, max_steps=max_steps)
+    # the logits are not module parameters, so fit's .to(device) does not move them: put them where it trains
+    device = resolve_device(train_cfg.device)
+    supernet.alpha_op, supernet.alpha_depth = (a.detach().to(device).requires_grad_()
+                                               for a in (supernet.alpha_op, supernet.alpha_depth))
     arch_params = [supernet.alpha_op, supernet.alpha_depth]
     arch_opt = torch.optim.Adam(arch_params, lr=arch_lr, betas=(0.5, 0.999))
     val_iter = iter(())
@@ -183,6 +189,7 @@ def supernet_search(space: MBConvSpace, task: Task, cost_model, *, objective: st
         except StopIteration:
             val_iter = iter(task.loader("val", shuffle=True, seed=step))
             x, y = next(val_iter)
+        x, y = move_batch((x, y), supernet.alpha_op.device)
         arch_opt.zero_grad()
         loss = task.loss(supernet(x), y)
         if budget is not None:
@@ -190,7 +197,7 @@ def supernet_search(space: MBConvSpace, task: Task, cost_model, *, objective: st
         loss.backward()
         arch_opt.step()
 
-    fit(supernet, task, TrainConfig(epochs=epochs, lr=lr, seed=seed, max_steps=max_steps), on_step=arch_step,
+    fit(supernet, task, train_cfg, on_step=arch_step,
         description="supernet", progress=progress, in_place=True)
     choices = repair(space, supernet, cost_model, supernet.argmax_choices(), cost_table, fixed)
     return {"choices": choices, "probabilities": supernet.decision_probabilities(), "width": width,

@@ -318,6 +318,18 @@ def _make_sampler(ctx: _Context, study):
     return make_sampler(cfg.strategy, ctx.space.decisions(), ctx.feasible, seed=cfg.seed, **options)
 
 
+def worker_start_method() -> str:
+    """fork where it is safe (Linux; the caller's script needs no `if __name__ == "__main__"` guard), else
+    spawn: elsewhere, and once this process has used CUDA (a forked child cannot re-initialize it)."""
+    import multiprocessing
+
+    import torch
+
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
 def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str, out_dir: str | Path, *,
                constraints=None, progress: bool = False, heartbeat_s: float = 5.0) -> int:
     """Run trials of one study until `config.trials` have completed; returns how many this worker ran.
@@ -499,9 +511,7 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
     if workers == 1:
         run_worker(task, config, storage_url, study_name, out_dir, constraints=constraints, progress=progress)
     else:
-        # fork (Linux) needs no `if __name__ == "__main__"` guard in the caller's script; spawn elsewhere
-        methods = multiprocessing.get_all_start_methods()
-        mp = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        mp = multiprocessing.get_context(worker_start_method())
         procs = [mp.Process(target=_worker_entry, args=(task, cfg_dict, storage_url, study_name, str(out_dir), cons_dict))
                  for _ in range(workers)]
         for p in procs:
