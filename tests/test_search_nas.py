@@ -150,6 +150,23 @@ def test_gradient_supernet_meets_the_budget(small_digits, tmp_path):
         assert sum(probs) == pytest.approx(1.0, abs=1e-5), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gradient_supernet_trains_on_cuda(small_digits, monkeypatch):
+    from slimkit.search import gradient
+    from slimkit.search.cost import CostModel
+    from slimkit.search.space import MBConvSpace
+
+    seen = []
+    forward = gradient.SuperNet.forward
+    monkeypatch.setattr(gradient.SuperNet, "forward",
+                        lambda self, x: seen.append((x.device.type, self.alpha_op.device.type)) or forward(self, x))
+    space = MBConvSpace.for_task(small_digits, **TINY_SPACE)
+    found = gradient.supernet_search(space, small_digits, CostModel(), epochs=1, max_steps=4, progress=False)
+    assert set(seen) == {("cuda", "cuda")} and len(seen) > 4  # weight steps and architecture steps
+    assert CostModel().feasible(space.spec(found["choices"]))
+
+
 def test_cli_search_errors_exit_2(capsys, tmp_path):
     from slimkit.cli.main import main
 

@@ -59,6 +59,18 @@ def test_trainer_runs_on_cuda(digits_task):
     assert accuracy(result.model, digits_task, "val") > 0.3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_is_deterministic_and_restores_the_settings(digits_task):
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    model = zoo.for_task("mobilenetv2_small", digits_task)  # depthwise convs, adaptive pooling
+    runs = [fit(model, digits_task, TrainConfig(epochs=1, max_steps=15, seed=5, device="cuda"), progress=False).model
+            for _ in range(2)]
+    assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters()))
+    assert (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
+
+
 def test_lenet5_params_and_macs_match_hand_count():
     model = zoo.lenet5()
     # conv1 6*28*28*25 + conv2 16*10*10*150 + fc 400*120 + 120*84 + 84*10
