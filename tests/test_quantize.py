@@ -241,6 +241,20 @@ def test_adaround_not_worse_than_round_to_nearest():
     assert (ada - ref).pow(2).mean() <= (rtn - ref).pow(2).mean()
 
 
+def test_adaround_called_directly_rejects_nan_and_empty_batches():
+    from slimkit.quantize.ptq import adaround
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    q = sk.quantize(model, QuantConfig(weights="int4", activations="none", mode="weight_only"),
+                    calibration_data=torch.randn(16, 8))
+    bad = torch.randn(16, 8)
+    bad[3, 2] = float("nan")
+    with pytest.raises(CalibrationError, match="batch 1 contains NaN"):
+        adaround(q, [torch.randn(16, 8), bad], iters=2)
+    with pytest.raises(CalibrationError, match="calibration set is empty"):
+        adaround(q, [], iters=2)
+
+
 def test_bias_correction_after_adaround_removes_what_rounding_left():
     # inputs with a non-zero mean (as after a ReLU): rounding errors shift each output's mean
     torch.manual_seed(0)

@@ -43,12 +43,12 @@ def token_mask(batch) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def run_batches(model: nn.Module, batches: list, description: str, on_batch=None) -> int:
-    """Forward every batch (eval mode); returns the number of samples. Raises on an empty set.
-    on_batch(batch) is called before each forward."""
+def run_batches(model: nn.Module, batches: list, description: str, on_batch=None, progress: bool = True) -> int:
+    """Forward every batch (eval mode); returns the number of samples. Raises on an empty set or a
+    batch with NaN/Inf. on_batch(batch) is called before each forward."""
     model.eval()
     n = 0
-    with progress_bar(description, len(batches)) as advance:
+    with progress_bar(description, len(batches) if progress else 0) as advance:
         for i, batch in enumerate(batches):
             _check_batch(batch, i)
             if on_batch is not None:
@@ -246,11 +246,12 @@ def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list
     h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_real_tokens(m, _layer_input(m, a[0]),
                                                                               current["mask"])))
     h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(_real_tokens(m, out, current["mask"])))
-    try:
-        for batch in batches:
-            current["mask"] = token_mask(batch)
-            _call(model, batch)
-            _call(float_model, batch)
+    def set_mask(batch):
+        current["mask"] = token_mask(batch)
+
+    try:  # the same batches in the same order through both models: xs[i] and ys[i] belong together
+        run_batches(model, batches, f"{name}: inputs", on_batch=set_mask, progress=False)
+        run_batches(float_model, batches, f"{name}: float outputs", on_batch=set_mask, progress=False)
     finally:
         h1.remove()
         h2.remove()
