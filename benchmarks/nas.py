@@ -5,6 +5,8 @@ kill-and-resume; typed errors for infeasible budgets and bad spaces.
     python benchmarks/nas.py --out nas.json                       # full run (issue 7 settings)
     python benchmarks/nas.py --trials 8 --epochs 3 --final-seeds 2 --out nas.json   # reduced run
     python benchmarks/nas.py --parts latency scale bad --out nas-latency.json       # no searches
+    python benchmarks/nas.py --parts replicate --from nas-search.json --first-seed 10 --final-seeds 20 \
+        --out nas-replicate.json     # a finished run's chosen architectures and the zoo net, other seeds
 
 Digits at 16x16 by default (at 28x28 a 40-trial search takes ~45 CPU-minutes per strategy on this
 CPU, over the issue's 20). Every strategy gets the same number of trials and proxy epochs; the zoo
@@ -98,10 +100,11 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     models = [("zoo:mobilenetv2_small", zoo_net)] + [(r["strategy"], chosen(r["architecture"])) for r in search_rows]
     rows = []
     for label, make in models:
-        nets = [train(make, seed) for seed in range(args.final_seeds)]
+        seeds = list(range(args.first_seed, args.first_seed + args.final_seeds))
+        nets = [train(make, seed) for seed in seeds]
         accs = [test_accuracy(net, task) for net in nets]
         vals = [accuracy(net, task, "val") for net in nets]
-        rows.append({"part": "seeds", "model": label, "seeds": args.final_seeds, "epochs": args.epochs,
+        rows.append({"part": "seeds", "model": label, "seeds": args.final_seeds, "seed_list": seeds, "epochs": args.epochs,
                      "test_accuracies": [round(a, 4) for a in accs], "mean_test_accuracy": sum(accs) / len(accs),
                      "val_accuracies": [round(a, 4) for a in vals], "mean_val_accuracy": sum(vals) / len(vals)})
         print(f"{label}: {args.final_seeds} seeds, mean test {rows[-1]['mean_test_accuracy']:.4f} {rows[-1]['test_accuracies']}",
@@ -223,7 +226,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", nargs="+", default=["latency", "search", "scale", "bad"],
-                        choices=["latency", "search", "scale", "bad"])
+                        choices=["latency", "search", "replicate", "scale", "bad"],
+                        help="replicate: retrain the chosen architectures of the run in --from with other seeds")
     parser.add_argument("--size", type=int, default=16, help="digits image size (28: the default task)")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=5)
@@ -246,6 +250,9 @@ def main() -> int:
                         help="rl: reward = accuracy - weight * |MACs / budget - 1| (TuNAS)")
     parser.add_argument("--final-seeds", type=int, default=10,
                         help="seeds the zoo net and each chosen architecture are retrained with for the accuracy check")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of those seeds")
+    parser.add_argument("--from", dest="from_json", default=None,
+                        help="replicate: a benchmark JSON whose 'search' rows give the architectures")
     parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("SLIMKIT_PROGRESS", "0")
@@ -280,12 +287,18 @@ def main() -> int:
     if "search" in parts:
         rows += run_strategies(task, args, budget, work)
         rows += seed_rows(task, args, [r for r in rows if r["part"] == "search"])
+    if "replicate" in parts:
+        if not args.from_json or "search" in parts:
+            parser.error("--parts replicate needs --from FILE (a finished run) and no search part")
+        earlier = [r for r in json.loads(Path(args.from_json).read_text())["rows"] if r["part"] == "search"]
+        rows += [{**r, "replicated_from": args.from_json} for r in earlier]
+        rows += seed_rows(task, args, earlier)
     if "scale" in parts:
         rows += scale_out_rows(work, args)
     if "bad" in parts:
         rows += bad_input_rows(task, work)
     checks = []
-    if "search" in parts:
+    if parts & {"search", "replicate"}:
         search_checks(rows, args, budget, checks)
     if "latency" in parts:
         latency_checks(rows, checks)
@@ -309,11 +322,12 @@ def search_checks(rows: list[dict], args, budget: int, checks: list) -> None:
     zoo_mean = seeds["zoo:mobilenetv2_small"]["mean_test_accuracy"]
     print_table(list(seeds.values()), ["model", "seeds", "epochs", "test_accuracies", "mean_test_accuracy",
                                        "mean_val_accuracy"],
-                title=f"retrained from scratch, {args.final_seeds} seeds each")
+                title=f"retrained from scratch, seeds {args.first_seed}-{args.first_seed + args.final_seeds - 1}")
     for s in ("evolution", "rl"):
         if s in search_rows:
             r, mean = search_rows[s], seeds[s]["mean_test_accuracy"]
-            checks.append(check(f"{s}: mean test accuracy over {args.final_seeds} seeds >= zoo net's "
+            checks.append(check(f"{s}: mean test accuracy over seeds {args.first_seed}-"
+                                f"{args.first_seed + args.final_seeds - 1} >= zoo net's "
                                 f"({args.epochs} epochs), MACs <= budget, <= 20 CPU-min",
                                 {"mean_test_accuracy": round(mean, 4), "zoo_mean_test_accuracy": round(zoo_mean, 4),
                                  "delta_pp": round(100 * (mean - zoo_mean), 2),

@@ -3,9 +3,10 @@
     model = slimkit.train(model, task, epochs=10)
 
 Optimizer and LR schedule, early stopping on validation, seed control, a progress bar, CUDA
-when available. The same seed gives the same weights on CUDA too (`deterministic`, default on:
-deterministic cuDNN/cuBLAS kernels while training, restored afterwards). Techniques customize it through `loss` (e.g. distillation), `extra_parameters`
-(e.g. adapters), and hooks (`on_step`, `on_epoch` — e.g. pruning masks and schedules).
+when available; the same seed gives the same weights on CUDA too (`deterministic`, default on:
+deterministic cuDNN/cuBLAS kernels while training, restored afterwards). Techniques customize it
+through `loss` (e.g. distillation), `extra_parameters` (e.g. adapters), and hooks (`on_step`,
+`on_epoch` — e.g. pruning masks and schedules).
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def fit(
     has_val = task.val is not None and task.metric == "accuracy"
     best_acc, best_state, best_epoch, bad_epochs = -1.0, None, None, 0
     step = 0
-    with deterministic_kernels(device, cfg.deterministic), progress_bar(description, total_steps if progress else 0) as advance:
+    bar = progress_bar(description, total_steps if progress else 0)
+    with deterministic_kernels(device, cfg.deterministic), bar as advance:
         for epoch in range(cfg.epochs):
             model.train()
             running, count = 0.0, 0

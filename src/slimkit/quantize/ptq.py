@@ -246,6 +246,7 @@ def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list
     h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_real_tokens(m, _layer_input(m, a[0]),
                                                                               current["mask"])))
     h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(_real_tokens(m, out, current["mask"])))
+
     def set_mask(batch):
         current["mask"] = token_mask(batch)
 
