@@ -141,6 +141,17 @@ def test_natural_images_min_scale():
         data.natural_images(2, min_scale=0.0)
 
 
+def test_natural_source_photographs_are_distinct():
+    from slimkit.data.natural import source_images
+
+    images = source_images()
+    names = [n for n, _ in images]
+    assert "skimage.chelsea" in names and "skimage.cat" not in names  # the same photograph under two names
+    assert len(names) == len(set(names)) >= 20
+    for i, (_, a) in enumerate(images):
+        assert not any(a.shape == b.shape and np.array_equal(a, b) for _, b in images[:i])
+
+
 def test_natural_image_sources_name_each_crop():
     from slimkit.data.natural import is_grey
 

@@ -12,13 +12,14 @@ from slimkit.errors import MissingDependencyError
 
 # Only images bundled inside the scikit-image wheel: others are fetched over the network.
 _SKIMAGE_RGB = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina",
-                "hubble_deep_field", "colorwheel", "logo", "cat"]
+                "hubble_deep_field", "colorwheel", "logo"]
 _SKIMAGE_GRAY = ["camera", "coins", "moon", "page", "text", "horse", "clock", "brick", "grass", "gravel",
                  "cell", "microaneurysms"]
 
 
 def source_images() -> list[tuple[str, np.ndarray]]:
-    """All shipped photographs as (name, HxWx3 uint8) arrays."""
+    """All shipped photographs as (name, HxWx3 uint8) arrays, each once (scikit-image also ships `chelsea`
+    as `cat`, left out; an image seen under an earlier name is skipped, so none is sampled twice as often)."""
     images = []
     try:
         from sklearn.datasets import load_sample_images
@@ -47,7 +48,8 @@ def source_images() -> list[tuple[str, np.ndarray]]:
         if img.dtype != np.uint8:
             img = img.astype(np.float64)
             img = (255 * (img - img.min()) / max(float(np.ptp(img)), 1e-8)).astype(np.uint8)
-        images.append((f"skimage.{name}", img))
+        if not any(img.shape == seen.shape and np.array_equal(img, seen) for _, seen in images):
+            images.append((f"skimage.{name}", img))
     return images
 
 
