@@ -12,8 +12,10 @@ Digits at 16x16 by default (at 28x28 a 40-trial search takes ~45 CPU-minutes per
 CPU, over the issue's 20). Every strategy gets the same number of trials and proxy epochs; the zoo
 net is trained with the same epochs. Each strategy's chosen architecture (best mean validation
 accuracy of its finalists, see NASConfig.finalists) and the zoo net are then retrained from scratch
-with the same `--final-seeds` seeds and compared on mean test accuracy (mean validation accuracy
-beside it); the search run's own single-seed figures are reported beside them.
+with the same `--final-seeds` seeds and the same `--final-epochs` (default 3x the proxy's: as in NAS
+practice, the answer is trained longer than the proxy, and the zoo net just as long) and compared on
+mean test accuracy (mean validation accuracy beside it); the search run's own single-seed figures are
+reported beside them.
 CPU time (user + system, this process and its children) is measured per strategy. The latency table
 is checked on candidates it was not calibrated on, calibration and check measured together in
 `--latency-rounds` interleaved rounds (smallest value of each unit and model kept).
@@ -77,7 +79,7 @@ def run_strategies(task, args, budget, work: Path) -> list[dict]:
 
 def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     """The zoo net and each strategy's chosen architecture trained again from scratch with seeds
-    first..first+k-1, both with the same epochs (`--final-epochs`, default the proxy's) and learning rate:
+    first..first+k-1, all with the same epochs (`--final-epochs`, default 3x the proxy's) and learning rate:
     a comparison of architectures, not of lucky initializations (on a 360-image test split one image is
     0.28 points, and seed-to-seed spread is about 1 point)."""
     import torch
@@ -86,7 +88,7 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     from slimkit.core.trainer import TrainConfig, accuracy, fit
     from slimkit.search.space import build
 
-    final_epochs = args.final_epochs or args.epochs
+    final_epochs = args.final_epochs or 3 * args.epochs
 
     def train(make, seed):
         return fit(make(seed), task, TrainConfig(epochs=final_epochs, lr=2e-3, seed=seed), progress=False).model
@@ -255,7 +257,8 @@ def main() -> int:
                         help="seeds the zoo net and each chosen architecture are retrained with for the accuracy check")
     parser.add_argument("--first-seed", type=int, default=0, help="the first of those seeds")
     parser.add_argument("--final-epochs", type=int, default=None,
-                        help="epochs of that retraining (default: --epochs, the proxy's)")
+                        help="epochs of that retraining, the same for the zoo net and every answer (default: 3x "
+                             "--epochs: the 5-epoch proxy leaves the zoo net at 98.1%%, 15 epochs at 98.7%%)")
     parser.add_argument("--from", dest="from_json", default=None,
                         help="replicate: a benchmark JSON whose 'search' rows give the architectures")
     parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")
@@ -333,7 +336,7 @@ def search_checks(rows: list[dict], args, budget: int, checks: list) -> None:
             r, mean = search_rows[s], seeds[s]["mean_test_accuracy"]
             checks.append(check(f"{s}: mean test accuracy over seeds {args.first_seed}-"
                                 f"{args.first_seed + args.final_seeds - 1} >= zoo net's "
-                                f"(both trained {args.final_epochs or args.epochs} epochs), MACs <= budget, <= 20 CPU-min",
+                                f"(both trained {args.final_epochs or 3 * args.epochs} epochs), MACs <= budget, <= 20 CPU-min",
                                 {"mean_test_accuracy": round(mean, 4), "zoo_mean_test_accuracy": round(zoo_mean, 4),
                                  "delta_pp": round(100 * (mean - zoo_mean), 2),
                                  "search_run_test_accuracy": r["test_accuracy"],
