@@ -263,6 +263,8 @@ def main() -> int:
                         help="replicate: a benchmark JSON whose 'search' rows give the architectures")
     parser.add_argument("--work", default=None, help="folder for search outputs (default: a temporary folder)")
     args = parser.parse_args()
+    if "replicate" in args.parts and (not args.from_json or "search" in args.parts):
+        parser.error("--parts replicate needs --from FILE (a finished run) and no search part")
     os.environ.setdefault("SLIMKIT_PROGRESS", "0")
     import optuna
     import torch
@@ -296,8 +298,6 @@ def main() -> int:
         rows += run_strategies(task, args, budget, work)
         rows += seed_rows(task, args, [r for r in rows if r["part"] == "search"])
     if "replicate" in parts:
-        if not args.from_json or "search" in parts:
-            parser.error("--parts replicate needs --from FILE (a finished run) and no search part")
         earlier = [r for r in json.loads(Path(args.from_json).read_text())["rows"] if r["part"] == "search"]
         rows += [{**r, "replicated_from": args.from_json} for r in earlier]
         rows += seed_rows(task, args, earlier)
