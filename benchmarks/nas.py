@@ -88,10 +88,8 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
     from slimkit.core.trainer import TrainConfig, accuracy, fit
     from slimkit.search.space import build
 
-    final_epochs = args.final_epochs or 3 * args.epochs
-
     def train(make, seed):
-        return fit(make(seed), task, TrainConfig(epochs=final_epochs, lr=2e-3, seed=seed), progress=False).model
+        return fit(make(seed), task, TrainConfig(epochs=args.final_epochs, lr=2e-3, seed=seed), progress=False).model
 
     def zoo_net(seed):
         return zoo.for_task("mobilenetv2_small", task, seed=seed)
@@ -109,7 +107,7 @@ def seed_rows(task, args, search_rows: list[dict]) -> list[dict]:
         nets = [train(make, seed) for seed in seeds]
         accs = [test_accuracy(net, task) for net in nets]
         vals = [accuracy(net, task, "val") for net in nets]
-        rows.append({"part": "seeds", "model": label, "seeds": args.final_seeds, "seed_list": seeds, "epochs": final_epochs,
+        rows.append({"part": "seeds", "model": label, "seeds": args.final_seeds, "seed_list": seeds, "epochs": args.final_epochs,
                      "test_accuracies": [round(a, 4) for a in accs], "mean_test_accuracy": sum(accs) / len(accs),
                      "val_accuracies": [round(a, 4) for a in vals], "mean_val_accuracy": sum(vals) / len(vals)})
         print(f"{label}: {args.final_seeds} seeds, mean test {rows[-1]['mean_test_accuracy']:.4f} {rows[-1]['test_accuracies']}",
@@ -265,6 +263,8 @@ def main() -> int:
     args = parser.parse_args()
     if "replicate" in args.parts and (not args.from_json or "search" in args.parts):
         parser.error("--parts replicate needs --from FILE (a finished run) and no search part")
+    if args.final_epochs is None:
+        args.final_epochs = 3 * args.epochs
     os.environ.setdefault("SLIMKIT_PROGRESS", "0")
     import optuna
     import torch
@@ -336,7 +336,7 @@ def search_checks(rows: list[dict], args, budget: int, checks: list) -> None:
             r, mean = search_rows[s], seeds[s]["mean_test_accuracy"]
             checks.append(check(f"{s}: mean test accuracy over seeds {args.first_seed}-"
                                 f"{args.first_seed + args.final_seeds - 1} >= zoo net's "
-                                f"(both trained {args.final_epochs or 3 * args.epochs} epochs), MACs <= budget, <= 20 CPU-min",
+                                f"(both trained {args.final_epochs} epochs), MACs <= budget, <= 20 CPU-min",
                                 {"mean_test_accuracy": round(mean, 4), "zoo_mean_test_accuracy": round(zoo_mean, 4),
                                  "delta_pp": round(100 * (mean - zoo_mean), 2),
                                  "search_run_test_accuracy": r["test_accuracy"],

@@ -51,10 +51,14 @@ def _where(model: nn.Module) -> dict[str, str]:
 FloatWeights = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def _weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copies of a quantized layer's current weight and bias (None without a bias)."""
+    return layer.layer.weight.detach().clone(), None if layer.layer.bias is None else layer.layer.bias.detach().clone()
+
+
 def float_layer_weights(model: nn.Module) -> FloatWeights:
     """Each quantized layer's current (float) weight and bias: call before rounding and bias correction."""
-    return {n: (m.layer.weight.detach().clone(), None if m.layer.bias is None else m.layer.bias.detach().clone())
-            for n, m in weight_layers(model).items()}
+    return {n: _weight_and_bias(m) for n, m in weight_layers(model).items()}
 
 
 @contextmanager
@@ -66,8 +70,7 @@ def _float_layers(layers: dict[str, nn.Module], float_weights: FloatWeights, nam
         for n in names:
             layer = layers[n]
             w, b = float_weights[n]
-            saved[n] = (layer.layer.weight.detach().clone(),
-                        None if layer.layer.bias is None else layer.layer.bias.detach().clone(), layer.enabled)
+            saved[n] = (*_weight_and_bias(layer), layer.enabled)
             layer.layer.weight.data.copy_(w)
             if layer.layer.bias is not None:
                 layer.layer.bias.data.copy_(b if b is not None else torch.zeros_like(layer.layer.bias))

@@ -165,19 +165,24 @@ def _real_tokens(layer: _QuantWeightLayer, x: torch.Tensor, mask: torch.Tensor |
     return real_tokens(x, mask) if isinstance(layer.layer, nn.Linear) else x
 
 
-def _observe_layer_inputs(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
-                          observe) -> None:
-    """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` sees.
-    Token batches (input_ids, attention_mask): a Linear layer's (B, T, D) input is reduced to its
-    (n, D) rows at real tokens, so padding never enters the statistics."""
+def _observe_layers(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
+                    observe, *, outputs: bool = False, progress: bool = True) -> None:
+    """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` multiplies
+    its weight with (`outputs`: with its output instead). Token batches (input_ids, attention_mask): a
+    Linear layer's (B, T, D) tensor is reduced to its (n, D) rows at real tokens, so padding never enters
+    the statistics."""
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name: str):
+        if outputs:
+            return lambda mod, args, out: observe(name, mod, _real_tokens(mod, out, current["mask"]))
         return lambda mod, args: observe(name, mod, _real_tokens(mod, _layer_input(mod, args[0]), current["mask"]))
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    register = "register_forward_hook" if outputs else "register_forward_pre_hook"
+    handles = [getattr(layer, register)(hook(name)) for name, layer in layers.items()]
     try:
-        run_batches(model, batches, description, on_batch=lambda b: current.update(mask=token_mask(b)))
+        run_batches(model, batches, description, on_batch=lambda b: current.update(mask=token_mask(b)),
+                    progress=progress)
     finally:
         for h in handles:
             h.remove()
@@ -214,8 +219,7 @@ def bias_correction(model: nn.Module, batches: list,
         sums[name] = sums.get(name, 0) + diff.sum(1)
         counts[name] = counts.get(name, 0) + diff.shape[1]
 
-    _observe_layer_inputs(model, {n: m for n, m in layers.items() if not m.dynamic}, batches, "bias correction",
-                          observe)
+    _observe_layers(model, {n: m for n, m in layers.items() if not m.dynamic}, batches, "bias correction", observe)
     corrections = {}
     for name, total in sums.items():
         layer = layers[name].layer
@@ -239,23 +243,11 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list):
     """Inputs of layer `name` in the (partly) quantized model and its outputs in the float model
     (token batches: at real tokens only, so batches of different lengths concatenate)."""
-    xs, ys = [], []
-    qlayer = model.get_submodule(name)
-    flayer = float_model.get_submodule(name)
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-    h1 = qlayer.register_forward_pre_hook(lambda m, a: xs.append(_real_tokens(m, _layer_input(m, a[0]),
-                                                                              current["mask"])))
-    h2 = flayer.register_forward_hook(lambda m, a, out: ys.append(_real_tokens(m, out, current["mask"])))
-
-    def set_mask(batch):
-        current["mask"] = token_mask(batch)
-
-    try:  # the same batches in the same order through both models: xs[i] and ys[i] belong together
-        run_batches(model, batches, f"{name}: inputs", on_batch=set_mask, progress=False)
-        run_batches(float_model, batches, f"{name}: float outputs", on_batch=set_mask, progress=False)
-    finally:
-        h1.remove()
-        h2.remove()
+    xs, ys = [], []  # the same batches in the same order through both models: xs[i] and ys[i] belong together
+    _observe_layers(model, {name: model.get_submodule(name)}, batches, f"{name}: inputs",
+                    lambda n, m, x: xs.append(x), progress=False)
+    _observe_layers(float_model, {name: float_model.get_submodule(name)}, batches, f"{name}: float outputs",
+                    lambda n, m, y: ys.append(y), outputs=True, progress=False)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -391,7 +383,7 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
             hessians[name] = hessians.get(name, 0) + cols.transpose(1, 2) @ cols
             counts[name] = counts.get(name, 0) + cols.shape[1]
 
-    _observe_layer_inputs(model, selected, batches, "gptq statistics", observe)
+    _observe_layers(model, selected, batches, "gptq statistics", observe)
     ratios = {}
     with progress_bar("gptq", len(selected)) as advance:
         for name, layer in selected.items():
