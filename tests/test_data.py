@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimkit import data
-from slimkit.errors import DataError
+from slimkit.errors import ConfigError, DataError
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -144,12 +144,27 @@ def test_natural_images_min_scale():
 def test_natural_source_photographs_are_distinct():
     from slimkit.data.natural import source_images
 
-    images = source_images()
+    images = source_images("all")
     names = [n for n, _ in images]
     assert "skimage.chelsea" in names and "skimage.cat" not in names  # the same photograph under two names
     assert len(names) == len(set(names)) >= 20
     for i, (_, a) in enumerate(images):
         assert not any(a.shape == b.shape and np.array_equal(a, b) for _, b in images[:i])
+
+
+def test_natural_sources_default_to_photographs():
+    from slimkit.data.natural import source_images
+
+    photos = [n for n, _ in source_images()]
+    everything = [n for n, _ in source_images("all")]
+    # camera photographs only: no drawing, scan, microscopy or telescope image; all of them in "all"
+    assert {"sklearn.china", "skimage.chelsea", "skimage.camera", "skimage.grass"} <= set(photos)
+    assert not {"skimage.logo", "skimage.colorwheel", "skimage.page", "skimage.cell", "skimage.moon"} & set(photos)
+    assert set(photos) < set(everything) and len(photos) >= 12
+    assert set(data.natural_image_sources(64, seed=4)) <= set(photos)
+    assert not set(data.natural_image_sources(64, seed=4, sources="all")) <= set(photos)
+    with pytest.raises(ConfigError, match="sources.*'scans'"):
+        data.natural_images(2, sources="scans")
 
 
 def test_natural_image_sources_name_each_crop():
