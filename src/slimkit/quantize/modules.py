@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.quantize import numerics as nq
-from slimkit.quantize.calibration import TensorStats
 
 # ONNX/torch integer dtypes of the deployable types; other bit widths are simulation only.
 _TORCH_DTYPE = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16}
@@ -147,7 +146,7 @@ def _lsq_scale(scale: torch.Tensor, numel: int, qmax: int) -> torch.Tensor:
 class ActQuant(nn.Module):
     """Quantizer of one activation tensor.
 
-    mode: "off" (identity), "observe" (collect calibration statistics, identity), "quant" (fake quant
+    mode: "off" (identity; calibration observes it through a hook), "quant" (fake quant
     with the calibrated scale / zero point). `learnable()` turns the scale into an LSQ parameter (QAT).
     """
 
@@ -159,8 +158,6 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         zdtype = _TORCH_DTYPE.get((spec.bits, spec.signed), torch.int32)
         self.register_buffer("zero_point", torch.tensor(0, dtype=zdtype))
-        self.stats: TensorStats | None = None
-        self.observe_mask: torch.Tensor | None = None  # (B, T) real-token mask of the batch being observed
 
     def extra_repr(self) -> str:
         kind = f"{'int' if self.spec.signed else 'uint'}{self.spec.bits}"
@@ -184,11 +181,6 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
-            return x
-        if self.mode == "observe":
-            if self.stats is None:
-                self.stats = TensorStats(self.name)
-            self.stats.update(real_tokens(x, self.observe_mask))  # padded positions never reach a pooled output
             return x
         if _EXPORTING:
             return _QDQ.apply(x, self.scale.detach(), self.zero_point, self.spec)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from slimkit.core.progress import progress_bar
 from slimkit.errors import CalibrationError, ConfigError
-from slimkit.quantize.calibration import thresholds
+from slimkit.quantize.calibration import TensorStats, thresholds
 from slimkit.quantize.graph import act_quantizers, weight_layers
-from slimkit.quantize.modules import _QuantWeightLayer, conv_forward, real_tokens
+from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, conv_forward, real_tokens
 
 
 def _call(model: nn.Module, batch):
@@ -63,33 +63,36 @@ def run_batches(model: nn.Module, batches: list, description: str, on_batch=None
 
 
 def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, object]:
-    """One pass with float weights and every activation quantizer observing; returns name -> stats."""
+    """One pass with float weights and every activation quantizer passing its input through; returns
+    name -> statistics of what each quantizer saw (token batches: real tokens only, as `_observe_layers`)."""
     quantizers = act_quantizers(model)
     layers = weight_layers(model).values()
+    stats: dict[str, TensorStats] = {}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(q: ActQuant):
+        def observe(mod, args, out) -> None:  # padded positions never reach a pooled output
+            stats.setdefault(q.name, TensorStats(q.name)).update(real_tokens(out, current["mask"]))
+        return observe
+
+    modes = [q.mode for q in quantizers]
+    handles = [q.register_forward_hook(hook(q)) for q in quantizers]
     for q in quantizers:
-        q.mode, q.stats = "observe", None
+        q.mode = "off"
     for layer in layers:
         layer.enabled = False
-
-    def set_mask(batch) -> None:  # (input_ids, attention_mask) batches: statistics of real tokens only
-        mask = token_mask(batch)
-        for q in quantizers:
-            q.observe_mask = mask
-
     try:
-        run_batches(model, batches, "calibrate", on_batch=set_mask)
+        run_batches(model, batches, "calibrate", on_batch=lambda b: current.update(mask=token_mask(b)))
     finally:
         for layer in layers:
             layer.enabled = True
-        for q in quantizers:
-            q.observe_mask = None
-    stats = {}
+        for h in handles:
+            h.remove()
+        for q, mode in zip(quantizers, modes):
+            q.mode = mode
     for q in quantizers:
-        if q.stats is None:
-            q.mode = "off"
+        if q.name not in stats:
             raise CalibrationError(f"activation {q.name!r} saw no data during calibration (the layer never ran)")
-        stats[q.name] = q.stats
-        q.stats = None
     return stats
 
 
