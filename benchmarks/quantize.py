@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import check, environment, interleaved_min, print_table, write_result  # noqa: E402
 
 import slimkit as sk  # noqa: E402
-from slimkit.data.natural import is_grey  # noqa: E402
+from slimkit.data.natural import SOURCES, is_grey  # noqa: E402
 from slimkit.evaluate import ort_latency, torch_latency  # noqa: E402
 from slimkit.export.onnx import export_onnx, run_onnx  # noqa: E402
 from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize_pt2e  # noqa: E402
@@ -172,10 +172,10 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
     ref = torch_predict(model)
     ref_all = torch_predict(model, x_all) if x_all is not None else None
 
-    def agreement_all(out) -> dict:
-        if ref_all is None:
+    def agreement_all(predict) -> dict:  # predict(x) -> outputs; scored on x_all when there is one
+        if x_all is None:
             return {}
-        return {"top1_agreement_all_sources": round((out.argmax(1) == ref_all.argmax(1)).float().mean().item(), 4)}
+        return {"top1_agreement_all_sources": round((predict(x_all).argmax(1) == ref_all.argmax(1)).float().mean().item(), 4)}
     # kept in float: the two layers a per-layer sensitivity scan ranked most sensitive (keeping three more
     # float, chosen on validation crops, did not raise test agreement and cost a third of the speed-up)
     keep = ["_conv_stem", "_blocks.0._depthwise_conv"]
@@ -225,7 +225,7 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
         agree, agree_decisive = agreement(out)
         rows.append({"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
                      **spread(out), "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
-                     **(agreement_all(ort_predict(path, x_all, batch=32)) if x_all is not None else {}),
+                     **agreement_all(lambda x, p=path: ort_predict(p, x, batch=32)),
                      "bytes": path.stat().st_size, "ort_ms_b8_1t": lat[variant], "latency_rounds": rounds,
                      "eval_crops": n_eval, "calib_crops": n_calib, "sources": sources}
                     | ({"blame": {k: v if k != "rows" else v[:12] for k, v in blamed.items()}}
@@ -236,7 +236,7 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
         agree, agree_decisive = agreement(out)
         return {"part": "effnet", "model": "efficientnet_lite0", "variant": variant, "top1_agreement": agree,
                 **spread(out), "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
-                **(agreement_all(torch_predict(m, x_all)) if x_all is not None else {}),
+                **agreement_all(lambda x: torch_predict(m, x)),
                 "eval_crops": n_eval, "sources": sources, "note": note}
 
     wq = sk.quantize(model, QuantConfig(weights="int8", activations="none", mode="weight_only"))
@@ -354,7 +354,7 @@ def main() -> int:
     ap.add_argument("--calib-crops", type=int, default=256)
     # effnet: crops of the shipped camera photographs (the check), with the same seed's crops of every shipped
     # image (drawings, scans, microscopy: the set until session 11) scored beside them; "all" checks on those
-    ap.add_argument("--sources", choices=("photographs", "all"), default="photographs")
+    ap.add_argument("--sources", choices=SOURCES, default="photographs")
     ap.add_argument("--sentences", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -74,11 +74,11 @@ def _draws(n: int, seed: int, min_scale: float, sources: str):
     if not 0 < min_scale <= 1:  # checked now, not at the first crop
         raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
     rng = np.random.default_rng(seed)
-    sources = source_images(sources)
+    images = source_images(sources)
 
     def crops():
         for _ in range(n):
-            name, img = sources[int(rng.integers(len(sources)))]
+            name, img = images[int(rng.integers(len(images)))]
             h, w = img.shape[:2]
             side = max(int(min(h, w) * rng.uniform(min_scale, 1.0)), 32)
             top = int(rng.integers(0, h - side + 1))

@@ -64,30 +64,21 @@ def run_batches(model: nn.Module, batches: list, description: str, on_batch=None
 
 def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, object]:
     """One pass with float weights and every activation quantizer passing its input through; returns
-    name -> statistics of what each quantizer saw (token batches: real tokens only, as `_observe_layers`)."""
+    name -> statistics of what each quantizer saw (token batches: real tokens only)."""
     quantizers = act_quantizers(model)
     layers = weight_layers(model).values()
     stats: dict[str, TensorStats] = {}
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(q: ActQuant):
-        def observe(mod, args, out) -> None:  # padded positions never reach a pooled output
-            stats.setdefault(q.name, TensorStats(q.name)).update(real_tokens(out, current["mask"]))
-        return observe
-
     modes = [q.mode for q in quantizers]
-    handles = [q.register_forward_hook(hook(q)) for q in quantizers]
     for q in quantizers:
         q.mode = "off"
     for layer in layers:
         layer.enabled = False
     try:
-        run_batches(model, batches, "calibrate", on_batch=lambda b: current.update(mask=token_mask(b)))
+        _observe_layers(model, {q.name: q for q in quantizers}, batches, "calibrate",
+                        lambda name, q, x: stats.setdefault(name, TensorStats(name)).update(x), outputs=True)
     finally:
         for layer in layers:
             layer.enabled = True
-        for h in handles:
-            h.remove()
         for q, mode in zip(quantizers, modes):
             q.mode = mode
     for q in quantizers:
@@ -163,17 +154,19 @@ def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
     return layer.input_owned(x) if layer.input_owned is not None else x
 
 
-def _real_tokens(layer: _QuantWeightLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A Linear layer's (B, T, D) input or output at the batch's real tokens, as (n, D); else x."""
-    return real_tokens(x, mask) if isinstance(layer.layer, nn.Linear) else x
+def _real_tokens(layer: _QuantWeightLayer | ActQuant, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear layer's or an activation quantizer's (B, T, D) tensor at the batch's real tokens, as
+    (n, D); else x."""
+    return real_tokens(x, mask) if isinstance(layer, ActQuant) or isinstance(layer.layer, nn.Linear) else x
 
 
-def _observe_layers(model: nn.Module, layers: dict[str, _QuantWeightLayer], batches: list, description: str,
-                    observe, *, outputs: bool = False, progress: bool = True) -> None:
+def _observe_layers(model: nn.Module, layers: dict[str, _QuantWeightLayer | ActQuant], batches: list,
+                    description: str, observe, *, outputs: bool = False, progress: bool = True) -> None:
     """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` multiplies
-    its weight with (`outputs`: with its output instead). Token batches (input_ids, attention_mask): a
-    Linear layer's (B, T, D) tensor is reduced to its (n, D) rows at real tokens, so padding never enters
-    the statistics."""
+    its weight with (`outputs`: with its output instead; an activation quantizer's, when it is off, is
+    the tensor it sees). Token batches (input_ids, attention_mask): a Linear layer's or quantizer's
+    (B, T, D) tensor is reduced to its (n, D) rows at real tokens, so padding never enters the
+    statistics."""
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name: str):
