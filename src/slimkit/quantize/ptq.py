@@ -334,10 +334,9 @@ def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: tor
     inverse Hessian (the error that least changes the layer's output)."""
     w, h = w.double().clone(), h.double().clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
-    dead = diag <= 0  # inputs that are always zero: their weights do not matter
-    diag[dead] = 1.0
-    w.masked_fill_(dead[:, None, :], 0.0)
+    dead = diag <= 0  # inputs always zero on the calibration data: rounded to nearest, nothing compensated
     diag.add_(damp * diag.mean(1, keepdim=True))
+    diag[dead] = 1.0
     hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     s, z = scale.double(), zero.double()
     q = torch.empty_like(w)
