@@ -357,6 +357,7 @@ def test_gptq_keeps_the_weights_of_inputs_the_calibration_data_never_activates()
         snr = 10 * torch.log10(ref.pow(2).mean() / (g(x_live) - ref).pow(2).mean())
     assert snr > 35  # measured 48 dB; zeroing the two columns (the old behaviour) gave 8 dB
 
+
 class _TokenModel(nn.Module):
     """Embedding -> two Linear layers -> masked mean pooling: padded positions never reach the output."""
 
