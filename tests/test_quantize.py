@@ -148,7 +148,7 @@ def test_cli_quantize(tmp_path, trained_lenet5):
     out = tmp_path / "q"
     assert main(["quantize", str(model), "--samples", "64", "--out", str(out)]) == 0
     assert (out / "model.onnx").stat().st_size < (out / "fp32.onnx").stat().st_size
-    assert main(["quantize", str(model), "--weights", "int1", "--out", str(out)]) == 2
+    assert main(["quantize", str(model), "--weight-type", "int1", "--out", str(out)]) == 2
     assert main(["quantize", str(model), "--calibration", "nope", "--out", str(out)]) == 2
     assert main(["quantize", str(model), "--gptq", "--adaround", "--out", str(out)]) == 2  # one rounding method
     assert main(["quantize", str(model), "--gptq", "--samples", "64", "--out", str(tmp_path / "g")]) == 0
@@ -563,8 +563,8 @@ def test_cli_quantize_blame(tmp_path, trained_lenet5):
     rows = json.loads((out / "blame.json").read_text())["rows"]
     assert rows and all(r["gain_db"] >= rows[-1]["gain_db"] for r in rows)
     assert {r["kind"] for r in rows} == {"activation", "weights"}
-    assert main(["quantize", str(model), "--mode", "weight_only", "--activations", "none", "--weights", "int4",
+    assert main(["quantize", str(model), "--mode", "weight_only", "--activation-type", "none", "--weight-type", "int4",
                  "--blame", "--samples", "64", "--out", str(tmp_path / "w")]) == 0
     assert {r["kind"] for r in json.loads((tmp_path / "w" / "blame.json").read_text())["rows"]} == {"weights"}
-    assert main(["quantize", str(model), "--weights", "int99", "--blame", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["quantize", str(model), "--weight-type", "int99", "--blame", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()  # a bad option: one line, exit 2, nothing written

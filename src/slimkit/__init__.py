@@ -24,6 +24,7 @@ _LAZY = {
     "Selector": "slimkit.core.selector",
     "save": "slimkit.core.artifact",
     "load": "slimkit.core.artifact",
+    "register_builder": "slimkit.core.artifact",
     "Metrics": "slimkit.evaluate",
     "apply": "slimkit.core.registry",
     "techniques": "slimkit.core.registry",

@@ -43,3 +43,7 @@ class InfeasibleError(SlimkitError, ValueError):
 
 class MissingDependencyError(SlimkitError, ImportError):
     """An optional dependency (extra) needed for this feature is not installed."""
+
+
+class UntrustedFactoryError(ArtifactError):
+    """A model file names a builder that is not trusted; loading it would import and run code."""

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 
 def register(app: typer.Typer) -> None:
     @app.command("separable")
@@ -13,6 +15,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         block: str = typer.Option("separable", help="separable (MobileNetV1) | inverted_residual (MobileNetV2)"),
         depth_multiplier: int = typer.Option(1, "--depth-multiplier", help="depthwise outputs per input channel"),
         expansion: int = typer.Option(2, help="hidden channels per input channel of an inverted residual block"),
@@ -40,7 +43,7 @@ def register(app: typer.Typer) -> None:
                                   selector={"include": include, "exclude": exclude}, recovery=recovery,
                                   recovery_epochs=recovery_epochs)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         mobile = separable(net, cfg, task=task)
         structure = conversion_report(mobile)
         print_layer_table("converted layers", structure["layers"], structure["skipped"], rank_key="width")

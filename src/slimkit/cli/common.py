@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+import typer
 from rich.console import Console
 
 from slimkit.core.task import Task
 from slimkit.errors import ModelError
 
 console = Console()
+
+# Every command that reads a model file takes this flag (slimkit.load's `trust_factory`).
+TrustFactoryOpt = typer.Option(
+    False, "--trust-factory",
+    help="let a model file name a builder (package.module:function) that slimkit does not trust: it is imported "
+         "and run. Only for files whose origin you trust; zoo models and NAS architectures never need it.")
 
 
 def load_task(ref: str) -> Task:
@@ -25,10 +32,14 @@ def load_task(ref: str) -> Task:
     return resolve(ref)
 
 
-def load_model(ref: str, *, weights: str | None = None, task: Task | None = None, seed: int | None = None) -> nn.Module:
+def load_model(ref: str, *, weights: str | None = None, task: Task | None = None, seed: int | None = None,
+               trust_factory: bool = False) -> nn.Module:
     """A model reference: `zoo:NAME`, a saved slimkit artifact (file path), or
     `package.module:factory` together with `weights` (a safetensors file). `seed` fixes a zoo
-    model's random initialization."""
+    model's random initialization.
+
+    A factory typed on the command line is the user's choice: it is imported and called. A factory
+    named inside a model file is called only with `trust_factory` (see `slimkit.load`)."""
     from slimkit import zoo
     from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
 
@@ -42,7 +53,7 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
     if path.suffix in (".safetensors", ".slim") or path.exists():
         if weights:
             raise ModelError("--weights goes with a factory reference (package.module:function), not a saved model")
-        return load(path)
+        return load(path, trust_factory=trust_factory)
     if ":" in ref:
         if not weights:
             raise ModelError(f"factory reference {ref!r} needs --weights FILE.safetensors")

@@ -1,6 +1,9 @@
 """`slimkit` CLI entry point: core commands plus every technique package's `cli.register(app)`.
 
-Any `SlimkitError` is printed as one line (`error: ...`) without a traceback, exit code 2.
+Every failure a user can cause — a `SlimkitError`, a usage error (unknown command or option, a
+missing argument, a bad value), an unwritable output path — is printed as one line
+(`error: ...`) without a traceback, exit code 2. Ctrl-C prints one line and exits 130; outputs
+are written atomically, so an interrupted command leaves no partial file.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import console, load_model, load_task
+from slimkit.cli.common import TrustFactoryOpt, console, load_model, load_task
 from slimkit.errors import SlimkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,15 +27,30 @@ DataOpt = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:
 WeightsOpt = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import slimkit
+
+        print(f"slimkit {slimkit.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """slimkit: make PyTorch models smaller and faster, and measure what it cost."""
+
+
 @app.command()
 def train(
     model: str = ModelArg,
     data: str = DataOpt,
     weights: Optional[str] = WeightsOpt,
-    epochs: int = typer.Option(20, help="training epochs"),
+    trust_factory: bool = TrustFactoryOpt,
+    epochs: int = typer.Option(20, min=1, help="training epochs"),
     lr: float = typer.Option(2e-3, help="learning rate"),
     optimizer: str = typer.Option("adam", help="adam | adamw | sgd"),
-    patience: Optional[int] = typer.Option(None, help="early-stopping patience in epochs (off by default)"),
+    patience: Optional[int] = typer.Option(None, min=1, help="early-stopping patience in epochs (off by default)"),
     seed: int = typer.Option(0, help="random seed"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     config: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as YAML/JSON (overrides the options above)"),
@@ -40,6 +58,7 @@ def train(
 ) -> None:
     """Train a model on a data set and save it (safetensors + manifest)."""
     from slimkit.core.artifact import save
+    from slimkit.core.io import output_file
     from slimkit.core.trainer import TrainConfig, fit
     from slimkit.evaluate.metrics import predict, topk_accuracy
 
@@ -47,8 +66,9 @@ def train(
         cfg = TrainConfig.from_file(config)
     else:
         cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
+    output_file(out)  # before training: an unwritable --out must not cost the training run
     task = load_task(data)
-    net = load_model(model, weights=weights, task=task, seed=cfg.seed)
+    net = load_model(model, weights=weights, task=task, seed=cfg.seed, trust_factory=trust_factory)
     result = fit(net, task, cfg)
     acc = topk_accuracy(*predict(result.model, task, "test"))["top1"]
     save(result.model, out)
@@ -60,18 +80,21 @@ def evaluate(
     model: str = ModelArg,
     data: str = DataOpt,
     weights: Optional[str] = WeightsOpt,
+    trust_factory: bool = TrustFactoryOpt,
     runtime: list[str] = typer.Option(["torch", "ort"], help="runtimes to time: torch, ort"),
-    threads: int = typer.Option(1, help="threads for latency"),
-    batch_size: list[int] = typer.Option([1, 64], help="batch sizes for latency"),
+    threads: int = typer.Option(1, min=1, help="threads for latency"),
+    batch_size: list[int] = typer.Option([1, 64], min=1, help="batch sizes for latency"),
     split: str = typer.Option("test", help="data split to score"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON"),
 ) -> None:
     """Accuracy, parameters, MACs, bytes on disk and latency of a model."""
-    from slimkit.core.io import write_text
+    from slimkit.core.io import output_file, write_text
     from slimkit.evaluate import evaluate as run_evaluate
 
+    if json_out:
+        output_file(json_out)
     task = load_task(data)
-    net = load_model(model, weights=weights, task=task)
+    net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
     artifact = model if Path(model).is_file() else None
     metrics = run_evaluate(net, task, split=split, artifact=artifact, runtimes=runtime, threads=threads,
                            batch_sizes=batch_size)
@@ -86,6 +109,7 @@ def evaluate(
 @app.command("list")
 def list_(
     layers: Optional[str] = typer.Option(None, "--layers", help="print the layers of this model reference"),
+    trust_factory: bool = TrustFactoryOpt,
 ) -> None:
     """Techniques, zoo models and data sets (from the registries)."""
     from rich.table import Table
@@ -95,7 +119,7 @@ def list_(
     from slimkit.data import DATASETS
 
     if layers:
-        net = load_model(layers)
+        net = load_model(layers, trust_factory=trust_factory)
         for name, module in net.named_modules():
             if name and not list(module.children()):
                 n = sum(p.numel() for p in module.parameters(recurse=False))
@@ -147,7 +171,7 @@ def env() -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="output folder"),
-    epochs: int = typer.Option(30, help="epochs for the baseline LeNet-5"),
+    epochs: int = typer.Option(30, min=1, help="epochs for the baseline LeNet-5"),
     only: Optional[list[str]] = typer.Option(None, help="run only these techniques"),
     advisor: bool = typer.Option(True, "--advisor/--no-advisor", help="also run the advisor (slimkit auto)"),
 ) -> None:
@@ -157,6 +181,11 @@ def demo(
 
     result = run_demo(out, epochs=epochs, only=only, advisor=advisor)
     console.print(f"wrote {out / 'report.html'} and {out / 'result.json'} ({len(result['stages'])} stages)")
+    failed = [s["name"] for s in result["stages"] if s.get("error")]
+    if failed:  # the report shows why; a script must not take a partial demo for a success
+        print(f"error: {len(failed)} of {len(result['stages']) - 1} techniques failed in the demo: "
+              f"{', '.join(failed)} (see {out / 'report.html'})", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def _register_technique_commands() -> None:
@@ -169,26 +198,41 @@ def _register_technique_commands() -> None:
                 module.register(app)
 
 
+def _usage_error(err) -> str:
+    """A click usage error as one line: the command, the message and where to look."""
+    ctx = getattr(err, "ctx", None)
+    where = ctx.command_path if ctx is not None else "slimkit"
+    message = " ".join(err.format_message().split())
+    return f"{where}: {message} (see '{where} --help')"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from typer._click import exceptions as click_exceptions  # typer 0.29 raises its bundled click's errors
+
     try:
         _register_technique_commands()
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except SlimkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        code = 130
+    except click_exceptions.NoArgsIsHelpError:  # typer has printed the help already
+        return 2
+    except click_exceptions.ClickException as err:  # usage errors: unknown command/option, bad value
+        print(f"error: {_usage_error(err)}", file=sys.stderr)
+        return 2
     except typer.Exit as err:
-        return err.exit_code
+        code = err.exit_code
     except typer.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            return 2
-        raise
-    return 0
+        code = 130
+    except OSError as err:  # disk full, permission denied, a path in the way: the user's to fix
+        name = f" {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"error: cannot read or write{name}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    if code == 130:  # typer turns Ctrl-C into Exit(130); outputs are atomic, so nothing half-written stays
+        print("error: interrupted (Ctrl-C); no partial output was written", file=sys.stderr)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

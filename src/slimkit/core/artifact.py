@@ -5,13 +5,19 @@ architecture comes from (zoo name or `package.module:factory` with its keyword a
 every stage applied to the model (technique, config, structure, version). `load` rebuilds the
 architecture from the source, replays each stage's `restore`, then loads the weights strictly.
 Nothing is unpickled.
+
+A model file is data, never code. A manifest naming a factory is only honoured when that factory
+is trusted: slimkit's zoo, builders registered in this process with `register_builder`, or an
+explicit `trust_factory=True` (CLI `--trust-factory`) from the user who knows where the file came
+from, as Hugging Face's `trust_remote_code`. Anything else raises `UntrustedFactoryError` before
+any import. Keyword arguments from a file are passed as JSON data.
 """
 from __future__ import annotations
 
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -19,7 +25,7 @@ import torch.nn as nn
 import slimkit
 from slimkit.core.io import atomic_path
 from slimkit.core.state import ATTR, get_state, set_source
-from slimkit.errors import ArtifactError, ModelError, SlimkitError
+from slimkit.errors import ArtifactError, ModelError, SlimkitError, UntrustedFactoryError
 
 FORMAT = "slimkit-model/1"
 
@@ -38,17 +44,22 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: str | Path, *, factory: str | None = None,
+def save(model: nn.Module, path: str | Path, *, factory: str | Callable[..., nn.Module] | None = None,
          factory_kwargs: dict[str, Any] | None = None) -> Path:
     """Write `model` to `path` (safetensors + manifest), atomically.
 
-    A zoo model knows its source. For your own architecture pass `factory="pkg.module:fn"`
-    (called with `factory_kwargs` on load). Returns the path written.
+    A zoo model knows its source. For your own architecture pass `factory=build_net` (a function
+    returning the model; it is registered as a trusted builder) or `factory="pkg.module:fn"`;
+    `load` calls it with `factory_kwargs` (JSON data) once it is trusted in the loading process
+    (`register_builder`, or `load(..., trust_factory=True)`). Returns the path written.
     """
     from safetensors.torch import save_file
 
     state = get_state(model)
+    if callable(factory):
+        factory = register_builder(factory)
     if factory is not None:
+        _check_kwargs(factory, factory_kwargs or {})
         set_source(model, "factory", factory, factory_kwargs)
     if state["source"] is None:
         raise ModelError(
@@ -90,11 +101,46 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def resolve_factory(ref: str):
-    """Import `package.module:function`."""
-    module_name, sep, attr = ref.partition(":")
+# Builders `load` may call without asking: ref ("pkg.module:fn") -> function. slimkit's own
+# factories (NAS architectures) register here at import; users add theirs with `register_builder`.
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def builder_ref(fn: Callable[..., Any]) -> str:
+    """The `package.module:function` reference of a function."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def register_builder(fn: Callable[..., nn.Module], name: str | None = None) -> str:
+    """Trust `fn` to rebuild architectures on load in this process; returns its reference.
+
+    `name` defaults to `"package.module:function"`, which is what `save(factory=...)` records.
+    Usable as `sk.register_builder(build_net)` before `sk.load(path)`.
+    """
+    if not callable(fn):
+        raise ModelError(f"register_builder needs a function returning a torch.nn.Module, got {type(fn).__name__}")
+    ref = name or builder_ref(fn)
+    _parse_ref(ref)
+    _BUILDERS[ref] = fn
+    return ref
+
+
+def trusted_builders() -> list[str]:
+    """References `load` calls without `trust_factory` (zoo models are always trusted)."""
+    return sorted(_BUILDERS)
+
+
+def _parse_ref(ref: Any) -> tuple[str, str]:
+    module_name, sep, attr = ref.partition(":") if isinstance(ref, str) else ("", "", "")
     if not sep or not module_name or not attr:
         raise ModelError(f"bad factory reference {ref!r}; use 'package.module:function'")
+    return module_name, attr
+
+
+def resolve_factory(ref: str) -> Callable[..., Any]:
+    """Import `package.module:function`: this IMPORTS AND RUNS user code, so only call it for a
+    reference the user typed or explicitly trusted (see `build_source`)."""
+    module_name, attr = _parse_ref(ref)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -104,30 +150,62 @@ def resolve_factory(ref: str):
         fn = getattr(fn, part, None)
         if fn is None:
             raise ModelError(f"module {module_name!r} has no attribute {attr!r} (factory {ref!r})")
+    if not callable(fn):
+        raise ModelError(f"factory {ref!r} is a {type(fn).__name__}, not a function returning a torch.nn.Module")
     return fn
 
 
-def build_source(source: dict[str, Any]) -> nn.Module:
-    """Build the original architecture described by a manifest source."""
+def _check_kwargs(ref: str, kwargs: Any) -> None:
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ArtifactError(f"factory {ref!r}: keyword arguments must be a JSON object, got {type(kwargs).__name__}")
+
+
+def _call_builder(ref: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        model = fn(**kwargs)
+    except TypeError as err:  # wrong keyword arguments for this builder
+        raise ModelError(f"factory {ref!r} cannot be called with {sorted(kwargs)}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_source(source: dict[str, Any], *, trust_factory: bool = False) -> nn.Module:
+    """Build the original architecture described by a manifest source.
+
+    A factory is called only when it is registered (`register_builder`) or `trust_factory` is
+    set; otherwise `UntrustedFactoryError` is raised and nothing is imported.
+    """
+    if not isinstance(source, dict):
+        raise ArtifactError(f"model source must be a JSON object, got {type(source).__name__}")
     kind, ref, kwargs = source.get("kind"), source.get("ref"), source.get("kwargs", {})
     if kind == "zoo":
         from slimkit import zoo
 
+        _check_kwargs(f"zoo:{ref}", kwargs)
         return zoo.build(ref, **kwargs)
     if kind == "factory":
-        model = resolve_factory(ref)(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise ModelError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
-        return set_source(model, "factory", ref, kwargs)
+        _parse_ref(ref)
+        _check_kwargs(ref, kwargs)
+        if ref in _BUILDERS:
+            fn = _BUILDERS[ref]
+        elif trust_factory:
+            fn = resolve_factory(ref)
+        else:
+            raise UntrustedFactoryError(
+                f"the file names the builder {ref!r}, which is not trusted: loading would import and run it. "
+                "If you trust the file's origin, pass trust_factory=True to slimkit.load (CLI: --trust-factory), "
+                "or register the builder first with slimkit.register_builder(fn)")
+        return set_source(_call_builder(ref, fn, kwargs), "factory", ref, kwargs)
     raise ArtifactError(f"unknown model source kind {kind!r}")
 
 
-def rebuild(manifest: dict[str, Any]) -> nn.Module:
+def rebuild(manifest: dict[str, Any], *, trust_factory: bool = False) -> nn.Module:
     """Architecture (no trained weights) of a manifest: source, then every stage's restore."""
     from slimkit.core import registry
     from slimkit.core.config import Config  # noqa: F401  (configs are rebuilt by their own class)
 
-    model = build_source(manifest["source"])
+    model = build_source(manifest["source"], trust_factory=trust_factory)
     for i, stage in enumerate(manifest.get("stages", [])):
         technique = registry.get(stage["technique"])
         config = technique.config_cls.from_dict(stage.get("config", {}))
@@ -141,23 +219,30 @@ _LOADERS: dict[str, Any] = {}
 
 
 def register_loader(suffix: str, fn) -> None:
-    """Let a technique load its own file format (e.g. ".slim" packed models): fn(path) -> model."""
+    """Let a technique load its own file format (e.g. ".slim" packed models):
+    fn(path, *, trust_factory: bool) -> model, rebuilding through `rebuild`."""
     _LOADERS[suffix] = fn
 
 
-def load(path: str | Path, *, map_location: str = "cpu") -> nn.Module:
-    """Load a model written by `slimkit.save` (or a registered format such as `.slim`), in eval mode."""
+def load(path: str | Path, *, map_location: str = "cpu", trust_factory: bool = False) -> nn.Module:
+    """Load a model written by `slimkit.save` (or a registered format such as `.slim`), in eval mode.
+
+    `trust_factory=True` lets the file's manifest import and call a builder that is not registered
+    in this process (see the module docstring): only for files whose origin you trust.
+    """
     from slimkit.core import registry
 
     path = Path(path)
-    registry.load_all()  # techniques register their loaders at import
+    registry.load_all()  # techniques register their loaders and builders at import
     if path.suffix in _LOADERS:
         if not path.is_file():
             raise ArtifactError(f"model file not found: {path}")
-        return _LOADERS[path.suffix](path).eval()
+        return _LOADERS[path.suffix](path, trust_factory=trust_factory).eval()
     manifest = read_manifest(path)
     try:
-        model = rebuild(manifest)
+        model = rebuild(manifest, trust_factory=trust_factory)
+    except UntrustedFactoryError as err:
+        raise UntrustedFactoryError(f"{path}: {err}") from None
     except SlimkitError as err:
         raise ArtifactError(f"{path}: cannot rebuild the model: {err}") from None
     tensors = {k: v.to(map_location) for k, v in read_tensors(path).items()}
@@ -207,10 +292,14 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_factory_weights(factory: str, weights: str | Path, factory_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build `factory` and load plain safetensors `weights` (no manifest needed)."""
+    """Build `factory` (a reference the caller chose: it is imported and called, and trusted for the
+    rest of this process, e.g. to reload checkpoints made from it) and load plain safetensors
+    `weights` (no manifest needed)."""
     tensors = read_tensors(weights)
+    register_builder(resolve_factory(factory), name=factory)
     model = build_source({"kind": "factory", "ref": factory, "kwargs": factory_kwargs or {}})
     return load_weights(model, tensors, origin=str(weights)).eval()
 
 
-__all__ = ["save", "load", "register_loader", "read_tensors", "read_manifest", "rebuild", "resolve_factory", "load_factory_weights", "ATTR"]
+__all__ = ["save", "load", "register_loader", "register_builder", "trusted_builders", "read_tensors", "read_manifest",
+           "rebuild", "resolve_factory", "load_factory_weights", "ATTR"]

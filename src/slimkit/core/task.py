@@ -97,6 +97,32 @@ class Task:
             yield x
 
 
+def _check_labels(name: str, labels: dict[str, Any], num_classes: int | None) -> int | None:
+    """Integer labels must be classes 0..K-1. Returns K (inferred from the labels when not given);
+    negative labels, labels >= num_classes, or gaps (classes without a single example, which would
+    silently widen the model) are DataErrors."""
+    ints = {split: torch.as_tensor(y) for split, y in labels.items() if y is not None and len(y)}
+    ints = {split: y for split, y in ints.items() if not y.is_floating_point() and not y.is_complex() and y.ndim == 1}
+    if not ints:
+        return num_classes
+    for split, y in ints.items():
+        if int(y.min()) < 0:
+            raise DataError(f"data set {name!r}: split {split!r} has the negative label {int(y.min())}; "
+                            "classification labels must be 0..K-1")
+        if num_classes is not None and int(y.max()) >= num_classes:
+            raise DataError(f"data set {name!r}: split {split!r} has the label {int(y.max())}, outside its "
+                            f"{num_classes} classes (0..{num_classes - 1})")
+    if num_classes is None:
+        present = torch.unique(torch.cat([y.long() for y in ints.values()]))
+        num_classes = int(present.max()) + 1
+        if len(present) != num_classes:
+            missing = sorted(set(range(num_classes)) - set(present.tolist()))
+            raise DataError(f"data set {name!r}: labels are not 0..K-1: classes {missing[:8]}"
+                            f"{' ...' if len(missing) > 8 else ''} have no example in any split (largest label "
+                            f"{num_classes - 1}); relabel them to 0..{len(present) - 1}")
+    return num_classes
+
+
 def tensor_task(name: str, x_train, y_train, x_val=None, y_val=None, x_test=None, y_test=None,
                 *, num_classes: int | None = None, **kwargs: Any) -> Task:
     """Build a Task from tensors."""
@@ -109,7 +135,6 @@ def tensor_task(name: str, x_train, y_train, x_val=None, y_val=None, x_test=None
             raise DataError(f"data set {name!r}: {len(x)} inputs but {len(y)} labels")
         return TensorDataset(x, y)
 
-    if num_classes is None and y_train is not None and len(y_train) and torch.as_tensor(y_train).dtype in (torch.int64, torch.int32):
-        num_classes = int(torch.as_tensor(y_train).max()) + 1
+    num_classes = _check_labels(name, {"train": y_train, "val": y_val, "test": y_test}, num_classes)
     return Task(name=name, train=ds(x_train, y_train), val=ds(x_val, y_val), test=ds(x_test, y_test),
                 num_classes=num_classes, **kwargs)

@@ -101,6 +101,46 @@ def move_batch(batch, device: torch.device):
     return batch
 
 
+def model_cannot_run(model: nn.Module, task: Task, err: Exception, x) -> DataError:
+    """The typed error for a model whose forward fails on the task's inputs (wrong rank, channels, size)."""
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataError(f"{type(model).__name__} cannot run on data set {task.name!r}: inputs of shape {shape} "
+                     f"(model expects something else: {first})")
+
+
+def check_labels(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Classification labels must index the model's outputs: a label past the last logit would be
+    scored as always wrong (or crash the loss), a silent wrong answer."""
+    if task.metric != "accuracy" or outputs.ndim != 2 or targets.is_floating_point() or not len(targets):
+        return
+    if int(targets.max()) >= outputs.shape[1]:
+        raise DataError(f"data set {task.name!r} has label {int(targets.max())}, but the model outputs only "
+                        f"{outputs.shape[1]} classes (0..{outputs.shape[1] - 1}): use a model built for "
+                        f"{task.num_classes or int(targets.max()) + 1} classes or relabel the data")
+
+
+@torch.no_grad()
+def check_model_fits(model: nn.Module, task: Task, device: torch.device, split: str = "train") -> None:
+    """One forward on two examples before long work: inputs the model cannot take, or more classes
+    than it outputs, fail here with a typed error instead of a traceback (or a wrong score) later."""
+    x, y = move_batch(next(iter(task.loader(split, batch_size=2))), device)
+    was_training = model.training
+    model.eval()  # no batch-norm statistics move
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise model_cannot_run(model, task, err, x) from None
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and task.num_classes and task.metric == "accuracy" and out.ndim == 2 \
+            and out.shape[1] < task.num_classes:
+        raise DataError(f"data set {task.name!r} has {task.num_classes} classes, but the model outputs only "
+                        f"{out.shape[1]}: use a model built for {task.num_classes} classes")
+    if isinstance(out, torch.Tensor):
+        check_labels(task, out.cpu(), y.cpu() if isinstance(y, torch.Tensor) else torch.zeros(0))
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, task: Task, split: str = "val", device: torch.device | None = None) -> float:
     """Top-1 accuracy (fraction) of `model` on a split; keeps the model's train/eval mode."""
@@ -158,6 +198,8 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters or [])
     if not params:
         raise DataError("nothing to train: the model has no trainable parameters")
+    if loss is None:  # a custom loss (distillation, NAS) knows its own inputs
+        check_model_fits(model, task, device)
     optimizer = _make_optimizer(params, cfg)
     loader = task.loader("train", batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
     steps_per_epoch = len(loader)

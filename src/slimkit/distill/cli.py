@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 from slimkit.errors import ConfigError
 
 
@@ -40,6 +42,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="safetensors weights for the teacher"),
         student_weights: Optional[str] = typer.Option(None, "--student-weights", help="safetensors weights for the student"),
+        trust_factory: bool = TrustFactoryOpt,
         width: float = typer.Option(1.0, help="width multiplier of a zoo student"),
         temperature: float = typer.Option(4.0, help="softmax temperature T of the soft targets"),
         alpha: float = typer.Option(0.9, help="weight of the soft-target term (1 - alpha on the hard labels)"),
@@ -71,7 +74,7 @@ def register(app: typer.Typer) -> None:
                                 teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
                                 max_shift=max_shift, features=[parse_feature(f) for f in feature])
         task = load_task(data)
-        teacher_model = load_model(teacher, weights=teacher_weights, task=task)
+        teacher_model = load_model(teacher, weights=teacher_weights, task=task, trust_factory=trust_factory)
         if student.startswith("zoo:") and not student_weights:
             # a fresh zoo student is built by the stage itself, shaped for the data and scaled by --width
             cfg = DistillConfig(**{**cfg.to_dict(), "student": student, "width": width})
@@ -79,7 +82,7 @@ def register(app: typer.Typer) -> None:
         else:
             if width != 1.0:
                 raise ConfigError("--width scales a fresh zoo student (--student zoo:NAME without --student-weights)")
-            trained = distill(load_model(student, weights=student_weights, task=task), teacher_model, task=task,
+            trained = distill(load_model(student, weights=student_weights, task=task, trust_factory=trust_factory), teacher_model, task=task,
                               config=cfg)
         path = save(trained, out)
         for name, model in (("teacher", teacher_model), ("student", trained)):

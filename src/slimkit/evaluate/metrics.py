@@ -24,14 +24,23 @@ def predict(model: nn.Module, task: Task, split: str = "test", *, batch_size: in
     """Model outputs and targets over a split: (outputs, targets) concatenated on CPU."""
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    from slimkit.core.trainer import check_labels, model_cannot_run
+
     outs, targets = [], []
     for x, y in task.loader(split, batch_size=batch_size):
         x = x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
-        outs.append(_call(model, x).float().cpu())
+        try:
+            outs.append(_call(model, x).float().cpu())
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            if outs:  # the first batch ran: not a shape problem of the data
+                raise
+            raise model_cannot_run(model, task, err, x) from None
         targets.append(y)
     if not outs:
         raise DataError(f"data set {task.name!r}: split {split!r} is empty")
-    return torch.cat(outs), torch.cat(targets)
+    outputs, targets = torch.cat(outs), torch.cat(targets)
+    check_labels(task, outputs, targets)
+    return outputs, targets
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[str, float]:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 
 def print_layer_table(title: str, layers: dict, skipped: dict, rank_key: str = "rank") -> None:
     """Per-layer table (replaced layers, then skipped layers with their reason)."""
@@ -32,6 +34,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         rank_selection: Optional[str] = typer.Option(None, "--rank-selection",
                                                      help="energy | ratio | vbmf | sensitivity | fixed"),
         energy: float = typer.Option(0.95, help="fraction of squared singular values kept (rank-selection energy)"),
@@ -61,7 +64,7 @@ def register(app: typer.Typer) -> None:
                                 selector={"include": include, "exclude": exclude}, recovery=recovery,
                                 recovery_epochs=recovery_epochs)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         small = factorize(net, cfg, task=task)
         structure = factorization_report(small)
         print_layer_table("factorized layers", structure["layers"], structure["skipped"])

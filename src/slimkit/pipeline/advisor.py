@@ -28,7 +28,7 @@ from pydantic import Field
 
 from slimkit.core import registry
 from slimkit.core.config import Config
-from slimkit.core.io import write_text
+from slimkit.core.io import output_dir, write_text
 from slimkit.core.progress import console
 from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
@@ -468,7 +468,7 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     config = config or AutoConfig()
     out = Path(out)
     work = out / "search"
-    work.mkdir(parents=True, exist_ok=True)
+    output_dir(work)
     t0 = time.perf_counter()
     console.print("[bold]advisor[/bold]: per-layer sensitivity (sparsity, rank, bit width)")
     sens = analyse(model, task)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import console, load_model, load_task
+from slimkit.cli.common import TrustFactoryOpt, console, load_model, load_task
 
 
 def register(app: typer.Typer) -> None:
@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory/zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="output folder (checkpoints, report)"),
         resume: bool = typer.Option(True, help="continue an interrupted run in --out"),
     ) -> None:
@@ -25,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         parsed = load_recipe(recipe)  # validate before touching data or the model
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         result = run(net, parsed, task, out, resume=resume, model_name=model)
         final = result["stages"][-1]["metrics"]
         base = result["stages"][0]["metrics"]
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="zoo:NAME (trained first if no --weights), a saved model, or a factory"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory/zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         max_accuracy_drop: float = typer.Option(0.5, help="accuracy points you accept to lose"),
         max_size_kb: Optional[float] = typer.Option(None, help="largest deployable file, KiB"),
         max_latency_ms: Optional[float] = typer.Option(None, help="slowest acceptable latency, ms"),
@@ -57,7 +59,7 @@ def register(app: typer.Typer) -> None:
         config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
                             runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task, seed=seed)
+        net = load_model(model, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
         if model.startswith("zoo:") and not weights:
             from slimkit.core.trainer import TrainConfig, fit
             from slimkit.pipeline.demo import DEMO_TRAIN

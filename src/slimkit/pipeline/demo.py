@@ -3,6 +3,7 @@ then the advisor (`slimkit auto` with a 0.5-point budget), and write `report.htm
 (the advisor's own report and recommended model go to `auto/`)."""
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from pathlib import Path
@@ -11,27 +12,52 @@ from typing import Any
 from slimkit import data, zoo
 from slimkit.core import registry
 from slimkit.core.artifact import save
-from slimkit.core.progress import console
+from slimkit.core.io import output_dir
+from slimkit.core.progress import console, format_seconds
 from slimkit.core.trainer import TrainConfig, fit
-from slimkit.errors import SlimkitError
+from slimkit.errors import ConfigError, SlimkitError
 from slimkit.pipeline.stage import evaluate_stage, run_stage
 from slimkit.report import new_result, stage_entry, write_html, write_json
 
 DEMO_TRAIN = dict(lr=2e-3, optimizer="adam", seed=0)
+# Measured on 2 idle cores (AMD EPYC, `make demo`, 30 baseline epochs): the baseline training and
+# the whole demo. The estimate printed at the start scales the total by how long the baseline took here.
+REFERENCE_BASELINE_S = 9.0
+REFERENCE_TOTAL_S = {True: 190.0, False: 75.0}  # with / without the advisor
+
+
+def _check_only(only: list[str] | None) -> None:
+    if not only:
+        return
+    known = [t.name for t in registry.techniques()]
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise ConfigError(f"demo --only: unknown technique(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
 
 
 def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[str] | None = None,
              advisor: bool = True, advisor_config=None) -> dict[str, Any]:
     """advisor_config: an `AutoConfig` for the advisor run (default: a 0.5-point budget)."""
+    _check_only(only)
     out = Path(out)
     artifacts = out / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    output_dir(artifacts)
     task = data.digits()
     console.print(f"[bold]slimkit demo[/bold]: LeNet-5 on digits ({len(task.train)} train / {len(task.val)} val / "
                   f"{len(task.test)} test images, 28x28)")
-    t0 = time.perf_counter()
+    full = not only and epochs == 30
+    if full:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        console.print(f"expected time: about {format_seconds(REFERENCE_TOTAL_S[advisor])} on 2 idle cores; this machine "
+                      f"has {os.cpu_count()} cores, load average {load:.1f} (a loaded machine takes longer; a "
+                      "new estimate follows the baseline)", markup=False, highlight=False)
+    t_start = t0 = time.perf_counter()
     trained = fit(zoo.for_task("lenet5", task, seed=DEMO_TRAIN["seed"]), task, TrainConfig(epochs=epochs, **DEMO_TRAIN), description="baseline").model
     train_s = time.perf_counter() - t0
+    if full:
+        estimate = REFERENCE_TOTAL_S[advisor] * train_s / REFERENCE_BASELINE_S
+        console.print(f"baseline trained in {format_seconds(train_s)} ({REFERENCE_BASELINE_S:.0f}s on the reference "
+                      f"machine): expect about {format_seconds(estimate)} in all", markup=False, highlight=False)
     baseline_path = save(trained, artifacts / "baseline.safetensors")
     result = new_result({"name": "lenet5", "source": "zoo:lenet5"},
                         {"name": task.name, "splits": task.info.get("splits"), "input_shape": list(task.input_shape)})
@@ -40,7 +66,8 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
                                         config=TrainConfig(epochs=epochs, **DEMO_TRAIN).to_dict(),
                                         metrics=metrics.to_dict(), artifact=str(baseline_path), seconds=train_s,
                                         notes=["fp32 dense weights (slimkit safetensors)"]))
-    console.print(f"baseline: accuracy {100 * metrics.accuracy:.2f}%, {metrics.size_bytes:,} bytes")
+    console.print(f"baseline: accuracy {100 * metrics.accuracy:.2f}%, {metrics.size_bytes:,} bytes "
+                  f"({format_seconds(time.perf_counter() - t0)})", markup=False, highlight=False)
     for technique in registry.techniques():
         if only and technique.name not in only:
             continue
@@ -48,11 +75,14 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
         if config is None:
             continue
         console.print(f"stage [bold]{technique.name}[/bold] ...")
+        t0 = time.perf_counter()
         try:
             outcome = run_stage(trained, config, task, artifacts, reference=trained)
             entry = outcome.entry
             m = outcome.metrics
-            console.print(f"  accuracy {100 * (m.accuracy or 0):.2f}%, {m.size_bytes:,} bytes")
+            console.print(f"  accuracy {100 * (m.accuracy or 0):.2f}%, {m.size_bytes:,} bytes "
+                          f"({format_seconds(time.perf_counter() - t0)}; {format_seconds(time.perf_counter() - t_start)} "
+                          "so far)", markup=False, highlight=False)
         except SlimkitError as err:
             entry = stage_entry(technique.name, technique=technique.name, family=technique.family,
                                 config=config.to_dict(), error=str(err))
@@ -63,9 +93,12 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
             console.print(f"  [red]crashed[/red]: {err}\n{traceback.format_exc()}")
         result["stages"].append(entry)
     if advisor:
+        t0 = time.perf_counter()
         result["sections"]["advisor"] = _advisor_section(trained, task, out, advisor_config)
+        console.print(f"  advisor: {format_seconds(time.perf_counter() - t0)}", markup=False, highlight=False)
     write_json(result, out / "result.json")
     write_html(result, out / "report.html")
+    console.print(f"demo finished in {format_seconds(time.perf_counter() - t_start)}", markup=False, highlight=False)
     return result
 
 

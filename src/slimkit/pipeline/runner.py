@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.artifact import load, save
-from slimkit.core.io import write_text
+from slimkit.core.io import output_dir, write_text
 from slimkit.core.progress import console
 from slimkit.core.state import get_state
 from slimkit.core.task import Task
@@ -88,8 +88,8 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, task: Task, o
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out)
     ckpt_dir, art_dir = out / "checkpoints", out / "artifacts"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    art_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(ckpt_dir)
+    output_dir(art_dir)
     ev = recipe.evaluation
     eval_kw = dict(runtimes=tuple(ev.runtimes), threads=ev.threads, batch_sizes=tuple(ev.batch_sizes))
     source = get_state(model)["source"]

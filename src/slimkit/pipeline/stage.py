@@ -16,6 +16,7 @@ import torch.nn as nn
 from slimkit.core import registry
 from slimkit.core.artifact import save
 from slimkit.core.config import Config
+from slimkit.core.io import output_dir
 from slimkit.core.task import Task
 from slimkit.evaluate.metrics import Metrics, evaluate
 from slimkit.report.schema import stage_entry
@@ -54,7 +55,7 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     technique = registry.for_config(config)
     name = name or technique.name
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(out_dir)
     t0 = time.perf_counter()
     new = technique.apply(model, config, task=task)
     seconds = time.perf_counter() - t0

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 
 def _selector(include: Optional[list[str]], exclude: Optional[list[str]]):
     from slimkit.core.selector import Selector
@@ -19,6 +21,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors/.slim model, or package.module:factory"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         structured: bool = typer.Option(False, "--structured", help="remove channels (smaller dense model) instead of weights"),
         sparsity: float = typer.Option(0.9, help="unstructured: fraction of weights set to zero, in [0, 1)"),
         scope: Optional[str] = typer.Option(None, help="unstructured: global | layer | sensitivity; structured: uniform | global"),
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
                               schedule=schedule, finetune_epochs=epochs, recovery=recovery or "finetune",
                               selector=_selector(include, exclude))
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         before = accuracy(net, task, "test")
         small = run_prune(net, cfg, task=task)
         after = accuracy(small, task, "test")
@@ -72,6 +75,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors/.slim model, or package.module:factory"),
         data: str = typer.Option("digits", "--data", "-d", help="data for pruning fine-tune / codebook training"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
         sparsity: Optional[float] = typer.Option(None, help="prune to this unstructured sparsity first (global, fine-tuned)"),
         prune_epochs: int = typer.Option(5, help="fine-tuning epochs of that pruning"),
         quantization: str = typer.Option("kmeans", help="kmeans | linear | none"),
@@ -98,7 +102,7 @@ def register(app: typer.Typer) -> None:
             cfg = PackConfig(quantization=quantization, bits=bits, conv_bits=conv_bits, codebook_epochs=codebook_epochs,
                              index=index, dense_dtype=dense_dtype, prune=prune_cfg)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task)
+        net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         before = accuracy(net, task, "test")
         result = run_pack(net, out, cfg, task=task)
         after = accuracy(result["model"], task, "test")

@@ -314,10 +314,11 @@ def _decode_tensor(entry: dict, streams: dict[str, bytes]) -> torch.Tensor:
     return torch.from_numpy(flat).reshape(shape).to(dtype)
 
 
-def read_packed(path: str | Path) -> nn.Module:
-    """Rebuild the model stored in a `.slim` file (architecture from its manifest, then weights)."""
+def read_packed(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
+    """Rebuild the model stored in a `.slim` file (architecture from its manifest, then weights).
+    `trust_factory` as in `slimkit.load`: a builder the file names is called only when trusted."""
     from slimkit.core.artifact import load_weights, rebuild
-    from slimkit.errors import SlimkitError
+    from slimkit.errors import SlimkitError, UntrustedFactoryError
 
     path = Path(path)
     if not path.is_file():
@@ -328,7 +329,9 @@ def read_packed(path: str | Path) -> nn.Module:
     except Exception as err:
         raise ArtifactError(f"{path}: corrupt .slim tensor data ({type(err).__name__}: {err})") from None
     try:
-        model = rebuild(meta["manifest"])
+        model = rebuild(meta["manifest"], trust_factory=trust_factory)
+    except UntrustedFactoryError as err:
+        raise UntrustedFactoryError(f"{path}: {err}") from None
     except SlimkitError as err:
         raise ArtifactError(f"{path}: cannot rebuild the model: {err}") from None
     except (KeyError, TypeError) as err:

@@ -7,15 +7,19 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize_command(
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
         data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
-        weights_file: Optional[str] = typer.Option(None, "--weights-file", help="safetensors weights for a factory or zoo model"),
-        weights: str = typer.Option("int8", "--weights", help="weight type: int8, int16, int4, intN/uintN (2-16 bits)"),
-        activations: str = typer.Option("uint8", "--activations", help="activation type: uint8, int8, int16, ... or none"),
+        weights_file: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
+        trust_factory: bool = TrustFactoryOpt,
+        weight_type: str = typer.Option("int8", "--weight-type", help="weight type: int8, int16, int4, intN/uintN (2-16 bits)"),
+        activation_type: str = typer.Option("uint8", "--activation-type",
+                                            help="activation type: uint8, int8, int16, ... or none"),
         mode: str = typer.Option("static", "--mode", help="static | dynamic | weight_only"),
         per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
         calibration: str = typer.Option("percentile", "--calibration", help="minmax | ema_minmax | percentile | mse | kl"),
@@ -44,7 +48,7 @@ def register(app: typer.Typer) -> None:
         if backend not in ("onnx", "pt2e"):
             raise ConfigError(f"--backend must be onnx or pt2e, got {backend!r}")
         if backend == "pt2e":
-            return _pt2e(model, data, weights_file, samples, out, threads, batch_size)
+            return _pt2e(model, data, weights_file, trust_factory, samples, out, threads, batch_size)
         from slimkit.core.artifact import save
         from slimkit.evaluate import ort_latency, predict, topk_accuracy
         from slimkit.export.onnx import export_onnx
@@ -53,14 +57,14 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             cfg = QuantConfig.from_file(config)
         else:
-            cfg = QuantConfig(weights=weights, activations=activations, mode=mode, per_channel=per_channel,
+            cfg = QuantConfig(weights=weight_type, activations=activation_type, mode=mode, per_channel=per_channel,
                               calibration=calibration, weight_calibration=weight_calibration,
                               calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
                               adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float)
         if blame:
             cfg = QuantConfig(**{**cfg.to_dict(), "blame": True})
         task = load_task(data)
-        net = load_model(model, weights=weights_file, task=task)
+        net = load_model(model, weights=weights_file, task=task, trust_factory=trust_factory)
         q = quantize(net, cfg, task=task)
         out.mkdir(parents=True, exist_ok=True)
         example = task.example_input(1)
@@ -92,7 +96,7 @@ def register(app: typer.Typer) -> None:
         console.print("wrote " + ", ".join(map(str, written)), markup=False, highlight=False)
 
 
-def _pt2e(model: str, data: str, weights_file, samples: int, out: Path, threads: int, batch_size: int) -> None:
+def _pt2e(model: str, data: str, weights_file, trust_factory: bool, samples: int, out: Path, threads: int, batch_size: int) -> None:
     """`--backend pt2e`: torchao's static int8 (its own quantizer's choices), timed in PyTorch."""
     from slimkit.cli.common import console, load_model, load_task
     from slimkit.core.artifact import save
@@ -100,7 +104,7 @@ def _pt2e(model: str, data: str, weights_file, samples: int, out: Path, threads:
     from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
 
     task = load_task(data)
-    net = load_model(model, weights=weights_file, task=task)
+    net = load_model(model, weights=weights_file, task=task, trust_factory=trust_factory)
     q = quantize_pt2e(net, Pt2eConfig(calibration_samples=samples, batch_size=batch_size), task=task)
     out.mkdir(parents=True, exist_ok=True)
     path = save(q, out / "model.safetensors")

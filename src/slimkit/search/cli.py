@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from slimkit.cli.common import TrustFactoryOpt
+
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
@@ -20,6 +22,7 @@ def register(app: typer.Typer) -> None:
         max_latency_ms: Optional[float] = typer.Option(None, help="hard limit on predicted latency (ms)"),
         max_macs_ratio: Optional[float] = typer.Option(None, help="limit MACs to this fraction of --reference's"),
         reference: Optional[str] = typer.Option(None, help="model the ratio refers to (zoo:NAME or a saved model)"),
+        trust_factory: bool = TrustFactoryOpt,
         objective: str = typer.Option("macs", help="cost on the Pareto front: macs | params | latency"),
         runtime: str = typer.Option("torch", help="latency table runtime: torch | ort"),
         train_fraction: float = typer.Option(1.0, help="fraction of the training split for proxy training"),
@@ -43,7 +46,7 @@ def register(app: typer.Typer) -> None:
                             objective=objective, runtime=runtime, train_fraction=train_fraction, finalists=finalists,
                             seed=seed)
         task = load_task(data)
-        ref = load_model(reference, task=task) if reference else None
+        ref = load_model(reference, task=task, trust_factory=trust_factory) if reference else None
         result = search(task, cfg, out_dir=out, storage=storage, study_name=study, workers=workers, reference=ref)
         b = result.best
         if b is None:

@@ -32,6 +32,7 @@ import torch
 from pydantic import Field
 
 from slimkit.core.config import Config
+from slimkit.core.io import output_dir
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, InfeasibleError, SlimkitError
@@ -155,7 +156,7 @@ def open_storage(url: str):
     if url.startswith("journal:") or ("://" not in url and url.endswith((".journal", ".log"))):
         path = Path(url.removeprefix("journal:"))
         if not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            output_dir(path.parent)
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" in url:
         try:
@@ -344,7 +345,7 @@ def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str,
 def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraints, progress, heartbeat_s) -> int:
     from optuna.trial import TrialState
 
-    (out_dir / "trials").mkdir(parents=True, exist_ok=True)
+    output_dir(out_dir / "trials")
     constraints = constraints or config.constraints()
     ctx = _Context(task, config, out_dir, constraints)
     storage = open_storage(storage_url)
@@ -465,7 +466,7 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(out_dir)
     make_space(config.space, task, **config.space_options)  # bad spaces fail before anything is written
     reference_macs = count_macs(reference, task.example_input(1)) if reference is not None else None
     constraints = config.constraints(reference_macs)
@@ -532,9 +533,25 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
                         "latency_table": ctx.cost.table.info() if ctx.cost.table is not None else None})
     if supernet_seconds is not None:
         result.info["supernet_seconds"] = round(supernet_seconds, 2)
+    _check_learned(result, task)
     result.model = _chosen_model(result, task, config)
     nas_report.write_report(result, out_dir, config)
     return result
+
+
+def _check_learned(result: SearchResult, task: Task) -> None:
+    """A search whose best trial is no better than always answering the most frequent validation class
+    learned nothing: exporting its "best" model would be a silent wrong answer."""
+    if result.best is None or task.metric != "accuracy":
+        return
+    labels = torch.cat([y for _, y in task.loader("val", batch_size=1024)])
+    majority = float(torch.bincount(labels.long()).max()) / len(labels)
+    best = result.best.get("val_accuracy_mean", result.best["val_accuracy"])
+    if best <= majority + 0.01:
+        raise InfeasibleError(
+            f"every trial scored at chance level (best validation accuracy {100 * best:.1f}%, always answering the "
+            f"most frequent class scores {100 * majority:.1f}%): no model exported. Train candidates longer "
+            f"(epochs), check the learning rate and the labels; the {len(result.rows)} trials stay in the storage")
 
 
 def _gradient_budget(constraints, config: NASConfig) -> tuple[float | None, str]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
+from slimkit.core.artifact import register_builder
 from slimkit.core.config import Config
 from slimkit.core.state import set_source
 from slimkit.errors import ConfigError, ModelError
@@ -191,6 +192,9 @@ def build(spec: dict[str, Any]) -> nn.Module:
     except (KeyError, TypeError) as err:
         raise ModelError(f"malformed {spec.get('space')} architecture spec: missing or bad field {err}") from None
     return set_source(model, "factory", FACTORY, {"spec": spec})
+
+
+register_builder(build, name=FACTORY)  # slimkit's own: `load` rebuilds searched architectures without asking
 
 
 def _build_mbconv(spec: dict[str, Any]) -> SearchNet:
