@@ -66,8 +66,8 @@ def test_factory_model_round_trip(tmp_path):
     from tests.helpers_factory import tiny_net
 
     model = tiny_net(hidden=5)
-    path = slimkit.save(model, tmp_path / "f.safetensors", factory="tests.helpers_factory:tiny_net",
-                        factory_kwargs={"hidden": 5})
+    path = slimkit.save(model, tmp_path / "f.safetensors", factory=tiny_net, factory_kwargs={"hidden": 5})
+    assert slimkit.core.artifact.read_manifest(path)["source"]["ref"] == "tests.helpers_factory:tiny_net"
     loaded = slimkit.load(path)
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(model(x), loaded(x))

@@ -103,7 +103,8 @@ def test_compress_runs_checkpoints_and_is_deterministic(tmp_path, trained_lenet5
     assert (tmp_path / "a" / "report.html").read_text().count("data:image/png") >= 1
 
 
-def test_kill_mid_stage_then_resume_loses_nothing(tmp_path, trained_file, trained_lenet5, digits_task):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_kill_mid_stage_then_resume_loses_nothing(sig, tmp_path, trained_file, trained_lenet5, digits_task):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(RECIPE)
     out = tmp_path / "killed"
@@ -114,8 +115,14 @@ def test_kill_mid_stage_then_resume_loses_nothing(tmp_path, trained_file, traine
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert first.exists(), proc.communicate()[1]
-    proc.send_signal(signal.SIGKILL)  # mid stage 2
-    proc.wait()
+    proc.send_signal(sig)  # mid stage 2
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:  # one line, exit 130, no temp file left behind
+        assert proc.returncode == 130, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+            "error: interrupted (Ctrl-C); no partial output was written"], stderr
+        assert "Traceback" not in stderr
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not (out / "result.json").exists()
     state = json.loads((out / "state.json").read_text())
     assert len(state["entries"]) == 2  # original + stage 1

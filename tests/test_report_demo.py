@@ -30,7 +30,7 @@ def test_demo_writes_report_and_json(tmp_path):
 
     tiny = AutoConfig(max_accuracy_drop=100, trials=2, student_epochs=1, max_students=1, structured_targets=[0.5],
                       sparsities=[0.8], prune_epochs=1, recovery_epochs=1, codebook_epochs=0, latency_batch_size=8)
-    result = run_demo(tmp_path, epochs=2, only=["__none__"], advisor_config=tiny)
+    result = run_demo(tmp_path, epochs=2, only=[], advisor_config=tiny)
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["stages"][0]["name"] == "baseline"
     assert data["stages"][0]["metrics"]["size_bytes"] == (tmp_path / "artifacts" / "baseline.safetensors").stat().st_size

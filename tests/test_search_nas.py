@@ -208,3 +208,29 @@ def test_nas_technique_runs_as_a_stage_and_reloads(small_digits, tmp_path):
     assert torch.allclose(model.eval()(x), again(x), atol=1e-6)
     with pytest.raises(ConfigError, match="needs data"):
         registry.apply(reference, cfg)
+
+
+def test_a_search_that_learns_nothing_says_so(small_digits, tmp_path, capsys):
+    """Constant inputs: no candidate can beat always answering one class. The result, the report and the
+    CLI say the search learned nothing (exit 2) instead of exporting a "best" model without a word."""
+    from slimkit.cli.main import main
+    from slimkit.core.task import tensor_task
+
+    n = len(small_digits.train)
+    blank = tensor_task("blank", torch.zeros(n, 1, 8, 8), torch.arange(n) % 10, torch.zeros(60, 1, 8, 8),
+                        torch.arange(60) % 10, num_classes=10)
+    result = search(blank, tiny(strategy="random", trials=2, finalists=0), out_dir=tmp_path / "lib", progress=False)
+    assert "chance level" in result.info["warning"]
+    assert "chance level" in (tmp_path / "lib" / "report.md").read_text()
+    good = search(small_digits, tiny(strategy="random", trials=2, finalists=0, max_steps=None, epochs=4,
+                                     train_fraction=1.0), out_dir=tmp_path / "ok",
+                  progress=False)
+    assert "warning" not in good.info
+    import numpy as np
+
+    np.savez(tmp_path / "blank.npz", x=np.zeros((200, 1, 8, 8), np.float32), y=np.arange(200) % 10,
+             x_val=np.zeros((60, 1, 8, 8), np.float32), y_val=np.arange(60) % 10)
+    code = main(["search", "--data", f"npz:{tmp_path / 'blank.npz'}", "--strategy", "random", "--trials", "2",
+                 "--epochs", "1", "--finalists", "0", "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err
+    assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")][0].count("chance level") == 1

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         from slimkit.arch import SeparableConfig, conversion_report, separable
         from slimkit.cli.common import console, load_model, load_task, print_accuracy_change
         from slimkit.core.artifact import save
+        from slimkit.core.io import output_file
         from slimkit.evaluate import count_macs, count_params
         from slimkit.lowrank.cli import print_layer_table
 
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
                                   min_in_channels=min_in_channels, init=init,
                                   selector={"include": include, "exclude": exclude}, recovery=recovery,
                                   recovery_epochs=recovery_epochs)
+        output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         mobile = separable(net, cfg, task=task)

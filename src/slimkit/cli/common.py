@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 import typer
 from rich.console import Console
@@ -40,6 +41,17 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
 
     A factory typed on the command line is the user's choice: it is imported and called. A factory
     named inside a model file is called only with `trust_factory` (see `slimkit.load`)."""
+    model = _resolve_model(ref, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
+    if task is not None:  # inputs it cannot take or labels past its outputs fail now, before any work
+        from slimkit.core.trainer import check_model_fits
+
+        device = next((p.device for p in model.parameters()), None)
+        check_model_fits(model, task, device or torch.device("cpu"), split="test")
+    return model
+
+
+def _resolve_model(ref: str, *, weights: str | None, task: Task | None, seed: int | None,
+                   trust_factory: bool) -> nn.Module:
     from slimkit import zoo
     from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
 

@@ -179,7 +179,7 @@ def demo(
     result.json."""
     from slimkit.pipeline.demo import run_demo
 
-    result = run_demo(out, epochs=epochs, only=only, advisor=advisor)
+    result = run_demo(out, epochs=epochs, only=only or None, advisor=advisor)
     console.print(f"wrote {out / 'report.html'} and {out / 'result.json'} ({len(result['stages'])} stages)")
     failed = [s["name"] for s in result["stages"] if s.get("error")]
     if failed:  # the report shows why; a script must not take a partial demo for a success

@@ -124,11 +124,14 @@ def check_labels(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> No
 def check_model_fits(model: nn.Module, task: Task, device: torch.device, split: str = "train") -> None:
     """One forward on two examples before long work: inputs the model cannot take, or more classes
     than it outputs, fail here with a typed error instead of a traceback (or a wrong score) later."""
-    x, y = move_batch(next(iter(task.loader(split, batch_size=2))), device)
+    from torch.utils.data import default_collate
+
+    ds = task.split(split)  # two examples without a DataLoader iterator, which would draw from the global RNG
+    x, y = move_batch(default_collate([ds[i] for i in range(min(2, len(ds)))]), device)
     was_training = model.training
     model.eval()  # no batch-norm statistics move
     try:
-        out = model(x)
+        out = model(*x) if isinstance(x, (tuple, list)) else model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise model_cannot_run(model, task, err, x) from None
     finally:

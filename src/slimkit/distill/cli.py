@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         """Distill TEACHER into STUDENT on a data set; save the student and print both test accuracies."""
         from slimkit.cli.common import console, load_model, load_task
         from slimkit.core.artifact import save
+        from slimkit.core.io import output_file
         from slimkit.distill.apply import _apply, distill
         from slimkit.distill.config import DistillConfig
         from slimkit.evaluate import count_params, predict, topk_accuracy
@@ -73,6 +74,7 @@ def register(app: typer.Typer) -> None:
             cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed, device=device,
                                 teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
                                 max_shift=max_shift, features=[parse_feature(f) for f in feature])
+        output_file(out)  # before training: an unwritable --out must not cost the run
         task = load_task(data)
         teacher_model = load_model(teacher, weights=teacher_weights, task=task, trust_factory=trust_factory)
         if student.startswith("zoo:") and not student_weights:

@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         """Factorize Linear/Conv2d layers (SVD, Tucker-2, channel/spatial SVD); save and print before/after."""
         from slimkit.cli.common import console, load_model, load_task, print_accuracy_change
         from slimkit.core.artifact import save
+        from slimkit.core.io import output_file
         from slimkit.evaluate import count_params
         from slimkit.lowrank import LowRankConfig, factorization_report, factorize
 
@@ -63,6 +64,7 @@ def register(app: typer.Typer) -> None:
                                 max_accuracy_drop=max_accuracy_drop, conv_method=conv_method,
                                 selector={"include": include, "exclude": exclude}, recovery=recovery,
                                 recovery_epochs=recovery_epochs)
+        output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         small = factorize(net, cfg, task=task)

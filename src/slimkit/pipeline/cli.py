@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from slimkit.cli.common import TrustFactoryOpt, console, load_model, load_task
+from slimkit.core.io import output_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
         from slimkit.pipeline.runner import compress as run
 
         parsed = load_recipe(recipe)  # validate before touching data or the model
+        output_dir(out)
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         result = run(net, parsed, task, out, resume=resume, model_name=model)
@@ -58,6 +60,7 @@ def register(app: typer.Typer) -> None:
 
         config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
                             runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
+        output_dir(out)
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
         if model.startswith("zoo:") and not weights:

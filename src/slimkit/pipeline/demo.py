@@ -27,7 +27,7 @@ REFERENCE_TOTAL_S = {True: 190.0, False: 75.0}  # with / without the advisor
 
 
 def _check_only(only: list[str] | None) -> None:
-    if not only:
+    if only is None:
         return
     known = [t.name for t in registry.techniques()]
     unknown = [name for name in only if name not in known]
@@ -37,7 +37,8 @@ def _check_only(only: list[str] | None) -> None:
 
 def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[str] | None = None,
              advisor: bool = True, advisor_config=None) -> dict[str, Any]:
-    """advisor_config: an `AutoConfig` for the advisor run (default: a 0.5-point budget)."""
+    """only: technique names to run (None: every registered technique; [] none, only the baseline and advisor).
+    advisor_config: an `AutoConfig` for the advisor run (default: a 0.5-point budget)."""
     _check_only(only)
     out = Path(out)
     artifacts = out / "artifacts"
@@ -45,7 +46,7 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
     task = data.digits()
     console.print(f"[bold]slimkit demo[/bold]: LeNet-5 on digits ({len(task.train)} train / {len(task.val)} val / "
                   f"{len(task.test)} test images, 28x28)")
-    full = not only and epochs == 30
+    full = only is None and epochs == 30
     if full:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         console.print(f"expected time: about {format_seconds(REFERENCE_TOTAL_S[advisor])} on 2 idle cores; this machine "
@@ -69,7 +70,7 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
     console.print(f"baseline: accuracy {100 * metrics.accuracy:.2f}%, {metrics.size_bytes:,} bytes "
                   f"({format_seconds(time.perf_counter() - t0)})", markup=False, highlight=False)
     for technique in registry.techniques():
-        if only and technique.name not in only:
+        if only is not None and technique.name not in only:
             continue
         config = technique.demo(trained, task) if technique.demo else None
         if config is None:

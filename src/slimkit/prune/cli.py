@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         """Prune a model (unstructured, N:M or structured) and write it; prints accuracy and bytes."""
         from slimkit.cli.common import console, load_model, load_task
         from slimkit.core.artifact import save
+        from slimkit.core.io import output_file
         from slimkit.core.trainer import accuracy
         from slimkit.prune import PruneConfig, StructuredPruneConfig, prune as run_prune, write_packed
 
@@ -54,16 +55,20 @@ def register(app: typer.Typer) -> None:
             cfg = PruneConfig(sparsity=sparsity, scope=scope or "global", pattern=pattern, importance=importance or "l1",
                               schedule=schedule, finetune_epochs=epochs, recovery=recovery or "finetune",
                               selector=_selector(include, exclude))
+        out = Path(out)
+        if isinstance(cfg, StructuredPruneConfig):
+            path = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+        else:
+            path = out if out.suffix == ".slim" else out.with_name(out.name + ".slim")
+        output_file(path)  # before pruning and fine-tuning: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         before = accuracy(net, task, "test")
         small = run_prune(net, cfg, task=task)
         after = accuracy(small, task, "test")
-        out = Path(out)
         if isinstance(cfg, StructuredPruneConfig):
-            path = save(small, out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors"))
+            save(small, path)
         else:
-            path = out if out.suffix == ".slim" else out.with_name(out.name + ".slim")
             write_packed(small, path)
         for note in getattr(small, "slimkit_notes", []):
             console.print(f"note: {note}", markup=False, highlight=False)
@@ -89,6 +94,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Deep-Compression packing into a .slim file; prints the bytes of every part."""
         from slimkit.cli.common import console, load_model, load_task
+        from slimkit.core.io import output_file
         from slimkit.core.trainer import accuracy
         from slimkit.errors import ConfigError
         from slimkit.prune import PackConfig, PruneConfig, pack as run_pack
@@ -101,6 +107,7 @@ def register(app: typer.Typer) -> None:
             prune_cfg = PruneConfig(sparsity=sparsity, finetune_epochs=prune_epochs) if sparsity is not None else None
             cfg = PackConfig(quantization=quantization, bits=bits, conv_bits=conv_bits, codebook_epochs=codebook_epochs,
                              index=index, dense_dtype=dense_dtype, prune=prune_cfg)
+        output_file(out)
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         before = accuracy(net, task, "test")

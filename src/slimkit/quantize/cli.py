@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         if backend == "pt2e":
             return _pt2e(model, data, weights_file, trust_factory, samples, out, threads, batch_size)
         from slimkit.core.artifact import save
+        from slimkit.core.io import output_dir
         from slimkit.evaluate import ort_latency, predict, topk_accuracy
         from slimkit.export.onnx import export_onnx
         from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize
@@ -63,10 +64,10 @@ def register(app: typer.Typer) -> None:
                               adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float)
         if blame:
             cfg = QuantConfig(**{**cfg.to_dict(), "blame": True})
+        output_dir(out)  # before calibration: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights_file, task=task, trust_factory=trust_factory)
         q = quantize(net, cfg, task=task)
-        out.mkdir(parents=True, exist_ok=True)
         example = task.example_input(1)
         fp32_onnx = export_onnx(net, out / "fp32.onnx", example)
         q_onnx = export_quantized(q, out / "model.onnx", example)
@@ -100,13 +101,14 @@ def _pt2e(model: str, data: str, weights_file, trust_factory: bool, samples: int
     """`--backend pt2e`: torchao's static int8 (its own quantizer's choices), timed in PyTorch."""
     from slimkit.cli.common import console, load_model, load_task
     from slimkit.core.artifact import save
+    from slimkit.core.io import output_dir
     from slimkit.evaluate import predict, topk_accuracy, torch_latency
     from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
 
+    output_dir(out)
     task = load_task(data)
     net = load_model(model, weights=weights_file, task=task, trust_factory=trust_factory)
     q = quantize_pt2e(net, Pt2eConfig(calibration_samples=samples, batch_size=batch_size), task=task)
-    out.mkdir(parents=True, exist_ok=True)
     path = save(q, out / "model.safetensors")
     example = task.example_input(batch_size)
     for label, m in (("fp32", net), ("int8 pt2e", q)):

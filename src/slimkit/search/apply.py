@@ -35,6 +35,8 @@ def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None
                          + (f" (mean {100 * best['val_accuracy_mean']:.2f}% over {best['fresh_seeds']} "
                             "fresh seeds)" if "val_accuracy_mean" in best else "") + "; "
                          f"report in {out_dir}"]
+    if result.info.get("warning"):
+        new.slimkit_notes.append(f"WARNING: {result.info['warning']}")
     return record_stage(new, "nas", config, {"trial": best["trial"], "out_dir": str(out_dir)})
 
 

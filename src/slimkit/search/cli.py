@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Search an architecture under MACs/params/latency limits; resumes from --storage; exports the chosen."""
         from slimkit.cli.common import console, load_model, load_task
+        from slimkit.core.io import output_dir
         from slimkit.search.nas import NASConfig, search
 
         if config is not None:
@@ -45,13 +46,21 @@ def register(app: typer.Typer) -> None:
                             max_params=max_params, max_latency_ms=max_latency_ms, max_macs_ratio=max_macs_ratio,
                             objective=objective, runtime=runtime, train_fraction=train_fraction, finalists=finalists,
                             seed=seed)
+        output_dir(out)
         task = load_task(data)
         ref = load_model(reference, task=task, trust_factory=trust_factory) if reference else None
         result = search(task, cfg, out_dir=out, storage=storage, study_name=study, workers=workers, reference=ref)
         b = result.best
         if b is None:
-            console.print("no trial completed")
-            raise typer.Exit(1)
+            import sys
+
+            print(f"error: no trial completed (see {out})", file=sys.stderr)
+            raise typer.Exit(2)
         console.print(f"chosen trial {b['trial']}: val accuracy {100 * b['val_accuracy']:.2f}%, {b['macs']:,} MACs, "
                       f"{b['param_count']:,} params; {len(result.pareto)} on the Pareto front")
         console.print(f"wrote {result.artifacts.get('model')} and {result.artifacts.get('report')}")
+        if result.info.get("warning"):  # a script must not take a search that learned nothing for a success
+            import sys
+
+            print(f"error: {result.info['warning']} (report in {result.artifacts.get('report')})", file=sys.stderr)
+            raise typer.Exit(2)

@@ -533,25 +533,27 @@ def search(task: Task, config: NASConfig | None = None, *, out_dir: str | Path =
                         "latency_table": ctx.cost.table.info() if ctx.cost.table is not None else None})
     if supernet_seconds is not None:
         result.info["supernet_seconds"] = round(supernet_seconds, 2)
-    _check_learned(result, task)
+    warning = _chance_warning(result, task)
+    if warning:
+        result.info["warning"] = warning
     result.model = _chosen_model(result, task, config)
     nas_report.write_report(result, out_dir, config)
     return result
 
 
-def _check_learned(result: SearchResult, task: Task) -> None:
+def _chance_warning(result: SearchResult, task: Task) -> str | None:
     """A search whose best trial is no better than always answering the most frequent validation class
-    learned nothing: exporting its "best" model would be a silent wrong answer."""
+    learned nothing; its "best" model must not be passed off as a result (report, result.info, CLI)."""
     if result.best is None or task.metric != "accuracy":
-        return
+        return None
     labels = torch.cat([y for _, y in task.loader("val", batch_size=1024)])
     majority = float(torch.bincount(labels.long()).max()) / len(labels)
     best = result.best.get("val_accuracy_mean", result.best["val_accuracy"])
-    if best <= majority + 0.01:
-        raise InfeasibleError(
-            f"every trial scored at chance level (best validation accuracy {100 * best:.1f}%, always answering the "
-            f"most frequent class scores {100 * majority:.1f}%): no model exported. Train candidates longer "
-            f"(epochs), check the learning rate and the labels; the {len(result.rows)} trials stay in the storage")
+    if best > majority + 0.01:
+        return None
+    return (f"every trial scored at chance level (best validation accuracy {100 * best:.1f}%; always answering the "
+            f"most frequent class scores {100 * majority:.1f}%): the search learned nothing and its model is not a "
+            "result. Train candidates longer (epochs), check the learning rate and the labels")
 
 
 def _gradient_budget(constraints, config: NASConfig) -> tuple[float | None, str]:

@@ -80,6 +80,8 @@ def markdown(result, config) -> str:
     lines = [f"# NAS report: {result.study_name}", "",
              f"strategy `{config.strategy}`, space `{config.space}`, {config.trials} trials of {config.epochs} "
              f"proxy epoch(s); constraints {result.info.get('constraints')}; storage `{result.storage}`", ""]
+    if result.info.get("warning"):
+        lines += [f"**Warning**: {result.info['warning']}.", ""]
     if result.best is not None:
         b = result.best
         mean = (f" (mean {100 * b['val_accuracy_mean']:.2f}% over {b['fresh_seeds']} fresh seeds)"
