@@ -4,6 +4,7 @@ One row per (command, bad input); grow the table whenever a case is found. `{f}`
 the folder of prepared bad files (see `files`).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -220,3 +221,41 @@ def test_progress_lines_in_a_log_are_never_blank(tmp_path, digits_task):
     assert lines and all(line.strip() for line in lines), lines
     assert lines[-1].startswith("train: ") and "done in" in lines[-1]
     assert "\x1b" not in run.stderr  # no cursor control in a log
+
+
+def test_demo_log_has_per_stage_progress_and_no_blank_lines(tmp_path):
+    """`slimkit demo > log.txt`: plain progress and per-stage elapsed lines, no blank lines, every technique ran."""
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "SLIMKIT_PROGRESS": "1", "SLIMKIT_PROGRESS_INTERVAL": "5"}
+    with log.open("w") as fh:
+        code = subprocess.run([sys.executable, "-m", "slimkit.cli.main", "demo", "--no-advisor", "--epochs", "3",
+                               "--out", str(tmp_path / "out")], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                              timeout=600).returncode
+    lines = log.read_text().splitlines()
+    assert code == 0, lines[-5:]
+    assert lines and all(line.strip() for line in lines), lines
+    assert any(line.startswith("baseline: ") and "done in" in line for line in lines)
+    stages = [line for line in lines if line.startswith("stage ")]
+    timed = [line for line in lines if re.search(r"\(\d+s; \d+s so far\)$", line)]
+    assert len(stages) >= 6 and len(timed) == len(stages), lines  # each stage finished, with its elapsed time
+    assert lines[-2].startswith("demo finished in ")
+
+
+def test_more_bad_inputs_found_by_probing(files, tmp_path, capsys):
+    """Cases found by trying the CLI by hand: CUDA asked on a CPU-only machine, non-integer labels, a random
+    teacher; and the note that a zoo model without weights is untrained."""
+    np.savez(tmp_path / "floaty.npz", x=np.zeros((20, 1, 28, 28), np.float32), y=np.linspace(0, 1, 20))
+    cases = [
+        (["train", "zoo:lenet5", "--device", "cuda" if not torch.cuda.is_available() else "tpu",
+          "--out", str(tmp_path / "m.safetensors")], "device"),
+        (["evaluate", "zoo:lenet5", "--data", f"npz:{tmp_path / 'floaty.npz'}"], "non-integer"),
+        (["distill", "--teacher", "zoo:lenet5", "--student", "zoo:lenet300_100", "--out", str(tmp_path / "d.safetensors")],
+         "random teacher"),
+    ]
+    for args, needle in cases:
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert main(["evaluate", "zoo:lenet5", "--runtime", "torch", "--batch-size", "1"]) == 0
+    assert "note: zoo:lenet5 has no trained weights" in capsys.readouterr().out

@@ -80,7 +80,8 @@ def _commands(path: str, out: str) -> dict[str, list[str]]:
         "factorize": ["factorize", path, "--out", f"{out}/f"],
         "separable": ["separable", path, "--out", f"{out}/s"],
         "distill-teacher": ["distill", "--teacher", path, "--student", "zoo:lenet300_100", "--out", f"{out}/d"],
-        "distill-student": ["distill", "--teacher", "zoo:lenet300_100", "--student", path, "--out", f"{out}/d"],
+        "distill-student": ["distill", "--teacher", "zoo:lenet300_100", "--teacher-weights", f"{out}/w.safetensors",
+                            "--student", path, "--out", f"{out}/d"],
         "compress": ["compress", path, "--recipe", RECIPE, "--out", f"{out}/c"],
         "auto": ["auto", path, "--out", f"{out}/a"],
         "search": ["search", "--reference", path, "--max-macs-ratio", "0.5", "--out", f"{out}/n"],
@@ -90,7 +91,11 @@ def _commands(path: str, out: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("command", list(_commands("x", "y")))
 def test_every_cli_command_refuses_a_hostile_builder(command, hostile, tmp_path, capsys):
     path, marker = hostile
-    code = main(_commands(str(path), str(tmp_path / "out"))[command])
+    out = tmp_path / "out"
+    out.mkdir()
+    teacher = sk.zoo.lenet300_100(num_classes=10)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "w.safetensors"))
+    code = main(_commands(str(path), str(out))[command])
     _, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err

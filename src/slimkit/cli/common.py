@@ -17,7 +17,7 @@ from rich.console import Console
 from slimkit.core.task import Task
 from slimkit.errors import ModelError
 
-console = Console()
+console = Console(soft_wrap=True)  # whole lines in logs and pipes
 
 # Every command that reads a model file takes this flag (slimkit.load's `trust_factory`).
 TrustFactoryOpt = typer.Option(
@@ -34,20 +34,29 @@ def load_task(ref: str) -> Task:
 
 
 def load_model(ref: str, *, weights: str | None = None, task: Task | None = None, seed: int | None = None,
-               trust_factory: bool = False) -> nn.Module:
+               trust_factory: bool = False, untrained_note: bool = True) -> nn.Module:
     """A model reference: `zoo:NAME`, a saved slimkit artifact (file path), or
     `package.module:factory` together with `weights` (a safetensors file). `seed` fixes a zoo
-    model's random initialization.
+    model's random initialization; `untrained_note` says when a zoo model has random weights.
 
     A factory typed on the command line is the user's choice: it is imported and called. A factory
     named inside a model file is called only with `trust_factory` (see `slimkit.load`)."""
     model = _resolve_model(ref, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
+    if untrained_note and ref.startswith("zoo:") and not weights and random_init(ref[4:]):
+        console.print(f"note: {ref} has no trained weights (random initialization; pass --weights or a saved "
+                      "model): its accuracy means nothing", markup=False, highlight=False)
     if task is not None:  # inputs it cannot take or labels past its outputs fail now, before any work
         from slimkit.core.trainer import check_model_fits
 
         device = next((p.device for p in model.parameters()), None)
         check_model_fits(model, task, device or torch.device("cpu"), split="test")
     return model
+
+
+def random_init(name: str) -> bool:
+    from slimkit import zoo
+
+    return name in zoo.ZOO and zoo.ZOO[name].extra is None  # extras ship real pretrained weights
 
 
 def _resolve_model(ref: str, *, weights: str | None, task: Task | None, seed: int | None,

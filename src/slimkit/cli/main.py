@@ -68,7 +68,8 @@ def train(
         cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, patience=patience, seed=seed, device=device)
     output_file(out)  # before training: an unwritable --out must not cost the training run
     task = load_task(data)
-    net = load_model(model, weights=weights, task=task, seed=cfg.seed, trust_factory=trust_factory)
+    net = load_model(model, weights=weights, task=task, seed=cfg.seed, trust_factory=trust_factory,
+                     untrained_note=False)
     result = fit(net, task, cfg)
     acc = topk_accuracy(*predict(result.model, task, "test"))["top1"]
     save(result.model, out)

@@ -66,9 +66,21 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; asking for CUDA without it is a ConfigError."""
+    from slimkit.errors import ConfigError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__}); "
+                          "use --device cpu or auto")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
+    return resolved
 
 
 @contextmanager

@@ -147,7 +147,10 @@ def npz(path: str | Path, *, batch_size: int = 64) -> Task:
         y = torch.tensor(arrays[yk])
         if not torch.isfinite(x).all():
             raise DataError(f"npz file {path}: array {xk!r} contains NaN or Inf")
-        return x, (y.long() if not y.is_floating_point() else y)
+        if y.is_floating_point() and not (torch.isfinite(y).all() and (y == y.round()).all()):
+            raise DataError(f"npz file {path}: array {yk!r} holds non-integer values; slimkit's npz data are "
+                            "classification labels 0..K-1 (integers)")
+        return x, y.long()
 
     x, y = pair("x", "y")
     x_va, y_va = pair("x_val", "y_val")

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("slimkit-out/student.safetensors"), "--out", "-o", help="where to save the student"),
     ) -> None:
         """Distill TEACHER into STUDENT on a data set; save the student and print both test accuracies."""
-        from slimkit.cli.common import console, load_model, load_task
+        from slimkit.cli.common import random_init, console, load_model, load_task
         from slimkit.core.artifact import save
         from slimkit.core.io import output_file
         from slimkit.distill.apply import _apply, distill
@@ -74,6 +74,9 @@ def register(app: typer.Typer) -> None:
             cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed, device=device,
                                 teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
                                 max_shift=max_shift, features=[parse_feature(f) for f in feature])
+        if teacher.startswith("zoo:") and not teacher_weights and random_init(teacher[4:]):
+            raise ConfigError(f"--teacher {teacher} has no trained weights: a random teacher teaches nothing; pass "
+                              "--teacher-weights FILE or a saved model")
         output_file(out)  # before training: an unwritable --out must not cost the run
         task = load_task(data)
         teacher_model = load_model(teacher, weights=teacher_weights, task=task, trust_factory=trust_factory)

@@ -159,7 +159,12 @@ def evaluate(
     Runtime — from `onnx_path` or an fp32 export) at each batch size, `threads` threads.
     """
     from slimkit.core.artifact import save
+    from slimkit.errors import ConfigError
 
+    batch_sizes = list(batch_sizes)
+    if threads < 1 or latency_runs < 1 or any(bs < 1 for bs in batch_sizes):
+        raise ConfigError(f"evaluate: threads ({threads}), latency_runs ({latency_runs}) and batch sizes "
+                          f"({batch_sizes}) must be >= 1")
     model = model.eval()
     m = Metrics()
     if task.metric == "accuracy":

@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
                             runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
         output_dir(out)
         task = load_task(data)
-        net = load_model(model, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
+        net = load_model(model, weights=weights, task=task, seed=seed, trust_factory=trust_factory,
+                         untrained_note=False)  # trained first below
         if model.startswith("zoo:") and not weights:
             from slimkit.core.trainer import TrainConfig, fit
             from slimkit.pipeline.demo import DEMO_TRAIN

@@ -20,10 +20,10 @@ from slimkit.pipeline.stage import evaluate_stage, run_stage
 from slimkit.report import new_result, stage_entry, write_html, write_json
 
 DEMO_TRAIN = dict(lr=2e-3, optimizer="adam", seed=0)
-# Measured on 2 idle cores (AMD EPYC, `make demo`, 30 baseline epochs): the baseline training and
-# the whole demo. The estimate printed at the start scales the total by how long the baseline took here.
-REFERENCE_BASELINE_S = 9.0
-REFERENCE_TOTAL_S = {True: 190.0, False: 75.0}  # with / without the advisor
+# Measured on 2 idle cores (AMD EPYC, AVX-512 VNNI, `slimkit demo`, 30 baseline epochs, 2026-12-02): the
+# baseline training and the whole demo. The estimate after the baseline scales the total by how long it took here.
+REFERENCE_BASELINE_S = 5.0
+REFERENCE_TOTAL_S = {True: 225.0, False: 20.0}  # with / without the advisor
 
 
 def _check_only(only: list[str] | None) -> None:
