@@ -29,6 +29,9 @@ def environment(**extra: Any) -> dict[str, Any]:
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    from slimkit.core.cpu import cpu_isa
+
+    env["cpu_isa"] = cpu_isa()  # int8 accuracy and speed depend on it (AVX2 vs VNNI vs ARM)
     env.update(extra)
     return env
 

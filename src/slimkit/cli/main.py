@@ -160,6 +160,11 @@ def env() -> None:
             "cuda available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         rows["cuda device"] = torch.cuda.get_device_name(0)
+    from slimkit.core.cpu import cpu_isa
+
+    isa = cpu_isa()
+    rows["cpu"] = f"{isa['machine']}, int8 flags: {' '.join(isa['flags']) or 'none'}"
+    rows["int8 accumulate"] = isa["int8_accumulation"]
     for pkg in ("onnx", "onnxruntime", "torchao", "torch_pruning", "tensorly", "optuna", "safetensors"):
         try:
             rows[pkg] = importlib.import_module(pkg).__version__

@@ -114,6 +114,14 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         object.__setattr__(new, "slimkit_blame", blamed)
     # -- what the result is, in words --------------------------------------------------------
     wspec = config.weight_spec()
+    structure["weight_grid"] = [wspec.qmin, wspec.qmax]
+    if wspec.grid_bits:
+        notes.append(f"int8 weights on the 7-bit grid [{wspec.qmin}, {wspec.qmax}] (target {config.target!r}): on x86 "
+                     "CPUs without VNNI ONNX Runtime adds u8 x s8 product pairs in int16, and full 8-bit weights could "
+                     "saturate them; target='x86-vnni' or 'arm64' uses all 8 bits where those kernels never run")
+    elif config.integer_matmul() and wspec.bits == 8 and wspec.signed:
+        notes.append(f"int8 weights on the full grid (target {config.target!r}): ONNX Runtime may saturate int16 pair "
+                     "sums on x86 CPUs without VNNI (AVX2 only), so this file is right only on the target's CPUs")
     kept = qgraph.unquantized_layers(new, set(layers))
     if kept:
         notes.append("kept in float (not quantizable or excluded): " + ", ".join(kept))
@@ -174,6 +182,9 @@ def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
 
 def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized architecture on a fresh source model (scales load with the weights)."""
+    if "weight_grid" not in structure and config.target != "x86-vnni":
+        # written before `target` existed: its int8 weights use the full grid, whatever the default is now
+        config = QuantConfig(**{**config.to_dict(), "target": "x86-vnni"})
     new, _ = _build(model, config, bits=structure.get("bits"), layers=structure.get("layers"))
     for q in qgraph.act_quantizers(new):
         q.mode = "quant"

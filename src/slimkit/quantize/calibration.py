@@ -22,6 +22,7 @@ Methods (for activations; weights use the same functions on the weight tensor it
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -209,7 +210,7 @@ def weight_thresholds(w: torch.Tensor, method: str, spec: QuantSpec, *, percenti
             return -t, t
         return torch.quantile(slices, 1 - q, dim=1).reshape(shape), torch.quantile(slices, q, dim=1).reshape(shape)
     if method in ("mse", "kl"):
-        flat_spec = QuantSpec(spec.bits, spec.signed, spec.symmetric, "channel", 0)
+        flat_spec = dataclasses.replace(spec, granularity="channel", axis=0)
         lo_f, hi_f = lo.reshape(-1), hi.reshape(-1)
         best_lo, best_hi = lo_f.clone(), hi_f.clone()
         best_err = torch.full_like(lo_f, float("inf"))

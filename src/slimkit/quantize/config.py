@@ -12,6 +12,10 @@ from slimkit.quantize.numerics import MAX_BITS, MIN_BITS, QuantSpec
 
 _TYPE = re.compile(r"^(u?)int(\d+)$")
 CalibrationMethod = Literal["minmax", "ema_minmax", "percentile", "mse", "kl"]
+Target = Literal["portable", "x86-avx2", "x86-vnni", "arm64"]
+# Targets whose int8 kernels add u8 x s8 product pairs in int16 (x86 without VNNI, VPMADDUBSW): int8
+# weights there use the 7-bit grid [-64, 63], so no pair sum can saturate. "portable" must run right on them.
+SATURATING_TARGETS = ("portable", "x86-avx2")
 
 
 def parse_type(name: str, *, what: str) -> tuple[int, bool]:
@@ -74,6 +78,12 @@ class QuantConfig(Config):
         per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
+    target: the CPUs the int8 file must run right on. "portable" (default) and "x86-avx2": int8 weights
+        that meet 8-bit activations in an integer matmul/conv (static, dynamic) use the 7-bit grid
+        [-64, 63], because ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in
+        int16 and would saturate with full 8-bit weights (wrong results on those CPUs only). "x86-vnni"
+        (AVX-512 VNNI / AVX-VNNI / AMX) and "arm64" accumulate in int32: the full grid [-128, 127]; such a
+        file gives wrong answers on an AVX2-only x86 CPU.
     blame: measure each activation quantizer's and each layer's weights' share of the output error
         (leave-one-out, one forward per quantizer and per layer on a calibration batch;
         `slimkit.quantize.blame`): in the notes and the report. Needs calibration data in every mode.
@@ -104,6 +114,7 @@ class QuantConfig(Config):
     keep_float: list[str] = Field(default_factory=list)
     quantize_output: bool = False
     blame: bool = False
+    target: Target = "portable"
     selector: Selector | None = None
 
     @field_validator("weights")
@@ -138,11 +149,17 @@ class QuantConfig(Config):
         return self
 
     # -- specs ---------------------------------------------------------------------------
+    def integer_matmul(self) -> bool:
+        """True when the weights meet 8-bit activations in ONNX Runtime's u8 x s8 integer kernels."""
+        return self.mode in ("static", "dynamic") and self.activations in ("uint8", "int8")
+
     def weight_spec(self, bits: int | None = None) -> QuantSpec:
         wbits, signed = parse_type(self.weights, what="weights")
+        bits = bits or wbits
         granularity = "group" if self.group_size else ("channel" if self.per_channel else "tensor")
-        return QuantSpec(bits=bits or wbits, signed=signed, symmetric=True, granularity=granularity, axis=0,
-                         group_size=self.group_size or 128)
+        narrow = bits == 8 and signed and self.integer_matmul() and self.target in SATURATING_TARGETS
+        return QuantSpec(bits=bits, signed=signed, symmetric=True, granularity=granularity, axis=0,
+                         group_size=self.group_size or 128, grid_bits=7 if narrow else None)
 
     def activation_spec(self) -> QuantSpec | None:
         if self.mode != "static" or self.activations == "none":

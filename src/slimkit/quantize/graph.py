@@ -14,6 +14,7 @@ The same function rebuilds the architecture on load (`restore`), so it must stay
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -143,7 +144,7 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
     for name, layer in layers:
         spec = weight_specs.get(name, weight_specs["*"])
         if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups > 1 and spec.granularity == "group":
-            spec = nq.QuantSpec(spec.bits, spec.signed, spec.symmetric, "channel", 0)
+            spec = dataclasses.replace(spec, granularity="channel", axis=0)
         q = _wrap(layer, spec, dynamic=dynamic)
         set_submodule(root, name, q)
         wrapped[name] = q

@@ -19,6 +19,11 @@ symmetric    t = max(|lo|, |hi|); signed grid: s = 2t / (qmax - qmin), z = 0
 Scales are per tensor (one s), per channel (one s per slice along `axis`, e.g. output channels of
 a weight) or per group (one s per `group_size` consecutive input elements of each output row).
 Bit widths 2-16 are simulated exactly; int8, uint8, int16 and int4 are deployable types.
+
+A spec may use a narrower grid than its storage type (`grid_bits`): int8 weights on the 7-bit grid
+[-64, 63]. On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) add each pair of
+products in int16, which saturates when 255 * (|w_a| + |w_b|) > 32767; with |w| <= 64 no pair can
+(255 * 128 = 32640), whichever two weights the kernel pairs.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ class QuantSpec:
 
     axis: the channel axis for per-channel scales (0 = output channels of a weight).
     group_size: elements per group along the last axis for per-group scales.
+    grid_bits: a narrower integer grid inside the `bits`-wide storage type (e.g. 7 for int8 weights
+        that must not saturate int16 pair sums; see the module docstring); None: the full type.
     """
 
     bits: int = 8
@@ -57,9 +64,12 @@ class QuantSpec:
     granularity: Granularity = "tensor"
     axis: int = 0
     group_size: int = 128
+    grid_bits: int | None = None
 
     def __post_init__(self) -> None:
         qrange(self.bits, self.signed)  # validates bits
+        if self.grid_bits is not None and not (MIN_BITS <= self.grid_bits <= self.bits):
+            raise ConfigError(f"grid_bits {self.grid_bits} must be in {MIN_BITS}-{self.bits} (the storage type's bits)")
         if self.granularity not in ("tensor", "channel", "group"):
             raise ConfigError(f"granularity {self.granularity!r}: use tensor, channel or group")
         if self.granularity == "group" and self.group_size < 1:
@@ -67,11 +77,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return qrange(self.bits, self.signed)[0]
+        return qrange(self.grid_bits or self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return qrange(self.bits, self.signed)[1]
+        return qrange(self.grid_bits or self.bits, self.signed)[1]
 
 
 def reduce_dims(x: torch.Tensor, spec: QuantSpec) -> tuple[int, ...] | None:

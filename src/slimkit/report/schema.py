@@ -43,6 +43,9 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         env["cpu_count"] = os.cpu_count()
     except Exception:
         pass
+    from slimkit.core.cpu import cpu_isa
+
+    env["cpu_isa"] = cpu_isa()  # int8 results and speed depend on it: recorded with every figure
     return env
 
 

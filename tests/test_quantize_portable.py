@@ -1,0 +1,127 @@
+"""int8 that is right on every CPU: with the default target no u8 x s8 pair sum can saturate an int16
+accumulator (ONNX Runtime's AVX2 kernels without VNNI), checked on the exported file itself, by an
+emulation of those kernels, and by ONNX Runtime's fused kernels on inputs at the top of the range.
+Every assertion here holds on AVX2-only and AVX-512 VNNI machines alike."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import slimkit as sk
+from slimkit.quantize import QuantConfig, check_parity, export_quantized
+from slimkit.quantize.graph import weight_layers
+
+INT16_MAX = 32767
+
+
+def _int8_weight_codes(path) -> dict[str, np.ndarray]:
+    """Every int8 initializer of rank >= 2 in an exported file: the weights the integer kernels multiply."""
+    graph = onnx.load(str(path)).graph
+    tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                                         if a.name == "value"]
+    return {t.name or f"constant{i}": numpy_helper.to_array(t) for i, t in enumerate(tensors)
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2}
+
+
+def _worst_pair_sum(codes: np.ndarray) -> int:
+    """The largest |u8 * w_a + u8 * w_b| any two weights of one output channel can reach (u8 = 255),
+    whichever two the kernel pairs: 255 * (the two largest magnitudes of the row)."""
+    rows = np.abs(codes.reshape(codes.shape[0], -1).astype(np.int64))
+    top2 = -np.sort(-rows, axis=1)[:, :2] if rows.shape[1] > 1 else np.pad(rows, ((0, 0), (0, 1)))
+    return int(255 * top2.sum(1).max())
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_lenet5, digits_task):
+    return {target: sk.quantize(trained_lenet5, QuantConfig(target=target), task=digits_task)
+            for target in ("portable", "x86-vnni")}
+
+
+def test_portable_weights_cannot_saturate_any_int16_pair(quantized, digits_task, tmp_path):
+    worst = {}
+    for target, q in quantized.items():
+        path = export_quantized(q, tmp_path / f"{target}.onnx", digits_task.example_input(1))
+        codes = _int8_weight_codes(path)
+        assert len(codes) == 5  # two convolutions, three linear layers
+        worst[target] = max(_worst_pair_sum(c) for c in codes.values())
+    assert worst["portable"] <= INT16_MAX
+    assert worst["x86-vnni"] > INT16_MAX  # the full grid can saturate: the check above can fail
+    notes = " ".join(quantized["portable"].slimkit_notes)
+    assert "7-bit grid [-64, 63]" in notes and "x86-vnni" in notes
+    assert "right only on the target's CPUs" in " ".join(quantized["x86-vnni"].slimkit_notes)
+
+
+def _vpmaddubsw_matmul(a_u8: np.ndarray, w_s8: np.ndarray) -> tuple[np.ndarray, int]:
+    """a (N, K) uint8 times w (M, K) int8 as AVX2's VPMADDUBSW + VPMADDWD do it: adjacent products summed
+    in int16 with saturation, then in int32. Returns the result and how many pair sums saturated."""
+    k = a_u8.shape[1] + a_u8.shape[1] % 2
+    a = np.pad(a_u8.astype(np.int32), ((0, 0), (0, k - a_u8.shape[1])))
+    w = np.pad(w_s8.astype(np.int32), ((0, 0), (0, k - w_s8.shape[1])))
+    prods = a[:, None, :] * w[None, :, :]  # (N, M, K)
+    pairs = prods[..., 0::2] + prods[..., 1::2]
+    saturated = int(((pairs > INT16_MAX) | (pairs < -INT16_MAX - 1)).sum())
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(-1), saturated
+
+
+def test_avx2_kernel_emulation_is_exact_only_on_the_portable_grid(trained_mlp):
+    """The first layer of an MLP on inputs that put every activation code at 255: the emulated AVX2
+    kernel equals exact int32 arithmetic with portable weights and differs with full 8-bit weights."""
+    task = sk.data.digits(flatten=True)
+    for target, exact in (("portable", True), ("x86-vnni", False)):
+        q = sk.quantize(trained_mlp, QuantConfig(target=target), task=task)
+        layer = next(iter(weight_layers(q).values()))
+        w = layer.weight_codes().numpy().astype(np.int8)
+        a = np.full((4, w.shape[1]), 255, dtype=np.uint8)  # the top of the activation range
+        a[1, ::3] = 0
+        emulated, saturated = _vpmaddubsw_matmul(a, w)
+        reference = a.astype(np.int64) @ w.T.astype(np.int64)
+        assert (saturated == 0) == exact, (target, saturated)
+        assert np.array_equal(emulated, reference) == exact, target
+
+
+def test_ort_fused_kernels_match_the_simulation_at_the_top_of_the_range(quantized, digits_task, tmp_path):
+    """Inputs scaled past the calibration range drive activations to the top code; with portable weights
+    ONNX Runtime's fused int8 kernels follow slimkit's simulation on any x86 or ARM CPU."""
+    q = quantized["portable"]
+    path = export_quantized(q, tmp_path / "p.onnx", digits_task.example_input(1))
+    for gain in (1.0, 3.0, 8.0):
+        x = digits_task.example_input(64) * gain
+        parity = check_parity(q, path, x)
+        assert parity["top1_agreement"] == 1.0, (gain, parity)
+        assert parity["max_abs_diff"] < 2e-2 * parity["output_std"], (gain, parity)
+
+
+def test_files_written_before_target_keep_their_full_grid(quantized, digits_task, tmp_path):
+    """A quantized model saved before `target` existed (no target, no weight_grid) reloads with the full
+    8-bit grid it was made with, not the new default's 7-bit one."""
+    q = quantized["x86-vnni"]
+    path = sk.save(q, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        manifest = json.loads(fh.metadata()["slimkit"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    stage = manifest["stages"][-1]
+    del stage["config"]["target"], stage["structure"]["weight_grid"]
+    old = save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"slimkit": json.dumps(manifest)})
+    assert old is None
+    x = digits_task.example_input(32)
+    with torch.no_grad():
+        assert torch.allclose(sk.load(tmp_path / "old.safetensors")(x), q(x), atol=1e-5)
+        assert torch.allclose(sk.load(path)(x), q(x), atol=1e-5)
+        portable = quantized["portable"]
+        assert torch.allclose(sk.load(sk.save(portable, tmp_path / "p.safetensors"))(x), portable(x), atol=1e-5)
+
+
+def test_weight_only_and_int16_keep_their_grid():
+    """Only weights that meet 8-bit activations in integer kernels are narrowed."""
+    assert QuantConfig().weight_spec().qmin == -64
+    assert QuantConfig(mode="dynamic").weight_spec().qmax == 63
+    assert QuantConfig(target="arm64").weight_spec().qmin == -128
+    assert QuantConfig(activations="none").weight_spec().qmin == -128  # weight-only: float matmul
+    assert QuantConfig(weights="int16", activations="int16").weight_spec().qmin == -32768
+    with pytest.raises(sk.errors.ConfigError):
+        QuantConfig(target="x86-sse")
