@@ -38,7 +38,8 @@ def _worst_pair_sum(codes: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def quantized(trained_lenet5, digits_task):
-    return {target: sk.quantize(trained_lenet5, QuantConfig(target=target), task=digits_task)
+    # speed_check off: on LeNet-5 int8 is slower than float and the default would keep it float
+    return {target: sk.quantize(trained_lenet5, QuantConfig(target=target, speed_check=False), task=digits_task)
             for target in ("portable", "x86-vnni")}
 
 
@@ -73,7 +74,7 @@ def test_avx2_kernel_emulation_is_exact_only_on_the_portable_grid(trained_mlp):
     kernel equals exact int32 arithmetic with portable weights and differs with full 8-bit weights."""
     task = sk.data.digits(flatten=True)
     for target, exact in (("portable", True), ("x86-vnni", False)):
-        q = sk.quantize(trained_mlp, QuantConfig(target=target), task=task)
+        q = sk.quantize(trained_mlp, QuantConfig(target=target, speed_check=False), task=task)
         layer = next(iter(weight_layers(q).values()))
         w = layer.weight_codes().numpy().astype(np.int8)
         a = np.full((4, w.shape[1]), 255, dtype=np.uint8)  # the top of the activation range

@@ -107,3 +107,46 @@ def ort_latency(path: str | Path, example, *, threads: int = 1, warmup: int = 10
     batch = next(iter(feeds.values())).shape[0]
     return {"runtime": "onnxruntime-cpu", "version": ort.__version__, "threads": threads,
             "batch_size": int(batch), **stats}
+
+
+def compare_latency(variants: dict[str, Callable[[], Any]], *, rounds: int = 5, min_runs: int = 3,
+                    round_time_s: float = 0.05, warmup: int = 3) -> dict[str, dict]:
+    """Time several variants of one workload in interleaved rounds (the protocol for comparisons).
+
+    Each round times every variant for at least `min_runs` runs and `round_time_s` seconds, so a slow
+    moment of a shared machine hits one round of every variant rather than one variant. Per variant:
+    p10/p50/p90/mean over all runs (ms), the median of each round (`round_medians_ms`) and `spread`
+    (p90 / p10). Compare two variants with `speedup`.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    per_round: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            got, start = [], time.perf_counter()
+            while len(got) < min_runs or time.perf_counter() - start < round_time_s:
+                t0 = time.perf_counter()
+                fn()
+                got.append((time.perf_counter() - t0) * 1e3)
+            times[name] += got
+            per_round[name].append(statistics.median(got))
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        p10, p90 = ts[int(0.1 * (len(ts) - 1))], ts[int(0.9 * (len(ts) - 1))]
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": p10, "p90_ms": p90, "mean_ms": statistics.fmean(ts),
+                     "runs": len(ts), "rounds": rounds, "round_medians_ms": per_round[name],
+                     "spread": p90 / max(p10, 1e-9)}
+    return out
+
+
+def speedup(baseline: dict, candidate: dict) -> dict:
+    """How many times faster `candidate` ran than `baseline` in the same `compare_latency` call: the median
+    of the per-round ratios (robust to a slow round) with their range, and whether the rounds disagree on
+    the sign of the difference (`reliable` False: call it a tie, not a speed-up or a slow-down)."""
+    ratios = sorted(b / max(c, 1e-9) for b, c in zip(baseline["round_medians_ms"], candidate["round_medians_ms"]))
+    faster = sum(r > 1 for r in ratios)
+    return {"speedup": statistics.median(ratios), "low": ratios[0], "high": ratios[-1],
+            "reliable": faster in (0, len(ratios))}

@@ -151,7 +151,36 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     record_stage(new, "quantize", config, structure)
     object.__setattr__(new, "slimkit_notes", notes)
     object.__setattr__(new, "slimkit_simulated", simulated)
+    if config.speed_check and config.mode in ("static", "dynamic") and not simulated and deployable(wspec):
+        return _never_slower(model, new, config, task, batches, calibration_data)
     return new.eval()
+
+
+def _never_slower(model, new, config, task, batches, calibration_data) -> nn.Module:
+    """The speed check (`quantize/speed.py`): keep float where int8 is slower on ONNX Runtime. `model` is
+    the caller's float model (untouched), the baseline of the comparison."""
+    from slimkit.quantize.speed import keep_float_where_slower
+
+    example = batches[0] if batches else (task.example_input(1) if task is not None else None)
+    if not isinstance(example, torch.Tensor):
+        new.slimkit_notes.append("speed not checked against float: no example input (pass task=... or "
+                                 "calibration_data=...)")
+        return new.eval()
+
+    def requantize(names: list[str]) -> nn.Module:
+        cfg = QuantConfig(**{**config.to_dict(), "keep_float": config.keep_float + names, "speed_check": False})
+        return quantize(model, cfg, task=task, calibration_data=calibration_data)
+
+    final, notes, record = keep_float_where_slower(model, new, example, config, requantize)
+    if final is None:  # every layer float: the float model itself, recorded as this stage
+        final = copy_model(model).eval()
+        record_stage(final, "quantize", config, {"all_float": True, "layers": [], "notes": notes, "speed": record})
+        object.__setattr__(final, "slimkit_notes", notes)
+        object.__setattr__(final, "slimkit_simulated", False)
+        return final.eval()
+    final.slimkit_notes.extend(notes)  # the stage record holds the same list
+    get_state(final)["stages"][-1]["structure"]["speed"] = record
+    return final.eval()
 
 
 def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
@@ -182,6 +211,9 @@ def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
 
 def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized architecture on a fresh source model (scales load with the weights)."""
+    if structure.get("all_float"):  # the speed check kept every layer float
+        object.__setattr__(model, "slimkit_notes", list(structure.get("notes", [])))
+        return model
     if "weight_grid" not in structure and config.target != "x86-vnni":
         # written before `target` existed: its int8 weights use the full grid, whatever the default is now
         config = QuantConfig(**{**config.to_dict(), "target": "x86-vnni"})

@@ -31,6 +31,11 @@ def register(app: typer.Typer) -> None:
         gptq: bool = typer.Option(False, "--gptq", help="second-order (GPTQ) rounding of weights; fast, not with --adaround"),
         qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after PTQ"),
         keep_float: list[str] = typer.Option([], "--keep-float", help="layer name patterns left in float (repeatable)"),
+        speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
+                                         help="time int8 against float on ONNX Runtime and keep float the layers "
+                                              "where int8 is slower (default on)"),
+        target: str = typer.Option("portable", "--target", help="portable | x86-avx2 | x86-vnni | arm64: the CPUs "
+                                   "the int8 file must be right on (portable: 7-bit weights, no int16 saturation)"),
         backend: str = typer.Option("onnx", "--backend", help="onnx: int8 QDQ for ONNX Runtime (slimkit's own "
                                     "calibration) | pt2e: int8 in PyTorch via torchao PT2E + x86 quantizer"),
         config: Optional[Path] = typer.Option(None, "--config", help="QuantConfig as YAML/JSON (replaces the options above)"),
@@ -61,7 +66,8 @@ def register(app: typer.Typer) -> None:
             cfg = QuantConfig(weights=weight_type, activations=activation_type, mode=mode, per_channel=per_channel,
                               calibration=calibration, weight_calibration=weight_calibration,
                               calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
-                              adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float)
+                              adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float,
+                              speed_check=speed_check, target=target)
         if blame:
             cfg = QuantConfig(**{**cfg.to_dict(), "blame": True})
         output_dir(out)  # before calibration: an unwritable --out must not cost the run
@@ -93,7 +99,8 @@ def register(app: typer.Typer) -> None:
 
             from slimkit.core.io import write_text
 
-            written.append(write_text(out / "blame.json", json.dumps(q.slimkit_blame, indent=1)))
+            if getattr(q, "slimkit_blame", None) is not None:  # absent when the speed check kept every layer float
+                written.append(write_text(out / "blame.json", json.dumps(q.slimkit_blame, indent=1)))
         console.print("wrote " + ", ".join(map(str, written)), markup=False, highlight=False)
 
 

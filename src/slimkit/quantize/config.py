@@ -78,6 +78,10 @@ class QuantConfig(Config):
         per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
+    speed_check (default on): time the int8 ONNX file against the float one on ONNX Runtime
+        (`speed_threads` threads, each of `speed_batch_sizes`, interleaved rounds) and keep in float the
+        layers with the fewest MACs where int8 is slower, up to the whole model (`quantize/speed.py`);
+        the notes list what was kept. Static and dynamic modes on deployable types.
     target: the CPUs the int8 file must run right on. "portable" (default) and "x86-avx2": int8 weights
         that meet 8-bit activations in an integer matmul/conv (static, dynamic) use the 7-bit grid
         [-64, 63], because ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in
@@ -115,6 +119,9 @@ class QuantConfig(Config):
     quantize_output: bool = False
     blame: bool = False
     target: Target = "portable"
+    speed_check: bool = True
+    speed_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    speed_threads: int = Field(1, ge=1)
     selector: Selector | None = None
 
     @field_validator("weights")
@@ -146,6 +153,8 @@ class QuantConfig(Config):
                               "calibration shows each layer)")
         if self.qat_epochs and self.mode == "dynamic":
             raise ConfigError("QuantConfig: QAT needs static or weight-only mode")
+        if not self.speed_batch_sizes or any(bs < 1 for bs in self.speed_batch_sizes):
+            raise ConfigError(f"QuantConfig.speed_batch_sizes: give batch sizes >= 1, got {self.speed_batch_sizes}")
         return self
 
     # -- specs ---------------------------------------------------------------------------
