@@ -135,8 +135,11 @@ def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
             "target_macs": params["structured"], "finetune_epochs": config.recovery_epochs, "lr": 2e-3,
             "recovery": "distill", "seed": config.seed}))
     if params["format"] == "int8":
+        # speed_check off: the advisor times every candidate itself and never recommends one slower than the
+        # original, and an "int8" candidate must be int8 (the check could hand back a float model)
         stages.append(Stage(technique="quantize", config={"weights": "int8", "activations": "uint8",
-                                                          "per_channel": True, "mode": "static"}))
+                                                          "per_channel": True, "mode": "static",
+                                                          "speed_check": False}))
     elif params["format"] == "pack":
         prune = None
         if params.get("sparsity", 0.0) > 0:
