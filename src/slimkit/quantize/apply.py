@@ -236,7 +236,8 @@ def _write_artifact(model: nn.Module, path: Path, task) -> Path:
     out = export_quantized(model, Path(path).with_suffix(".onnx"), example)
     parity = check_parity(model, out, task.example_input(64))
     notes = getattr(model, "slimkit_notes", [])
-    notes.append(f"ONNX Runtime int8 vs slimkit simulation on 64 inputs: max |diff| {parity['max_abs_diff']:.3g}, "
+    what = "ONNX Runtime int8 vs slimkit simulation" if is_quantized(model) else "float file (kept float): ONNX Runtime vs PyTorch"
+    notes.append(f"{what} on 64 inputs: max |diff| {parity['max_abs_diff']:.3g}, "
                  f"top-1 agreement {parity.get('top1_agreement', float('nan')):.4f}")
     return out
 
