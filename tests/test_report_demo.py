@@ -39,3 +39,21 @@ def test_demo_writes_report_and_json(tmp_path):
     advisor = data["sections"]["advisor"]  # the advisor ran on the trained baseline and is linked
     assert advisor["reasons"] and (tmp_path / "auto" / "report.html").is_file()
     assert (tmp_path / "auto" / "recipe.yaml").is_file() and "auto/report.html" in (tmp_path / "report.html").read_text()
+
+
+def test_report_shows_latency_spread_and_flags_noisy_timing():
+    from slimkit.report import new_result, stage_entry
+    from slimkit.report.html import render_html
+
+    def result(p90, load):
+        r = new_result({"name": "m"}, {"name": "d"})
+        r["environment"].update(load_average_1m=load, cpu_count=2)
+        lat = [{"runtime": "onnxruntime-cpu", "batch_size": 1, "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": p90}]
+        r["stages"].append(stage_entry("baseline", metrics={"accuracy": 0.9, "size_bytes": 10, "latency": lat}))
+        return render_html(r)
+
+    quiet = result(1.1, 0.1)
+    assert "0.900&ndash;1.100" in quiet and "<td class=noisy" not in quiet and "Noisy timing" not in quiet
+    spread = result(3.0, 0.1)
+    assert "<td class=noisy" in spread and "1 of 1 latency measurements spread more than 1.5x" in spread
+    assert "load average was 1.9 on 2 cores" in result(1.1, 1.9)

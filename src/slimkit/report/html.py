@@ -17,6 +17,7 @@ table{border-collapse:collapse;margin:1rem 0;font-size:.9rem;width:100%}
 th,td{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:right;vertical-align:top}
 th{background:#f4f6f8} td.l,th.l{text-align:left}
 .err{color:#b00020} .sim{color:#8a6d00} .good{color:#0a7d32} .bad{color:#b00020}
+.noisy{background:#fff3cd} .warn{border-left:4px solid #d9a400}
 .plots{display:flex;flex-wrap:wrap;gap:1rem} .plots img{max-width:580px;width:100%;border:1px solid #eee}
 .card{background:#f8f9fb;border:1px solid #e3e6ea;border-radius:6px;padding:.8rem 1rem;margin:1rem 0}
 code,pre{background:#f4f6f8;padding:.1rem .3rem;border-radius:3px;font-size:.85rem}
@@ -28,11 +29,33 @@ def _fmt_int(v) -> str:
     return "" if v is None else f"{int(v):,}"
 
 
-def _latency(metrics: dict, runtime: str, batch: int) -> float | None:
+def _latency_row(metrics: dict, runtime: str, batch: int) -> dict | None:
     for row in metrics.get("latency", []) or []:
         if row["runtime"].startswith(runtime) and row["batch_size"] == batch:
-            return row["median_ms"]
+            return row
     return None
+
+
+def _latency(metrics: dict, runtime: str, batch: int) -> float | None:
+    row = _latency_row(metrics, runtime, batch)
+    return None if row is None else row["median_ms"]
+
+
+NOISY_SPREAD = 1.5  # p90 / p10 above this: the median moves between runs more than most speed-ups we report
+
+
+def _noisy(row: dict | None) -> bool:
+    return row is not None and row.get("p10_ms") and row.get("p90_ms", 0) / row["p10_ms"] > NOISY_SPREAD
+
+
+def _latency_cell(row: dict | None) -> str:
+    """Median with its p10-p90 spread; a spread wider than NOISY_SPREAD is flagged."""
+    if row is None:
+        return "<td></td>"
+    spread = (f"<br><small>{row['p10_ms']:.3f}&ndash;{row['p90_ms']:.3f}</small>"
+              if row.get("p10_ms") is not None and row.get("p90_ms") is not None else "")
+    flag = " class=noisy title='p90/p10 spread above 1.5x: a ratio from this cell is unreliable'" if _noisy(row) else ""
+    return f"<td{flag}>{row['median_ms']:.3f}{spread}</td>"
 
 
 def figure_png(fig) -> str:
@@ -169,7 +192,7 @@ def stage_table(stages: list[dict]) -> str:
         delta = "" if acc is None or base_acc is None else f"{100 * (acc - base_acc):+.2f}"
         size = m.get("size_bytes")
         ratio = f"{base_size / size:.1f}" if size and base_size else ""
-        lat = [_latency(m, rt, b) for rt, b in (("torch", 1), ("torch", 64), ("onnxruntime", 1), ("onnxruntime", 64))]
+        lat = [_latency_row(m, rt, b) for rt, b in (("torch", 1), ("torch", 64), ("onnxruntime", 1), ("onnxruntime", 64))]
         notes = [html.escape(n) for n in s.get("notes", [])]
         if s.get("simulated"):
             notes.insert(0, "<span class=sim>simulated: not a real speed/size result</span>")
@@ -185,7 +208,7 @@ def stage_table(stages: list[dict]) -> str:
             f"<td>{acc_txt}</td><td>{delta}</td>"
             f"<td>{_fmt_int(m.get('params'))}<br><small>({_fmt_int(m.get('nonzero_params'))})</small></td>"
             f"<td>{_fmt_int(m.get('macs'))}</td><td>{_fmt_int(size)}</td><td>{ratio}</td>"
-            + "".join(f"<td>{'' if v is None else f'{v:.3f}'}</td>" for v in lat)
+            + "".join(_latency_cell(row) for row in lat)
             + f"<td class=l>{art}<br><small>{'<br>'.join(notes)}</small></td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -211,6 +234,23 @@ def _section(name: str, content: Any) -> str:
     return f"<h2>{html.escape(name)}</h2>{body}"
 
 
+def _noise_warning(stages: list[dict], env: dict) -> str:
+    rows = [r for s in stages for r in (s.get("metrics") or {}).get("latency", []) or []]
+    noisy = [r for r in rows if _noisy(r)]
+    load, cores = env.get("load_average_1m"), env.get("cpu_count")
+    loaded = load is not None and cores and load > 0.75 * cores
+    if not noisy and not loaded:
+        return ""
+    why = []
+    if noisy:
+        why.append(f"{len(noisy)} of {len(rows)} latency measurements spread more than {NOISY_SPREAD}x between runs")
+    if loaded:
+        why.append(f"the machine's load average was {load:.1f} on {cores} cores when the report was made")
+    return ("<div class='card warn'><b>Noisy timing:</b> " + html.escape("; ".join(why))
+            + ". Compare latencies as ratios within one run, and rerun on a quiet machine before trusting a speed-up."
+            "</div>")
+
+
 def render_html(result: dict[str, Any]) -> str:
     stages = result.get("stages", [])
     ok = [s for s in stages if not s.get("error")]
@@ -230,8 +270,10 @@ def render_html(result: dict[str, Any]) -> str:
 <h1>{title}</h1>
 <p class=sub>created {html.escape(str(result.get('created', '')))} &middot; schema {html.escape(str(result.get('schema', '')))}</p>
 <div class=card>Sizes are bytes of the file each stage actually wrote. Latencies are medians after warm-up on the
-named runtime and thread count. Stages marked <span class=sim>simulated</span> only emulate a format on this CPU and
-claim no size or speed.</div>
+named runtime and thread count, with the p10&ndash;p90 range of the runs below each; a <span class=noisy>shaded</span>
+cell spread more than {NOISY_SPREAD}x, so a speed ratio computed from it is not reliable. Stages marked
+<span class=sim>simulated</span> only emulate a format on this CPU and claim no size or speed.</div>
+{_noise_warning(stages, env)}
 <h2>Stages</h2>
 {stage_table(stages)}
 <h2>Trade-offs</h2>

@@ -41,6 +41,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         import os
 
         env["cpu_count"] = os.cpu_count()
+        env["load_average_1m"] = round(os.getloadavg()[0], 2)  # a loaded machine makes latencies noisy
     except Exception:
         pass
     from slimkit.core.cpu import cpu_isa
