@@ -126,3 +126,25 @@ def test_weight_only_and_int16_keep_their_grid():
     assert QuantConfig(weights="int16", activations="int16").weight_spec().qmin == -32768
     with pytest.raises(sk.errors.ConfigError):
         QuantConfig(target="x86-sse")
+
+
+def test_depthwise_convolutions_keep_the_full_grid(digits_task, tmp_path):
+    """ONNX Runtime's depthwise int8 kernel accumulates full products in int32 (no pair sums), so portable
+    files keep 8-bit depthwise weights and narrow only the layers that run through the u8 x s8 GEMM."""
+    from slimkit.quantize.graph import is_depthwise
+
+    model = sk.zoo.for_task("mobilenetv2_small", digits_task, seed=0)
+    q = sk.quantize(model, QuantConfig(calibration_samples=64, speed_check=False), task=digits_task)
+    layers = weight_layers(q)
+    depthwise = {n for n, m in layers.items() if is_depthwise(m.layer)}
+    assert depthwise and len(depthwise) < len(layers)
+    for name, m in layers.items():
+        codes = m.weight_codes()
+        if name in depthwise:
+            assert m.spec.qmin == -128 and codes.abs().max() > 64, name
+        else:
+            assert m.spec.qmin == -64 and codes.abs().max() <= 64, name
+    assert any("depthwise convolution(s) keep the full grid" in n for n in q.slimkit_notes)
+    path = export_quantized(q, tmp_path / "mbv2.onnx", digits_task.example_input(1))
+    parity = check_parity(q, path, digits_task.example_input(32) * 3.0)
+    assert parity["top1_agreement"] == 1.0

@@ -116,9 +116,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     wspec = config.weight_spec()
     structure["weight_grid"] = [wspec.qmin, wspec.qmax]
     if wspec.grid_bits:
+        full = [n for n, m in layers.items() if m.spec.grid_bits is None]
         notes.append(f"int8 weights on the 7-bit grid [{wspec.qmin}, {wspec.qmax}] (target {config.target!r}): on x86 "
                      "CPUs without VNNI ONNX Runtime adds u8 x s8 product pairs in int16, and full 8-bit weights could "
-                     "saturate them; target='x86-vnni' or 'arm64' uses all 8 bits where those kernels never run")
+                     "saturate them; target='x86-vnni' or 'arm64' uses all 8 bits where those kernels never run"
+                     + (f". {len(full)} depthwise convolution(s) keep the full grid (ONNX Runtime's depthwise kernel "
+                        "accumulates in int32 on every CPU)" if full else ""))
     elif config.integer_matmul() and wspec.bits == 8 and wspec.signed:
         notes.append(f"int8 weights on the full grid (target {config.target!r}): ONNX Runtime may saturate int16 pair "
                      "sums on x86 CPUs without VNNI (AVX2 only), so this file is right only on the target's CPUs")

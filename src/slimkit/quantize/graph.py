@@ -122,6 +122,12 @@ def unquantized_layers(model: nn.Module, quantized: set[str]) -> list[str]:
     return kept
 
 
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise Conv2d (one input and one output channel per group), as ONNX Runtime's depthwise kernel takes it."""
+    return (isinstance(layer, nn.Conv2d) and layer.groups > 1
+            and layer.groups == layer.in_channels == layer.out_channels)
+
+
 def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec: nq.QuantSpec | None,
             selector: Selector | None, dynamic: bool, fold_bn: bool = True,
             quantize_output: bool = False, equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -145,6 +151,11 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
         spec = weight_specs.get(name, weight_specs["*"])
         if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups > 1 and spec.granularity == "group":
             spec = dataclasses.replace(spec, granularity="channel", axis=0)
+        if spec.grid_bits is not None and is_depthwise(layer):
+            # ONNX Runtime runs depthwise int8 convolutions with its own kernel (MLAS MlasConvDepthwiseKernel*),
+            # which widens inputs and weights to int16 and accumulates full products in int32 on every CPU:
+            # no pair sums, nothing to saturate, so these keep the full 8-bit grid under target="portable"
+            spec = dataclasses.replace(spec, grid_bits=None)
         q = _wrap(layer, spec, dynamic=dynamic)
         set_submodule(root, name, q)
         wrapped[name] = q
