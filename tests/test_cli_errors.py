@@ -236,7 +236,7 @@ def test_demo_log_has_per_stage_progress_and_no_blank_lines(tmp_path):
     assert lines and all(line.strip() for line in lines), lines
     assert any(line.startswith("baseline: ") and "done in" in line for line in lines)
     stages = [line for line in lines if line.startswith("stage ")]
-    timed = [line for line in lines if re.search(r"\(\d+s; \d+s so far\)$", line)]
+    timed = [line for line in lines if re.search(r"\(\d[\dhms]*; \d[\dhms]* so far\)$", line)]  # 12s, 1m05s, 1h02m
     assert len(stages) >= 6 and len(timed) == len(stages), lines  # each stage finished, with its elapsed time
     assert lines[-2].startswith("demo finished in ")
 
