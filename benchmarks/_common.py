@@ -36,14 +36,9 @@ def environment(**extra: Any) -> dict[str, Any]:
     return env
 
 
-def interleaved_min(measurements: dict[Any, Callable[[], float]], rounds: int) -> dict[Any, float]:
-    """Run every measurement once per round, `rounds` rounds interleaved, and keep each one's smallest
-    value: a slow moment of a shared machine then hits one round of every figure, not one figure."""
-    best = dict.fromkeys(measurements, float("inf"))
-    for _ in range(rounds):
-        for key, measure in measurements.items():
-            best[key] = min(best[key], measure())
-    return best
+def latency_fields(stats: dict[str, Any], name: str) -> dict[str, Any]:
+    """A `compare_latency` figure as row fields: `name` (the median, ms) with its p10 and p90."""
+    return {name: stats["median_ms"], f"{name}_p10": stats["p10_ms"], f"{name}_p90": stats["p90_ms"]}
 
 
 def check(name: str, value: Any, target: str, ok: bool) -> dict[str, Any]:

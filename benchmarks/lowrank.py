@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check, environment, interleaved_min, print_table, write_result  # noqa: E402
+from _common import check, environment, latency_fields, print_table, write_result  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.core.trainer import TrainConfig, accuracy, fit  # noqa: E402
-from slimkit.evaluate import count_macs, count_params, ort_latency, torch_latency  # noqa: E402
+from slimkit.evaluate import compare_latency, count_macs, count_params, ort_call, torch_call  # noqa: E402
 from slimkit.export import export_onnx  # noqa: E402
 
 THREADS = 1
@@ -47,22 +47,21 @@ def measure(name: str, model, task, workdir: Path, *, timed: dict | None = None,
 
 
 def add_latencies(rows: list[dict], timed: dict[str, tuple], task, runs: int, rounds: int) -> None:
-    """Median latencies of the `timed` models (PyTorch eager in NCHW and NHWC layouts, ONNX Runtime;
-    batch 1 and 64; 1 thread), measured in `rounds` interleaved rounds keeping each figure's smallest
-    median (`interleaved_min`)."""
-    def figures(model, onnx_path, batch):
+    """Latencies of the `timed` models (PyTorch eager in NCHW and NHWC layouts, ONNX Runtime; batch 1 and
+    64; 1 thread): for each runtime, layout and batch size, the models are timed side by side in one
+    `compare_latency` call of `rounds` interleaved rounds (about `runs` runs each): median with p10/p90."""
+    by_name = {r["model"]: r for r in rows}
+    for batch in (1, 64):
         x = task.example_input(batch)
         # NHWC: PyTorch then runs convolutions on oneDNN's blocked kernels (depthwise ones gain most)
-        return {f"torch_b{batch}_ms": lambda: torch_latency(model, x, threads=THREADS, runs=runs)["median_ms"],
-                f"torch_cl_b{batch}_ms": lambda: torch_latency(model, x, threads=THREADS, runs=runs,
-                                                               channels_last=True)["median_ms"],
-                f"ort_b{batch}_ms": lambda: ort_latency(onnx_path, x, threads=THREADS, runs=runs)["median_ms"]}
-
-    measurements = {(name, key): fn for name, (model, onnx_path) in timed.items() for batch in (1, 64)
-                    for key, fn in figures(model, onnx_path, batch).items()}
-    by_name = {r["model"]: r for r in rows}
-    for (name, key), ms in interleaved_min(measurements, rounds).items():
-        by_name[name][key] = ms
+        kinds = {f"torch_b{batch}_ms": lambda m, p: torch_call(m, x, threads=THREADS),
+                 f"torch_cl_b{batch}_ms": lambda m, p: torch_call(m, x, threads=THREADS, channels_last=True),
+                 f"ort_b{batch}_ms": lambda m, p: ort_call(p, x, threads=THREADS)}
+        for key, make in kinds.items():
+            stats = compare_latency({name: make(model, onnx_path) for name, (model, onnx_path) in timed.items()},
+                                    rounds=rounds, min_runs=max(1, -(-runs // rounds)), round_time_s=0.0)
+            for name, st in stats.items():
+                by_name[name].update(latency_fields(st, key))
 
 
 def main(argv: list[str] | None = None) -> int:

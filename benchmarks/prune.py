@@ -31,7 +31,7 @@ from _common import check, environment, print_table, write_result  # noqa: E402
 import slimkit as sk  # noqa: E402
 from slimkit.core.state import copy_model  # noqa: E402
 from slimkit.core.trainer import TrainConfig, accuracy, fit  # noqa: E402
-from slimkit.evaluate import count_macs  # noqa: E402
+from slimkit.evaluate import count_macs, speedup  # noqa: E402
 from slimkit.export import export_onnx  # noqa: E402
 from slimkit.prune import PackConfig, PruneConfig, StructuredPruneConfig, check_nm  # noqa: E402
 
@@ -154,32 +154,17 @@ def section_deep_compression(task, args, rows, checks, baselines, out_dir: Path)
 
 
 def interleaved_latency(models: dict[str, nn.Module], example: torch.Tensor, tmp: Path, rounds: int) -> dict:
-    """Median ms per model in PyTorch eager and ONNX Runtime (fp32 export), `THREADS` thread(s).
-
-    On a shared machine, load drifts over minutes; timing the models round-robin (one call each per
-    round, after warm-up) exposes all of them to the same drift, so their ratios stay meaningful."""
-    import statistics
-
-    from slimkit.evaluate.latency import ort_inputs, ort_session
+    """Latency of each model in PyTorch eager and ONNX Runtime (fp32 export), `THREADS` thread(s), all timed
+    side by side in one `compare_latency` call of `rounds` interleaved rounds (the project's protocol): a
+    drifting shared machine then hits every model alike. {(label, "eager" | "ort"): stats}."""
+    from slimkit.evaluate.latency import compare_latency, ort_call, torch_call
 
     calls = {}
     for label, model in models.items():
-        model = model.eval()
-        session = ort_session(export_onnx(model, tmp / f"{label}.onnx", example[:1]), THREADS)
-        feeds = ort_inputs(session, example)
-        calls[(label, "eager")] = lambda m=model: m(example)
-        calls[(label, "ort")] = lambda s=session, f=feeds: s.run(None, f)
-    times = {k: [] for k in calls}
-    with torch.inference_mode():
-        for fn in calls.values():  # warm-up
-            for _ in range(3):
-                fn()
-        for _ in range(rounds):
-            for key, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    return {key: statistics.median(v) for key, v in times.items()}
+        calls[(label, "eager")] = torch_call(model, example, threads=THREADS)
+        calls[(label, "ort")] = ort_call(export_onnx(model.eval(), tmp / f"{label}.onnx", example[:1]), example,
+                                         threads=THREADS)
+    return compare_latency(calls, rounds=min(rounds, 20), min_runs=max(1, -(-rounds // 20)), round_time_s=0.0)
 
 
 def tp_peer(model: nn.Module, task, target: float, epochs: int) -> nn.Module:
@@ -240,14 +225,19 @@ def section_structured(task, args, rows, checks, baselines, out_dir: Path):
                                       args.runs)
         for label, m in (("dense baseline", base), ("slimkit prune_structured", reloaded), ("torch-pruning MetaPruner", peer)):
             key = label.split()[0] if label != "dense baseline" else "dense"
-            eager, ort = lat[(key, "eager")], lat[(key, "ort")]
+            eager, ort = lat[(key, "eager")]["median_ms"], lat[(key, "ort")]["median_ms"]
             rows.append({"section": "structured", "model": name, "method": label, "accuracy": test_acc(m, task),
                          "baseline_accuracy": base_acc, "drop_points": base_acc - test_acc(m, task),
                          "macs": count_macs(m, one), "macs_ratio": count_macs(m, one) / base_macs,
                          "params": sum(p.numel() for p in m.parameters()),
                          "torch_eager_ms_b64": eager, "ort_ms_b64": ort,
-                         "speedup_eager": lat[("dense", "eager")] / eager, "speedup_ort": lat[("dense", "ort")] / ort,
-                         "threads": THREADS, "batch_size": 64, "latency_protocol": f"median of {args.runs} round-robin runs",
+                         "torch_eager_ms_b64_p10_p90": [lat[(key, "eager")]["p10_ms"], lat[(key, "eager")]["p90_ms"]],
+                         "ort_ms_b64_p10_p90": [lat[(key, "ort")]["p10_ms"], lat[(key, "ort")]["p90_ms"]],
+                         "speedup_eager": speedup(lat[("dense", "eager")], lat[(key, "eager")])["speedup"],
+                         "speedup_ort": speedup(lat[("dense", "ort")], lat[(key, "ort")])["speedup"],
+                         "threads": THREADS, "batch_size": 64,
+                         "latency_protocol": f"compare_latency: {lat[(key, 'ort')]['rounds']} interleaved rounds, "
+                                             f"{lat[(key, 'ort')]['runs']} runs each; speed-up = median of per-round ratios",
                          "seconds": seconds if key == "slimkit" else None,
                          "config": f"scope={scope}, importance={importance} (val {100 * tried[importance][0]:.2f}% vs "
                                    + ", ".join(f"{k} {100 * v[0]:.2f}%" for k, v in tried.items() if k != importance)

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check, environment, interleaved_min, print_table, write_result  # noqa: E402
+from _common import check, environment, latency_fields, print_table, write_result  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.data.natural import SOURCES, is_grey  # noqa: E402
-from slimkit.evaluate import ort_latency, torch_latency  # noqa: E402
+from slimkit.evaluate import compare_latency, ort_call, speedup, torch_call  # noqa: E402
 from slimkit.export.onnx import export_onnx, run_onnx  # noqa: E402
 from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize_pt2e  # noqa: E402
 from slimkit.quantize.blame import format_blame  # noqa: E402
@@ -99,11 +99,13 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
         pt2e = quantize_pt2e(model, task=task)  # torchao's PT2E flow, x86 quantizer, oneDNN int8 in PyTorch
         pt2e_path = sk.save(pt2e, tmp / f"{name}_pt2e.safetensors")
         x64 = task.example_input(64)
-        lat = {"torch_fp32": torch_latency(model, x64, threads=1, runs=30)["median_ms"],
-               "torchao_pt2e_int8": torch_latency(pt2e, x64, threads=1, runs=30)["median_ms"],
-               "ort_fp32": ort_latency(fp32, x64, threads=1, runs=50)["median_ms"],
-               "slimkit_int8": ort_latency(qpath, x64, threads=1, runs=50)["median_ms"],
-               "ort_quantizer_int8": ort_latency(ortq, x64, threads=1, runs=50)["median_ms"]}
+        # one interleaved comparison per batch size (the project's latency protocol): ratios share its rounds
+        timings = {bs: compare_latency({"torch_fp32": torch_call(model, x), "torchao_pt2e_int8": torch_call(pt2e, x),
+                                        "ort_fp32": ort_call(fp32, x), "slimkit_int8": ort_call(qpath, x),
+                                        "ort_quantizer_int8": ort_call(ortq, x)}, rounds=7, min_runs=5)
+                   for bs, x in ((1, task.example_input(1)), (64, x64))}
+        timing = timings[64]
+        lat = {k: v["median_ms"] for k, v in timing.items()}
         with torch.no_grad():
             acc_fp32 = (model(x_test).argmax(1) == y_test).float().mean().item()
         acc = {"fp32": acc_fp32,
@@ -114,7 +116,11 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
         ops = onnx_op_counts(qpath)
         for variant, path in (("fp32", fp32), ("slimkit_int8", qpath), ("ort_quantizer_int8", ortq)):
             rows.append({"part": "cnn", "model": name, "variant": variant, "accuracy": acc[variant],
-                         "bytes": path.stat().st_size, "ort_ms_b64_1t": lat["ort_fp32" if variant == "fp32" else variant],
+                         "bytes": path.stat().st_size,
+                         **latency_fields(timings[1]["ort_fp32" if variant == "fp32" else variant], "ort_ms_b1_1t"),
+                         **latency_fields(timing["ort_fp32" if variant == "fp32" else variant], "ort_ms_b64_1t"),
+                         "speedup_vs_ort_fp32": speedup(timing["ort_fp32"], timing[variant])["speedup"]
+                         if variant != "fp32" else None,
                          "torch_eager_ms_b64_1t": lat["torch_fp32"] if variant == "fp32" else None,
                          "parity_max_abs_diff": parity["max_abs_diff"] if variant == "slimkit_int8" else None,
                          "int8_kernels": ops.get("QLinearConv", 0) + ops.get("QGemm", 0) if variant == "slimkit_int8" else None})
@@ -125,12 +131,18 @@ def part_cnn(tmp: Path, rows: list, checks: list, epochs: int) -> None:
                      "int8_kernels": kernels.get("onednn.qconv_pointwise.default", 0)
                      + kernels.get("onednn.qlinear_pointwise.default", 0),
                      "note": "PyTorch with oneDNN int8 kernels; file = float weights + observer statistics"})
+        for bs, t in timings.items():  # never slower than float, by default (the speed check keeps float where it is)
+            sp = speedup(t["ort_fp32"], t["slimkit_int8"])
+            slower = sp["reliable"] and sp["speedup"] < 1
+            kept = "; ".join(n for n in q.slimkit_notes if n.startswith("kept float")) or "nothing kept float"
+            checks.append(check(f"cnn: {name} int8 not slower than ORT fp32 (b{bs}, 1 thread; {kept})",
+                                f"{sp['speedup']:.2f}x ({sp['low']:.2f}-{sp['high']:.2f})", "not slower", not slower))
         if name == "vgg_small":  # the small CNN of the acceptance checks (LeNet-5 is too small for int8 to pay)
             drop = 100 * (acc["fp32"] - acc["slimkit_int8"])
             checks.append(check("cnn: static int8 accuracy drop (points, ORT int8, vgg_small)", round(drop, 3), "<= 0.3", drop <= 0.3))
-            s1 = lat["ort_fp32"] / lat["slimkit_int8"]
+            s1 = speedup(timing["ort_fp32"], timing["slimkit_int8"])["speedup"]
             checks.append(check("cnn: speed-up vs ORT fp32 (b64, 1 thread)", round(s1, 2), ">= 2.0", s1 >= 2.0))
-            s2 = lat["torch_fp32"] / lat["slimkit_int8"]
+            s2 = speedup(timing["torch_fp32"], timing["slimkit_int8"])["speedup"]
             checks.append(check("cnn: speed-up vs PyTorch fp32 eager (b64, 1 thread)", round(s2, 2), ">= 2.5", s2 >= 2.5))
             ratio = qpath.stat().st_size / fp32.stat().st_size
             checks.append(check("cnn: int8 file bytes / fp32 file bytes", round(ratio, 3), "<= 0.3", ratio <= 0.3))
@@ -161,7 +173,7 @@ def part_lowbit(tmp: Path, rows: list, checks: list, epochs: int) -> None:
                             round(drop, 3), "<= 1.0", drop <= 1.0))
 
 
-def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, rounds: int = 3,
+def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, rounds: int = 5,
                 sources: str = "photographs") -> None:
     model = sk.zoo.efficientnet_lite0()
     norm = dict(mean=sk.zoo.EFFICIENTNET_LITE_MEAN, std=sk.zoo.EFFICIENTNET_LITE_STD)  # the model's own, (x-127)/128
@@ -236,9 +248,8 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
 
     files = {"fp32": fp32, "slimkit_int8": qpath, "slimkit_int8_x86_vnni": vnni_path, "ort_quantizer_int8": ortq}
     targets = {"slimkit_int8": "portable", "slimkit_int8_x86_vnni": "x86-vnni"}
-    # latency in interleaved rounds, smallest median kept: a slow spell hits every variant alike
-    lat = interleaved_min({v: (lambda p=p: ort_latency(p, x8, threads=1, runs=10, warmup=3)["median_ms"])
-                           for v, p in files.items()}, rounds)
+    # one interleaved comparison (the project's latency protocol): the speed-ups below share its rounds
+    timing = compare_latency({v: ort_call(p, x8) for v, p in files.items()}, rounds=rounds, min_runs=8)
     for variant, path in files.items():
         out = ort_predict(path, x_eval, batch=32)
         agree, agree_decisive = agreement(out)
@@ -248,7 +259,8 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
                      "top1_agreement_unfused": unfused, "target": targets.get(variant),
                      **spread(out), "top1_agreement_decisive": agree_decisive, "decisive_crops": int(decisive.sum()),
                      **agreement_all(lambda x, p=path: ort_predict(p, x, batch=32)),
-                     "bytes": path.stat().st_size, "ort_ms_b8_1t": lat[variant], "latency_rounds": rounds,
+                     "bytes": path.stat().st_size, **latency_fields(timing[variant], "ort_ms_b8_1t"),
+                     "speedup_vs_ort_fp32": speedup(timing["fp32"], timing[variant])["speedup"], "latency_rounds": rounds,
                      "eval_crops": n_eval, "calib_crops": n_calib, "sources": sources}
                     | ({"blame": {k: v if k != "rows" else v[:12] for k, v in blamed.items()}}
                        if variant == "slimkit_int8" else {}))
@@ -292,7 +304,7 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
                         f"(target portable; x86-vnni file: {r['slimkit_int8_x86_vnni']['top1_agreement']:.4f} fused, "
                         f"{r['slimkit_int8_x86_vnni']['top1_agreement_unfused']:.4f} unfused)", round(gap, 4),
                         "<= 0.01", gap <= 0.01))
-    s = r["fp32"]["ort_ms_b8_1t"] / r["slimkit_int8"]["ort_ms_b8_1t"]
+    s = r["slimkit_int8"]["speedup_vs_ort_fp32"]  # median of the per-round ratios
     checks.append(check("effnet: speed-up vs ORT fp32 (b8, 1 thread)", round(s, 2), ">= 1.8", s >= 1.8))
 
 
@@ -356,15 +368,21 @@ def part_minilm(tmp: Path, rows: list, checks: list, n: int) -> None:
         emb = torch.cat([torch.as_tensor(run_onnx(path, (ids[i:i + 16], mask[i:i + 16]), threads=2))
                          for i in range(0, len(sents), 16)])
         cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
-        lat = ort_latency(path, ex1, threads=1, runs=30)["median_ms"]
         rows.append({"part": "minilm", "model": "all-MiniLM-L6-v2", "variant": variant, "sentences": len(sents),
                      "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-                     "bytes": path.stat().st_size, "ort_ms_b1_1t": lat})
+                     "bytes": path.stat().st_size, "path": path})
+    # one interleaved comparison of every variant (the project's latency protocol)
+    minilm_rows = [row for row in rows if row["part"] == "minilm"]
+    timing = compare_latency({row["variant"]: ort_call(row["path"], ex1) for row in minilm_rows}, rounds=7, min_runs=5)
+    for row in minilm_rows:
+        row.update(latency_fields(timing[row["variant"]], "ort_ms_b1_1t"),
+                   speedup_vs_ort_fp32=speedup(timing["fp32"], timing[row["variant"]])["speedup"])
+        del row["path"]
     r = {row["variant"]: row for row in rows if row["part"] == "minilm"}
     s = r["slimkit_dynamic_int8"]
     checks.append(check("minilm: dynamic int8 cosine mean", round(s["cosine_mean"], 4), ">= 0.99", s["cosine_mean"] >= 0.99))
     checks.append(check("minilm: dynamic int8 cosine min", round(s["cosine_min"], 4), ">= 0.98", s["cosine_min"] >= 0.98))
-    sp = r["fp32"]["ort_ms_b1_1t"] / s["ort_ms_b1_1t"]
+    sp = s["speedup_vs_ort_fp32"]
     checks.append(check("minilm: speed-up vs ORT fp32 (b1, 1 thread)", round(sp, 2), ">= 1.8", sp >= 1.8))
     checks.append(check("minilm: sentences", s["sentences"], ">= 200", s["sentences"] >= 200))
 

@@ -98,3 +98,29 @@ def test_student_keys_round_trip_into_distill_stages():
     assert cfg.alpha == 0.0 and cfg.student_kwargs == {"input_pool": 2} and cfg.augment == "shift"
     assert build_stages({**params, "student": student_key("lenet5", 0.5)}, AutoConfig())[0].technique_config().alpha == 0.9
     assert describe(params).startswith("train lenet300_100 at width 0.5 on 2x2-averaged input on the labels, then int8")
+
+
+def test_advisor_times_every_trial_side_by_side_and_its_prose_matches_the_table(advised):
+    from slimkit.evaluate.latency import describe_speedup, speedup
+
+    out, result = advised
+    pareto = result["sections"]["pareto front (validation split)"]
+    base, points = pareto["baseline"], pareto["trials"]
+    for p in [base] + points:  # one interleaved comparison of the original and every trial
+        assert p["timing"]["side_by_side"] == len(points) + 1 and p["latency_ms"] == p["timing"]["median_ms"]
+        assert len(p["timing"]["round_medians_ms"]) == p["timing"]["rounds"] >= 3
+    assert all("vs_baseline" in p["timing"] for p in points) and "vs_baseline" not in base["timing"]
+    chosen = next(p for p in points if p["params"] == result["sections"]["recommendation"]["params"])
+    reasons = result["sections"]["recommendation"]["reasons"]
+    headline = next(r for r in reasons if r.startswith("Recommended"))
+    assert describe_speedup(chosen["timing"]["vs_baseline"]) in headline  # the table's own figures
+    int8 = [r for r in reasons if r.startswith("int8 QDQ")]
+    for line in int8:  # a twin comparison: recomputed from the two rows of the same call
+        p = next(q for q in points if q["params"]["format"] == "int8")
+        twin = next((q for q in points if q["params"]["format"] == "fp32" and q["params"]["student"] == p["params"]["student"]
+                     and q["params"]["structured"] == p["params"]["structured"]), base)
+        assert describe_speedup(speedup(twin["timing"], p["timing"]), "fp32 on the same network") in line
+    html = (out / "report.html").read_text()
+    vs = chosen["timing"]["vs_baseline"]
+    cell = f"{vs['speedup']:.1f}</td><td>&#9733;" if vs["reliable"] else "&asymp;1</span></td><td>&#9733;"
+    assert cell in html

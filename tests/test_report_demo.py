@@ -57,3 +57,32 @@ def test_report_shows_latency_spread_and_flags_noisy_timing():
     spread = result(3.0, 0.1)
     assert "<td class=noisy" in spread and "1 of 1 latency measurements spread more than 1.5x" in spread
     assert "load average was 1.9 on 2 cores" in result(1.1, 1.9)
+
+
+def test_stages_are_retimed_side_by_side_with_the_baseline(tmp_path, trained_lenet5, digits_task):
+    import torch.nn as nn
+
+    from slimkit.evaluate import evaluate
+    from slimkit.pipeline.stage import Timed, time_side_by_side
+    from slimkit.report import stage_entry
+    from slimkit.report.html import render_html
+
+    small = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    (tmp_path / "f").write_bytes(b"x")  # sizes do not matter here
+    entries, subjects = [], []
+    for name, m in (("baseline", trained_lenet5), ("small", small), ("failed", None)):
+        metrics = evaluate(m, digits_task, runtimes=("torch", "ort"), batch_sizes=(1,), latency_runs=3,
+                           artifact=tmp_path / "f").to_dict() \
+            if m is not None else {}
+        entries.append(stage_entry(name, metrics=metrics))
+        subjects.append(Timed(m) if m is not None else None)
+    time_side_by_side(entries, subjects, digits_task, rounds=4)
+    for row in entries[0]["metrics"]["latency"] + entries[1]["metrics"]["latency"]:
+        assert row["side_by_side"] == 2 and row["rounds"] == 4 and len(row["round_medians_ms"]) == 4
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+    assert all("vs_baseline" not in r for r in entries[0]["metrics"]["latency"])
+    vs = [r["vs_baseline"] for r in entries[1]["metrics"]["latency"]]
+    assert len(vs) == 2 and all(v["low"] <= v["speedup"] <= v["high"] for v in vs)
+    r = new_result({"name": "m"}, {"name": "d"})
+    r["stages"] = entries
+    assert "vs baseline" in render_html(r)

@@ -101,27 +101,32 @@ def test_latency_table_sums_units_and_round_trips(tmp_path):
         load_table(tmp_path / "bad.json")
 
 
-def test_latency_rounds_keep_the_fastest_measurement_of_each_unit_and_model():
+def test_latency_rounds_time_units_and_models_in_one_interleaved_comparison(monkeypatch):
+    import slimkit.search.cost as cost
     from slimkit.search.cost import check_table
 
-    class Drifting(LatencyTable):  # a machine whose speed changes between rounds: slow, fast, slow
-        def __init__(self):
-            super().__init__("torch", runs=1)
-            self.calls: dict[int, int] = {}
+    calls = []
 
-        def _measure(self, unit, shape):
-            n = self.calls[id(unit)] = self.calls.get(id(unit), 0) + 1
-            return 1.0 if n % 2 == 0 else 3.0
+    def fake_compare(variants, *, rounds, **kw):  # a machine where everything takes 2 ms per run
+        calls.append((sorted(map(str, variants)), rounds))
+        return {k: {"p10_ms": 2.0, "median_ms": 2.5} for k in variants}
 
+    monkeypatch.setattr(cost, "compare_latency", fake_compare)
     space = CellSpace(input_size=8, widths=[0.5])
     model = build(space.spec(space.cheapest()))
-    one = check_table(Drifting(), [model], rounds=1)[0]
-    three = check_table(Drifting(), [model], rounds=3)[0]
-    # one round: whatever the moment gave (everything slow here); three: the fast round for each entry
-    assert three["measured_ms"] == 1.0 and one["measured_ms"] == 3.0
-    assert three["predicted_ms"] == pytest.approx(one["predicted_ms"] / 3)
+    table = LatencyTable("torch", runs=6)
+    table.entries = {model.unit_keys[0]: 1.0}  # measured before, faster than today
+    row = check_table(table, [model], rounds=3)[0]
+    (names, rounds), = calls  # one comparison: every unit (the known one too, rounds > 1) and the model
+    assert rounds == 3 and len(names) == len(set(model.unit_keys)) + 1
+    assert row["measured_ms"] == 2.0  # the table's statistic
+    assert table.entries[model.unit_keys[0]] == 1.0  # the smaller figure is kept
+    assert all(table.entries[k] == 2.0 for k in set(model.unit_keys) - {model.unit_keys[0]})
+    calls.clear()
+    check_table(table, [model], rounds=1)  # one round: known units are not timed again
+    assert len(calls[0][0]) == 1
     with pytest.raises(ConfigError, match="rounds"):
-        Drifting().measure_rounds([model], 0)
+        table.measure_rounds([model], 0)
 
 
 def test_onnx_runtime_latency_table(tmp_path):

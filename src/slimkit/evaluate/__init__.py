@@ -1,5 +1,15 @@
 """Measurement: accuracy, fidelity, parameters, MACs, bytes on disk, latency on a named runtime."""
-from slimkit.evaluate.latency import measure_latency, ort_latency, torch_latency
+from slimkit.evaluate.latency import (
+    Workload,
+    compare_latency,
+    describe_speedup,
+    measure_latency,
+    ort_call,
+    ort_latency,
+    speedup,
+    torch_call,
+    torch_latency,
+)
 from slimkit.evaluate.metrics import (
     Metrics,
     count_macs,
@@ -11,7 +21,8 @@ from slimkit.evaluate.metrics import (
 )
 
 __all__ = ["Metrics", "evaluate", "fidelity", "predict", "topk_accuracy", "count_params", "count_macs",
-           "measure_latency", "torch_latency", "ort_latency"]
+           "measure_latency", "torch_latency", "ort_latency",
+           "Workload", "compare_latency", "speedup", "describe_speedup", "torch_call", "ort_call"]
 
 from slimkit.core.verbs import make_callable  # noqa: E402
 

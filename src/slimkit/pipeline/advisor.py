@@ -34,9 +34,10 @@ from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
 from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
 from slimkit.pipeline.sensitivity import analyse
-from slimkit.pipeline.stage import evaluate_stage, run_stage
+from slimkit.evaluate.latency import describe_speedup, speedup
+from slimkit.pipeline.stage import Timed, evaluate_stage, run_stage, time_side_by_side
 from slimkit.report import write_html, write_json
-from slimkit.report.html import figure_png, heatmap
+from slimkit.report.html import _latency_cell, figure_png, heatmap
 
 FORMATS = ("fp32", "int8", "pack")
 
@@ -158,6 +159,7 @@ class _Runner:
     def __init__(self, model: nn.Module, task: Task, config: AutoConfig, work: Path):
         self.model, self.task, self.config, self.work = model, task, config, work
         self.cache: dict[str, nn.Module] = {}
+        self.timed: dict[int, Timed] = {}  # trial number -> what its latency was measured on
         self.eval_kw = dict(runtimes=(config.runtime,), threads=config.threads,
                             batch_sizes=(config.latency_batch_size,), split="val", latency_runs=20)
 
@@ -178,11 +180,13 @@ class _Runner:
             parent = self._prefix_model(stages[:-1])
             outcome = run_stage(parent, last.technique_config(), self.task, self.work, name=name,
                                 reference=self.model, **self.eval_kw)
+            self.timed[number] = Timed(outcome.model, outcome.artifact)
             return outcome.metrics
         model = self._prefix_model(stages)
         from slimkit.export import export_onnx
 
         artifact = export_onnx(model, self.work / f"{name}.onnx", self.task.example_input(1))
+        self.timed[number] = Timed(model, artifact)
         return evaluate_stage(model, self.task, artifact, reference=self.model, **self.eval_kw)
 
 
@@ -278,7 +282,21 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
                 points.append(point)
             study.tell(trial, [point["accuracy"], point["size_bytes"], point["latency_ms"]])
             advance(1, acc=point["accuracy"], kb=point["size_bytes"] / 1024)
+    side_by_side(runner, base, points)
     return base, points, screening
+
+
+def side_by_side(runner: _Runner, base: dict, points: list[dict]) -> None:
+    """Time the original and every trial again in one interleaved comparison (`time_side_by_side`): the
+    search steered by each trial's own measurement; the choice, the table and every ratio in the prose come
+    from these figures, so they share the machine's moments. Sets each point's `latency_ms` and `timing`
+    (the row: median, p10/p90, round medians, `vs_baseline`)."""
+    entries = [base] + points
+    time_side_by_side(entries, [runner.timed.get(p["trial"]) for p in entries], runner.task,
+                      threads=runner.config.threads)
+    for p in entries:
+        row = next(r for r in p["metrics"]["latency"] if r["batch_size"] == runner.config.latency_batch_size)
+        p["latency_ms"], p["timing"] = row["median_ms"], row
 
 
 def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[list[str], list[dict]]:
@@ -374,24 +392,38 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
             twin = next((q for q in points if q["params"]["format"] == "fp32" and q["params"]["student"] == p["params"]["student"]
                          and q["params"]["structured"] == p["params"]["structured"]), None)
             ref = twin or (base if p["params"]["student"] == "none" and p["params"]["structured"] == 1.0 else None)
-            if ref is not None:
-                ratio = ref["latency_ms"] / p["latency_ms"]
-                verdict = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
-                why = " (on layers this small the quantize/dequantize overhead decides)" if ratio < 1 else ""
-                lines.append(f"int8 QDQ in {config.runtime} ran {verdict} than fp32 on the same network "
-                             f"(batch {config.latency_batch_size}, {config.threads} thread){why}.")
+            if ref is not None and "timing" in ref and "timing" in p:
+                s = speedup(ref["timing"], p["timing"])  # both from the one side-by-side comparison
+                why = (" (on layers this small the quantize/dequantize overhead decides)"
+                       if s["reliable"] and s["speedup"] < 1 else "")
+                lines.append(f"int8 QDQ in {config.runtime} ran {describe_speedup(s, 'fp32 on the same network')} "
+                             f"(batch {config.latency_batch_size}, {config.threads} thread, timed side by side){why}.")
                 break
     size_x = base["size_bytes"] / chosen["size_bytes"]
-    speed_x = base["latency_ms"] / chosen["latency_ms"]
     drop = 100 * (base["accuracy"] - chosen["accuracy"])
     desc = describe(chosen["params"])
-    lines.append(f"Recommended: {desc}. On validation data it is {size_x:.1f}x smaller on disk and {speed_x:.1f}x faster "
-                 f"in {config.runtime} (batch {config.latency_batch_size}), accuracy {-drop:+.2f} points "
-                 f"(budget: a drop of at most {config.max_accuracy_drop}).")
+    lines.append(f"Recommended: {desc}. On validation data it is {size_x:.1f}x smaller on disk and "
+                 f"{_speed_words(chosen)} in {config.runtime} (batch {config.latency_batch_size}, timed side by side "
+                 f"with the original), accuracy {-drop:+.2f} points (budget: a drop of at most {config.max_accuracy_drop}).")
     if chosen["params"]["format"] == "pack":
         lines.append("The packed .slim file is what ships; slimkit.load() unpacks it into a dense model, which runs in "
                      "ONNX Runtime as fp32 (the latency above is that model's).")
     return lines
+
+
+def _speed_words(point: dict) -> str:
+    """'2.3x faster (2.1-2.5x across rounds)' from the point's side-by-side timing against the original."""
+    vs = (point.get("timing") or {}).get("vs_baseline")
+    if vs is None:
+        return "of unmeasured speed"
+    return describe_speedup(vs)
+
+
+def _faster_cell(point: dict) -> str:
+    vs = (point.get("timing") or {}).get("vs_baseline")
+    if vs is None:
+        return ""
+    return f"{vs['speedup']:.1f}" if vs["reliable"] else f"<span title='{describe_speedup(vs)}'>&asymp;1</span>"
 
 
 def describe(params: dict) -> str:
@@ -444,7 +476,8 @@ def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dic
         rows.append(f"<tr><td>{p['trial']}</td><td class=l>{html.escape(describe(p['params']) if p is not base else 'original (fp32 ONNX)')}</td>"
                     f"<td>{100 * p['accuracy']:.2f}%</td><td>{100 * (p['accuracy'] - base['accuracy']):+.2f}</td>"
                     f"<td>{int(p['size_bytes']):,}</td><td>{base['size_bytes'] / p['size_bytes']:.1f}</td>"
-                    f"<td>{p['latency_ms']:.3f}</td><td>{base['latency_ms'] / p['latency_ms']:.1f}</td><td>{mark}</td></tr>")
+                    f"{_latency_cell(p.get('timing') or {'median_ms': p['latency_ms']})}"
+                    f"<td>{_faster_cell(p) if p is not base else '1.0'}</td><td>{mark}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 

@@ -16,7 +16,7 @@ from slimkit.core.io import output_dir
 from slimkit.core.progress import console, format_seconds
 from slimkit.core.trainer import TrainConfig, fit
 from slimkit.errors import ConfigError, SlimkitError
-from slimkit.pipeline.stage import evaluate_stage, run_stage
+from slimkit.pipeline.stage import Timed, evaluate_stage, retime, run_stage
 from slimkit.report import new_result, stage_entry, write_html, write_json
 
 DEMO_TRAIN = dict(lr=2e-3, optimizer="adam", seed=0)
@@ -69,6 +69,7 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
                                         notes=["fp32 dense weights (slimkit safetensors)"]))
     console.print(f"baseline: accuracy {100 * metrics.accuracy:.2f}%, {metrics.size_bytes:,} bytes "
                   f"({format_seconds(time.perf_counter() - t0)})", markup=False, highlight=False)
+    timed = [Timed(trained, baseline_path)]  # what each entry's latency rows were measured on
     for technique in registry.techniques():
         if only is not None and technique.name not in only:
             continue
@@ -80,6 +81,7 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
         try:
             outcome = run_stage(trained, config, task, artifacts, reference=trained)
             entry = outcome.entry
+            timed.append(Timed(outcome.model, outcome.artifact))
             m = outcome.metrics
             console.print(f"  accuracy {100 * (m.accuracy or 0):.2f}%, {m.size_bytes:,} bytes "
                           f"({format_seconds(time.perf_counter() - t0)}; {format_seconds(time.perf_counter() - t_start)} "
@@ -88,11 +90,14 @@ def run_demo(out: str | Path = "slimkit-out", *, epochs: int = 30, only: list[st
             entry = stage_entry(technique.name, technique=technique.name, family=technique.family,
                                 config=config.to_dict(), error=str(err))
             console.print(f"  [red]failed[/red]: {err}")
+            timed.append(None)
         except Exception as err:  # a bug in one technique must not hide the others' results
             entry = stage_entry(technique.name, technique=technique.name, family=technique.family,
                                 config=config.to_dict(), error=f"{type(err).__name__}: {err}")
             console.print(f"  [red]crashed[/red]: {err}\n{traceback.format_exc()}")
+            timed.append(None)
         result["stages"].append(entry)
+    retime(result, timed, task)
     if advisor:
         t0 = time.perf_counter()
         result["sections"]["advisor"] = _advisor_section(trained, task, out, advisor_config)

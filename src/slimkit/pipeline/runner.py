@@ -28,7 +28,7 @@ from slimkit.core.trainer import seed_everything
 from slimkit.distill.recovery import finetune, recover
 from slimkit.errors import ConfigError
 from slimkit.pipeline.recipe import Recipe, load_recipe
-from slimkit.pipeline.stage import evaluate_stage, run_stage
+from slimkit.pipeline.stage import Timed, evaluate_stage, retime, run_stage
 from slimkit.report import new_result, stage_entry, write_html, write_json
 
 STATE_FILE = "state.json"
@@ -140,6 +140,12 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, task: Task, o
     result = new_result({"name": model_name or (source or {}).get("ref", type(model).__name__), "source": source},
                         {"name": task.name, "input_shape": list(task.input_shape)})
     result["stages"] = state["entries"]
+    # every stage timed again beside the original, in interleaved rounds (resumed stages from their checkpoints)
+    timed = [Timed(original, Path(state["entries"][0]["artifact"]))]
+    timed += [Timed(current if i == len(recipe.stages) else load(ckpt_dir / f"stage-{i:02d}.safetensors"),
+                    Path(e["artifact"]) if e.get("artifact") else None)
+              for i, e in enumerate(state["entries"][1:], start=1)]
+    retime(result, timed, task, threads=ev.threads)
     result["recipe"] = recipe.to_dict()
     constraints = check_constraints(recipe, state["entries"][0]["metrics"], state["entries"][-1]["metrics"])
     result["sections"]["constraints"] = constraints

@@ -80,3 +80,77 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     if blame is not None:  # each quantized tensor's share of the output error (quantize blame=True)
         entry["blame"] = blame
     return StageOutcome(new, entry, artifact, metrics)
+
+
+@dataclass
+class Timed:
+    """What a stage's latency rows were measured on: the model (PyTorch rows) and its artifact (an .onnx
+    artifact is what ONNX Runtime rows time; otherwise an fp32 export of the model)."""
+
+    model: nn.Module | None
+    artifact: Path | None = None
+
+
+def time_side_by_side(entries: list[dict[str, Any]], subjects: list[Timed | None], task: Task, *, threads: int = 1,
+                      rounds: int = 5, baseline: int = 0) -> None:
+    """Re-time every entry's latency rows side by side, in place: for each (runtime, batch size, layout)
+    the entries measured there are timed in one `compare_latency` call (interleaved rounds), so their
+    ratios share the machine's moments; each row gains `vs_baseline` (`speedup` against
+    `entries[baseline]`, round by round) and `side_by_side` (how many variants shared the call).
+    Entries without a subject (failed stages) are left as they are."""
+    import tempfile
+
+    from slimkit.evaluate.latency import compare_latency, ort_call, speedup, torch_call
+    from slimkit.export.onnx import export_onnx
+
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, (entry, subject) in enumerate(zip(entries, subjects)):
+        if subject is None or subject.model is None:
+            continue
+        for row in (entry.get("metrics") or {}).get("latency") or []:
+            key = (row["runtime"], row["batch_size"], row.get("memory_format"))
+            groups.setdefault(key, []).append((i, row))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx: dict[int, Path] = {}
+
+        def onnx_file(i: int) -> Path:
+            subject = subjects[i]
+            if subject.artifact is not None and Path(subject.artifact).suffix == ".onnx":
+                return Path(subject.artifact)
+            if i not in onnx:
+                onnx[i] = export_onnx(subject.model, Path(tmp) / f"{i}.onnx", task.example_input(1))
+            return onnx[i]
+
+        for (runtime, batch, layout), members in groups.items():
+            if len(members) < 2:
+                continue
+            example = task.example_input(batch)
+            calls = {}
+            for i, row in members:
+                if runtime.startswith("torch"):
+                    calls[i] = torch_call(subjects[i].model, example, threads=row.get("threads", threads),
+                                          channels_last=layout == "channels_last")
+                else:
+                    calls[i] = ort_call(onnx_file(i), example, threads=row.get("threads", threads))
+            stats = compare_latency(calls, rounds=rounds)
+            for i, row in members:
+                row.update(stats[i], side_by_side=len(members))
+                row.pop("vs_baseline", None)
+                if baseline in stats and i != baseline:
+                    row["vs_baseline"] = speedup(stats[baseline], stats[i])
+
+
+def retime(result: dict[str, Any], subjects: list[Timed | None], task: Task, *, threads: int = 1) -> None:
+    """`time_side_by_side` over a result's stages (the first is the baseline), saying so on the console,
+    with a warning line when the figures are noisy (`report.html.noise_reasons`)."""
+    from slimkit.core.progress import console
+    from slimkit.report.html import noise_reasons
+    from slimkit.report.schema import environment
+
+    t0 = time.perf_counter()
+    time_side_by_side(result["stages"], subjects, task, threads=threads)
+    result.setdefault("environment", {}).update(load_average_1m=environment().get("load_average_1m"))
+    console.print(f"latency: every stage timed side by side with the baseline, interleaved rounds "
+                  f"({time.perf_counter() - t0:.0f}s)", markup=False, highlight=False)
+    for why in noise_reasons(result["stages"], result["environment"]):
+        console.print(f"  warning: noisy timing: {why}", markup=False, highlight=False)

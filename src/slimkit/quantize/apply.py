@@ -21,6 +21,7 @@ from slimkit.core.selector import Selector
 from slimkit.core.state import ATTR, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
+from slimkit.quantize import numerics as nq
 from slimkit.quantize import ptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
@@ -115,13 +116,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     # -- what the result is, in words --------------------------------------------------------
     wspec = config.weight_spec()
     structure["weight_grid"] = [wspec.qmin, wspec.qmax]
-    if wspec.grid_bits:
-        full = [n for n, m in layers.items() if m.spec.grid_bits is None]
-        notes.append(f"int8 weights on the 7-bit grid [{wspec.qmin}, {wspec.qmax}] (target {config.target!r}): on x86 "
-                     "CPUs without VNNI ONNX Runtime adds u8 x s8 product pairs in int16, and full 8-bit weights could "
-                     "saturate them; target='x86-vnni' or 'arm64' uses all 8 bits where those kernels never run"
-                     + (f". {len(full)} depthwise convolution(s) keep the full grid (ONNX Runtime's depthwise kernel "
-                        "accumulates in int32 on every CPU)" if full else ""))
+    if wspec.pair_bound:
+        structure["weight_pair_bound"] = wspec.pair_bound
+        notes.append(_pair_note(layers, config.target, wspec.pair_bound))
     elif config.integer_matmul() and wspec.bits == 8 and wspec.signed:
         notes.append(f"int8 weights on the full grid (target {config.target!r}): ONNX Runtime may saturate int16 pair "
                      "sums on x86 CPUs without VNNI (AVX2 only), so this file is right only on the target's CPUs")
@@ -157,6 +154,31 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.speed_check and config.mode in ("static", "dynamic") and not simulated and deployable(wspec):
         return _never_slower(model, new, config, task, batches, calibration_data)
     return new.eval()
+
+
+def _pair_note(layers: dict, target: str, bound: int) -> str:
+    """What the pair limit of target 'portable' / 'x86-avx2' did, layer kinds and pairs changed."""
+    import dataclasses
+
+    limited = {n: m for n, m in layers.items() if m.enabled and m.spec.pair_bound}
+    changed = total = 0
+    for m in limited.values():
+        w = m.layer.weight.detach()
+        free = nq.quantize(w, m.weight_scale.detach(), m.weight_zero_point, dataclasses.replace(m.spec, pair_bound=None))
+        diff, even = m.weight_codes() != free, w.shape[1] - w.shape[1] % 2
+        changed += int((diff[:, 0:even:2] | diff[:, 1:even:2]).sum())
+        total += diff[:, 0:even:2].numel()
+    narrow = [n for n, m in layers.items() if m.enabled and m.spec.grid_bits]
+    full = [n for n, m in layers.items() if m.enabled and not m.spec.pair_bound and not m.spec.grid_bits]
+    text = (f"int8 weights for every CPU (target {target!r}): on x86 without VNNI ONNX Runtime adds u8 x s8 products "
+            f"of input channels 2i, 2i+1 in int16, so in {len(limited)} layer(s) each same-sign pair is limited to "
+            f"|q_a| + |q_b| <= {bound} ({changed} of {total} pairs changed, {100 * changed / max(total, 1):.1f}%)")
+    if narrow:
+        text += (f"; {len(narrow)} KxK convolution(s) with an odd number of input channels use the 7-bit grid "
+                 f"[-64, 63] ({', '.join(narrow[:3])}{', ...' if len(narrow) > 3 else ''})")
+    if full:
+        text += f"; {len(full)} depthwise convolution(s) keep the full grid (their kernel accumulates in int32)"
+    return text + "; target='x86-vnni' or 'arm64' lifts the limit where those kernels never run"
 
 
 def _never_slower(model, new, config, task, batches, calibration_data) -> nn.Module:

@@ -14,8 +14,10 @@ _TYPE = re.compile(r"^(u?)int(\d+)$")
 CalibrationMethod = Literal["minmax", "ema_minmax", "percentile", "mse", "kl"]
 Target = Literal["portable", "x86-avx2", "x86-vnni", "arm64"]
 # Targets whose int8 kernels add u8 x s8 product pairs in int16 (x86 without VNNI, VPMADDUBSW): int8
-# weights there use the 7-bit grid [-64, 63], so no pair sum can saturate. "portable" must run right on them.
+# weights there keep every pair the kernels form within |q_a| + |q_b| <= 128 (or use the 7-bit grid where
+# the pairing is not known), so no pair sum can saturate. "portable" must run right on them.
 SATURATING_TARGETS = ("portable", "x86-avx2")
+PAIR_BOUND = 128  # 255 * 128 = 32640 <= 32767: a pair of u8 x s8 products cannot saturate int16
 
 
 def parse_type(name: str, *, what: str) -> tuple[int, bool]:
@@ -82,12 +84,16 @@ class QuantConfig(Config):
         (`speed_threads` threads, each of `speed_batch_sizes`, interleaved rounds) and keep in float the
         layers with the fewest MACs where int8 is slower, up to the whole model (`quantize/speed.py`);
         the notes list what was kept. Static and dynamic modes on deployable types.
-    target: the CPUs the int8 file must run right on. "portable" (default) and "x86-avx2": int8 weights
-        that meet 8-bit activations in an integer matmul/conv (static, dynamic) use the 7-bit grid
-        [-64, 63], because ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in
-        int16 and would saturate with full 8-bit weights (wrong results on those CPUs only). "x86-vnni"
-        (AVX-512 VNNI / AVX-VNNI / AMX) and "arm64" accumulate in int32: the full grid [-128, 127]; such a
-        file gives wrong answers on an AVX2-only x86 CPU.
+    target: the CPUs the int8 file must run right on. ONNX Runtime's u8 x s8 kernels on x86 without
+        VNNI add pairs of products (input channels 2i, 2i+1) in int16, which full 8-bit weights can
+        saturate (wrong results on those CPUs only). "portable" (default) and "x86-avx2": int8 weights
+        that meet 8-bit activations (static, dynamic) keep the full grid with every same-sign pair of
+        input channels limited to |q_a| + |q_b| <= 128 (`numerics.limit_pairs`; about 2% of pairs
+        change); KxK convolutions with an odd number of input channels per group, where a kernel may
+        pair channels across kernel positions, use the 7-bit grid [-64, 63]; depthwise convolutions
+        keep the full grid (their kernel accumulates in int32). "x86-vnni" (AVX-512 VNNI / AVX-VNNI /
+        AMX) and "arm64" accumulate in int32: the full grid, no limit; such a file gives wrong answers
+        on an AVX2-only x86 CPU.
     blame: measure each activation quantizer's and each layer's weights' share of the output error
         (leave-one-out, one forward per quantizer and per layer on a calibration batch;
         `slimkit.quantize.blame`): in the notes and the report. Needs calibration data in every mode.
@@ -166,9 +172,12 @@ class QuantConfig(Config):
         wbits, signed = parse_type(self.weights, what="weights")
         bits = bits or wbits
         granularity = "group" if self.group_size else ("channel" if self.per_channel else "tensor")
+        # int8 weights meeting 8-bit activations on CPUs whose kernels may pair products in int16: every
+        # same-sign pair of input channels limited to |q_a| + |q_b| <= 128 (layers where the kernels' pairing
+        # is not known get the 7-bit grid instead: `graph.pair_safe_spec`)
         narrow = bits == 8 and signed and self.integer_matmul() and self.target in SATURATING_TARGETS
         return QuantSpec(bits=bits, signed=signed, symmetric=True, granularity=granularity, axis=0,
-                         group_size=self.group_size or 128, grid_bits=7 if narrow else None)
+                         group_size=self.group_size or 128, pair_bound=PAIR_BOUND if narrow else None)
 
     def activation_spec(self) -> QuantSpec | None:
         if self.mode != "static" or self.activations == "none":

@@ -128,6 +128,25 @@ def is_depthwise(layer: nn.Module) -> bool:
             and layer.groups == layer.in_channels == layer.out_channels)
 
 
+def pair_safe_spec(layer: nn.Module, spec: nq.QuantSpec) -> nq.QuantSpec:
+    """The weight spec of one layer under a pair limit (`QuantSpec.pair_bound`, target "portable"):
+    - depthwise convolutions: the full grid, no limit. ONNX Runtime runs them with its own kernel (MLAS
+      MlasConvDepthwiseKernel* / MlasConvSymDepthwiseKernel*), which widens inputs and weights to int16
+      and accumulates full products in int32 on every CPU: no pair sums, nothing to saturate;
+    - KxK convolutions with an odd number of input channels per group: the 7-bit grid. Their im2col rows
+      (kernel position, channel) put channels of two kernel positions in one pair, so the channel pairs
+      the limit constrains are not the pairs the kernel adds;
+    - every other convolution and Linear layer: the limit as given (the kernels pair channels 2i, 2i+1)."""
+    if not spec.pair_bound:
+        return spec
+    if is_depthwise(layer):
+        return dataclasses.replace(spec, pair_bound=None)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.weight[0, 0].numel() > 1 and \
+            (layer.in_channels // layer.groups) % 2:
+        return dataclasses.replace(spec, pair_bound=None, grid_bits=7)
+    return spec
+
+
 def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec: nq.QuantSpec | None,
             selector: Selector | None, dynamic: bool, fold_bn: bool = True,
             quantize_output: bool = False, equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -151,11 +170,7 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
         spec = weight_specs.get(name, weight_specs["*"])
         if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups > 1 and spec.granularity == "group":
             spec = dataclasses.replace(spec, granularity="channel", axis=0)
-        if spec.grid_bits is not None and is_depthwise(layer):
-            # ONNX Runtime runs depthwise int8 convolutions with its own kernel (MLAS MlasConvDepthwiseKernel*),
-            # which widens inputs and weights to int16 and accumulates full products in int32 on every CPU:
-            # no pair sums, nothing to saturate, so these keep the full 8-bit grid under target="portable"
-            spec = dataclasses.replace(spec, grid_bits=None)
+        spec = pair_safe_spec(layer, spec)
         q = _wrap(layer, spec, dynamic=dynamic)
         set_submodule(root, name, q)
         wrapped[name] = q

@@ -232,6 +232,7 @@ class _QuantWeightLayer(nn.Module):
 
         lo, hi = weight_thresholds(self.layer.weight, method, self.spec, percentile=percentile)
         scale, zp = nq.qparams(lo, hi, self.spec)
+        scale = nq.pair_scale(self.layer.weight, scale, zp, self.spec)  # no-op without a pair limit
         with torch.no_grad():
             if isinstance(self.weight_scale, nn.Parameter):
                 self.weight_scale.data.copy_(scale)
@@ -263,6 +264,8 @@ class _QuantWeightLayer(nn.Module):
             s = nq._broadcast(scale, w, self.spec)
             z = nq._broadcast(self.weight_zero_point, w, self.spec).float()
             q = torch.clamp(torch.floor(w / s).detach() + self.round_offset + z, self.spec.qmin, self.spec.qmax)
+            if self.spec.pair_bound:
+                q = nq.pair_limited(q, self.spec.pair_bound)
             return (q - z) * s
         return nq.fake_quantize(w, scale, self.weight_zero_point, self.spec)
 

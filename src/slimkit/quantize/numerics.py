@@ -20,10 +20,17 @@ Scales are per tensor (one s), per channel (one s per slice along `axis`, e.g. o
 a weight) or per group (one s per `group_size` consecutive input elements of each output row).
 Bit widths 2-16 are simulated exactly; int8, uint8, int16 and int4 are deployable types.
 
-A spec may use a narrower grid than its storage type (`grid_bits`): int8 weights on the 7-bit grid
-[-64, 63]. On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) add each pair of
-products in int16, which saturates when 255 * (|w_a| + |w_b|) > 32767; with |w| <= 64 no pair can
-(255 * 128 = 32640), whichever two weights the kernel pairs.
+On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) add each pair of products in
+int16, which saturates when 255 * (|w_a| + |w_b|) > 32767 for two weights of one sign. Two ways keep
+int8 weights clear of it:
+- `pair_bound` (128): the full grid, with every same-sign pair of weights the kernels pair — input
+  channels 2i and 2i+1 of one output row at one kernel position (they pack 4 consecutive input
+  channels per 32-bit lane: MLAS's QGEMM and its symmetric convolution, likewise oneDNN's blocked
+  int8 layouts) — limited to |q_a| + |q_b| <= 128 (255 * 128 = 32640). About 2% of pairs of a
+  typical layer exceed it; `limit_pairs` lowers both codes of such a pair by half the excess each.
+- `grid_bits` (7): a narrower grid than the storage type, [-64, 63]: no pair can saturate, whichever
+  two weights a kernel pairs (used where the pairing is not known, e.g. a KxK convolution with an
+  odd number of input channels).
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ class QuantSpec:
     group_size: elements per group along the last axis for per-group scales.
     grid_bits: a narrower integer grid inside the `bits`-wide storage type (e.g. 7 for int8 weights
         that must not saturate int16 pair sums; see the module docstring); None: the full type.
+    pair_bound: for symmetric signed weights, the largest |q_a| + |q_b| of a same-sign pair of input
+        channels (2i, 2i+1) of one output row and kernel position (`limit_pairs`); None: no limit.
     """
 
     bits: int = 8
@@ -65,9 +74,12 @@ class QuantSpec:
     axis: int = 0
     group_size: int = 128
     grid_bits: int | None = None
+    pair_bound: int | None = None
 
     def __post_init__(self) -> None:
         qrange(self.bits, self.signed)  # validates bits
+        if self.pair_bound is not None and not (self.symmetric and self.signed and self.pair_bound >= self.qmax):
+            raise ConfigError(f"pair_bound {self.pair_bound} needs symmetric signed codes and at least qmax ({self.qmax})")
         if self.grid_bits is not None and not (MIN_BITS <= self.grid_bits <= self.bits):
             raise ConfigError(f"grid_bits {self.grid_bits} must be in {MIN_BITS}-{self.bits} (the storage type's bits)")
         if self.granularity not in ("tensor", "channel", "group"):
@@ -149,9 +161,60 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
     if spec.granularity == "group":
         g = grouped(x.float(), spec.group_size)
         q = torch.round(g / scale[..., None]) + zero_point[..., None]
-        return q.clamp(spec.qmin, spec.qmax).to(torch.int64).reshape(x.shape)
-    s, z = _broadcast(scale, x, spec), _broadcast(zero_point, x, spec)
-    return torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax).to(torch.int64)
+        q = q.clamp(spec.qmin, spec.qmax).to(torch.int64).reshape(x.shape)
+    else:
+        s, z = _broadcast(scale, x, spec), _broadcast(zero_point, x, spec)
+        q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax).to(torch.int64)
+    return limit_pairs(q, spec.pair_bound) if spec.pair_bound else q
+
+
+def limit_pairs(q: torch.Tensor, bound: int) -> torch.Tensor:
+    """Codes (zero point 0) of a weight (out, in, *kernel) with every same-sign pair of input channels
+    (2i, 2i+1) — at each output row and kernel position — limited to |q_a| + |q_b| <= bound: the excess is
+    taken off both, half each (the larger code loses the odd unit), so the rounding error stays small.
+    Signs are kept; the codes' dtype too."""
+    if q.dim() < 2 or q.shape[1] < 2:
+        return q
+    even = q.shape[1] - q.shape[1] % 2
+    a, b = q[:, 0:even:2].double(), q[:, 1:even:2].double()
+    excess = ((a.abs() + b.abs() - bound).clamp(min=0) * ((a * b) > 0)).round()
+    if not excess.any():
+        return q
+    big = torch.ceil(excess / 2)
+    cut_a = torch.where(a.abs() >= b.abs(), big, excess - big)
+    out = q.clone()
+    out[:, 0:even:2] = (a - a.sign() * cut_a).to(q.dtype)
+    out[:, 1:even:2] = (b - b.sign() * (excess - cut_a)).to(q.dtype)
+    return out
+
+
+def pair_scale(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec,
+               steps: int = 24) -> torch.Tensor:
+    """Step sizes for weights under `spec.pair_bound`: for each scale (per channel or per tensor), the
+    multiple f * scale, f in [1, 2], whose pair-limited codes reconstruct `w` with the least squared
+    error. f = 1 keeps the whole grid and limits the pairs that exceed the bound; f = 2 halves the grid
+    so that no pair exceeds it (the 7-bit grid); rows with a few large pairs stay near 1, rows with many
+    (wide, flat weight distributions) move towards 2."""
+    if not spec.pair_bound or spec.granularity == "group":
+        return scale
+    w = w.detach().float()
+    dims = tuple(range(1, w.dim())) if spec.granularity == "channel" and scale.dim() > 0 else None
+    best, best_err = scale.clone(), None
+    for f in torch.linspace(1.0, 2.0, steps + 1):
+        s = scale * f
+        err = (dequantize(quantize(w, s, zero_point, spec), s, zero_point, spec) - w).pow(2)
+        err = err.sum(dims) if dims else err.sum()
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.minimum(err, best_err)
+    return best
+
+
+def pairs_within_bound(q: torch.Tensor, bound: int) -> bool:
+    """True when no same-sign pair of input channels (2i, 2i+1) of `q` exceeds |q_a| + |q_b| = bound."""
+    return bool(torch.equal(limit_pairs(q, bound), q))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -175,11 +238,20 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         g = grouped(x, spec.group_size)
         s, z = scale[..., None], zero_point[..., None].to(x.dtype)
         q = torch.clamp(round_ste(g / s) + z, spec.qmin, spec.qmax)
+        if spec.pair_bound:  # symmetric: z = 0; the limit is a step function of the codes (STE)
+            q = pair_limited(q.reshape(x.shape), spec.pair_bound).reshape(q.shape)
         return ((q - z) * s).reshape(x.shape)
     s = _broadcast(scale, x, spec)
     z = _broadcast(zero_point, x, spec).to(x.dtype)
     q = torch.clamp(round_ste(x / s) + z, spec.qmin, spec.qmax)
+    if spec.pair_bound:
+        q = pair_limited(q, spec.pair_bound)
     return (q - z) * s
+
+
+def pair_limited(q: torch.Tensor, bound: int) -> torch.Tensor:
+    """`limit_pairs` of float codes in the forward pass, identity gradient."""
+    return q + (limit_pairs(q.detach(), bound) - q.detach())
 
 
 def quant_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

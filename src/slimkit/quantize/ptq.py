@@ -327,11 +327,15 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
-                damp: float, block: int) -> torch.Tensor:
+                damp: float, block: int, pair_bound: int | None = None, positions: int = 1) -> torch.Tensor:
     """GPTQ for (G, R, d) weights with per-group input Hessians h (G, d, d) and scales / zero points
     (G, R, d // block) — one per row and block of `block` input columns: round column by column,
     spreading each column's rounding error over the columns not yet rounded in proportion to the
-    inverse Hessian (the error that least changes the layer's output)."""
+    inverse Hessian (the error that least changes the layer's output).
+
+    pair_bound: columns are (input channel, kernel position) with `positions` positions per channel; the
+    code of channel 2i+1 is limited so that |q(2i)| + |q(2i+1)| <= pair_bound for a same-sign pair at the
+    same position (`numerics.limit_pairs`), and what that costs is compensated like any rounding error."""
     w, h = w.double().clone(), h.double().clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0  # inputs always zero on the calibration data: rounded to nearest, nothing compensated
@@ -342,7 +346,14 @@ def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: tor
     q = torch.empty_like(w)
     for i in range(w.shape[2]):
         col, sc, zc = w[:, :, i], s[:, :, i // block], z[:, :, i // block]
-        qc = (torch.clamp(torch.round(col / sc) + zc, qmin, qmax) - zc) * sc
+        code = torch.clamp(torch.round(col / sc) + zc, qmin, qmax) - zc
+        if pair_bound and (i // positions) % 2 == 1:  # symmetric codes (z = 0): the pair's first code is fixed
+            j = i - positions
+            first = torch.round(q[:, :, j] / s[:, :, j // block])
+            room = (pair_bound - first.abs()).clamp(min=0)
+            limited = code.sign() * torch.minimum(code.abs(), room)
+            code = torch.where(first * code > 0, limited, code)
+        qc = code * sc
         q[:, :, i] = qc
         err = (col - qc) / hinv[:, i, i, None]
         w[:, :, i + 1:] -= err[:, :, None] * hinv[:, None, i, i + 1:]
@@ -394,7 +405,9 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
                 block, shape = wg.shape[2], (g, w.shape[0] // g, 1)
                 scale = layer.weight_scale.detach().float().expand(w.shape[0]).reshape(shape)
                 zero = layer.weight_zero_point.detach().float().expand(w.shape[0]).reshape(shape)
-            q = _gptq_round(wg, h, scale, zero, layer.spec.qmin, layer.spec.qmax, damp, block)
+            positions = w[0, 0].numel() if w.dim() > 2 else 1  # kernel positions per input channel
+            q = _gptq_round(wg, h, scale, zero, layer.spec.qmin, layer.spec.qmax, damp, block,
+                            layer.spec.pair_bound, positions)
             rtn = layer.quantized_weight().detach().reshape(wg.shape).double()
 
             def out_err(wq: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.core.io import write_text
+from slimkit.evaluate.latency import NOISY_SPREAD, describe_speedup
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -41,19 +42,22 @@ def _latency(metrics: dict, runtime: str, batch: int) -> float | None:
     return None if row is None else row["median_ms"]
 
 
-NOISY_SPREAD = 1.5  # p90 / p10 above this: the median moves between runs more than most speed-ups we report
-
-
 def _noisy(row: dict | None) -> bool:
     return row is not None and row.get("p10_ms") and row.get("p90_ms", 0) / row["p10_ms"] > NOISY_SPREAD
 
 
 def _latency_cell(row: dict | None) -> str:
-    """Median with its p10-p90 spread; a spread wider than NOISY_SPREAD is flagged."""
+    """Median with its p10-p90 spread and, when timed side by side with the baseline, the ratio to it
+    (`speedup`, round by round; "no clear difference" when the rounds disagree). A spread wider than
+    NOISY_SPREAD is flagged."""
     if row is None:
         return "<td></td>"
     spread = (f"<br><small>{row['p10_ms']:.3f}&ndash;{row['p90_ms']:.3f}</small>"
               if row.get("p10_ms") is not None and row.get("p90_ms") is not None else "")
+    vs = row.get("vs_baseline")
+    if vs:
+        ratio = (f"{vs['speedup']:.2f}x" if vs["reliable"] else "&asymp;1x") + " vs baseline"
+        spread += f"<br><small title='{html.escape(describe_speedup(vs))}'>{ratio}</small>"
     flag = " class=noisy title='p90/p10 spread above 1.5x: a ratio from this cell is unreliable'" if _noisy(row) else ""
     return f"<td{flag}>{row['median_ms']:.3f}{spread}</td>"
 
@@ -234,18 +238,28 @@ def _section(name: str, content: Any) -> str:
     return f"<h2>{html.escape(name)}</h2>{body}"
 
 
-def _noise_warning(stages: list[dict], env: dict) -> str:
+def noise_reasons(stages: list[dict], env: dict) -> list[str]:
+    """Why the latency figures of `stages` may not be trusted as ratios (empty when nothing is wrong): runs
+    that spread more than NOISY_SPREAD, side-by-side rounds that disagree with each other, a loaded machine."""
     rows = [r for s in stages for r in (s.get("metrics") or {}).get("latency", []) or []]
     noisy = [r for r in rows if _noisy(r)]
+    split = [r for r in rows if r.get("vs_baseline") and not r["vs_baseline"]["reliable"]]
     load, cores = env.get("load_average_1m"), env.get("cpu_count")
-    loaded = load is not None and cores and load > 0.75 * cores
-    if not noisy and not loaded:
-        return ""
     why = []
     if noisy:
         why.append(f"{len(noisy)} of {len(rows)} latency measurements spread more than {NOISY_SPREAD}x between runs")
-    if loaded:
+    if split:
+        why.append(f"for {len(split)} of them the interleaved rounds disagree on whether it is faster or slower than "
+                   "the baseline (shown as ~1x)")
+    if load is not None and cores and load > 0.75 * cores:
         why.append(f"the machine's load average was {load:.1f} on {cores} cores when the report was made")
+    return why
+
+
+def _noise_warning(stages: list[dict], env: dict) -> str:
+    why = noise_reasons(stages, env)
+    if not why:
+        return ""
     return ("<div class='card warn'><b>Noisy timing:</b> " + html.escape("; ".join(why))
             + ". Compare latencies as ratios within one run, and rerun on a quiet machine before trusting a speed-up."
             "</div>")

@@ -15,9 +15,9 @@ candidates within 15%, the median table 14; under load 17 vs 8. "median_ms" (the
 latencies) stays available; the statistic is recorded in the table so nobody mistakes one for the other.
 
 On a shared machine whose speed drifts over seconds, one pass of measurements can put a slow spell on
-one side of a comparison only. `measure_rounds` / `check_table(..., rounds=k, calibration=...)` measure
-every unit and every model once per round, k rounds interleaved, and keep the smallest value of each;
-calibration and check share the rounds. Session 4 on this 2-core VM (another job on the other core):
+one side of a comparison only. `measure_rounds` / `check_table(..., rounds=k, calibration=...)` time
+every unit and every model in one `compare_latency` call of k interleaved rounds (the project's one
+latency protocol); calibration and check share the rounds. Session 4 on this 2-core VM (another job on the other core):
 single pass, p10 table 1/20 candidates within 15%; 5 rounds, 20/20 in 4 of 5 runs.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pydantic import Field
 from slimkit.core.config import Config
 from slimkit.core.io import write_text
 from slimkit.errors import ConfigError, InfeasibleError
-from slimkit.evaluate import count_macs, count_params, ort_latency, torch_latency
-from slimkit.evaluate.latency import torch_threads
+from slimkit.evaluate import count_macs, count_params
+from slimkit.evaluate.latency import Workload, compare_latency, measure_latency, ort_call, torch_call, torch_threads
 
 RUNTIMES = ("torch", "ort")
 STATISTICS = ("median_ms", "p10_ms")
@@ -101,16 +101,20 @@ class LatencyTable:
             self.measured += 1
         return self.entries[key]
 
-    def _measure(self, unit: nn.Module, shape: tuple[int, ...]) -> float:
+    def _workload(self, unit: nn.Module, shape: tuple[int, ...], tmp: Path) -> Workload:
+        """`unit` on a random input of `shape` on the table's runtime (ONNX files go to `tmp`)."""
         unit = unit.eval()
         example = torch.randn(self.batch_size, *shape)
         if self.runtime == "torch":
-            return torch_latency(unit, example, threads=self.threads, warmup=5, runs=self.runs)[self.statistic]
+            return torch_call(unit, example, threads=self.threads)
         from slimkit.export.onnx import export_onnx
 
+        path = export_onnx(unit, tmp / f"unit-{sum(1 for _ in tmp.iterdir())}.onnx", example)
+        return ort_call(path, example, threads=self.threads)
+
+    def _measure(self, unit: nn.Module, shape: tuple[int, ...]) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(unit, Path(tmp) / "unit.onnx", example)
-            return ort_latency(path, example, threads=self.threads, warmup=5, runs=self.runs)[self.statistic]
+            return measure_latency(self._workload(unit, shape, Path(tmp)), warmup=5, runs=self.runs)[self.statistic]
 
     def units_sum(self, model: nn.Module) -> float:
         """Sum of the table entries of a `SearchNet`'s units (ms), measuring missing ones."""
@@ -138,22 +142,29 @@ class LatencyTable:
         return self.scale
 
     def measure_rounds(self, models: list[nn.Module], rounds: int = 1) -> list[float]:
-        """End-to-end latency of each model (ms), measured in `rounds` interleaved rounds: each round
-        measures every unit of every model and every model end to end once, and the smallest value of
-        each entry and each model is kept. On a shared machine whose speed drifts over seconds, a slow
-        spell then no longer lands on one side of a table-vs-end-to-end comparison."""
+        """End-to-end latency of each model (ms), measured with its units in one `compare_latency` call of
+        `rounds` interleaved rounds (about `runs` runs of each in all): missing table entries are filled
+        and, with `rounds` > 1, existing ones lowered to this call's figure when it is smaller. On a shared
+        machine whose speed drifts over seconds, a slow spell then no longer lands on one side of a
+        table-vs-end-to-end comparison."""
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
-        measured = [float("inf")] * len(models)
-        for r in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            calls: dict[Any, Workload] = {}
             for model in models:
                 for key, unit, shape in zip(model.unit_keys, model.units, model.unit_shapes):
-                    if key not in self.entries:
-                        self.unit_ms(key, unit, shape)
-                    elif r > 0:
-                        self.entries[key] = min(self.entries[key], self._measure(unit, shape))
-            measured = [min(old, self.measure_end_to_end(m)) for old, m in zip(measured, models)]
-        return measured
+                    if key not in calls and (key not in self.entries or rounds > 1):
+                        calls[key] = self._workload(unit, shape, Path(tmp))
+            for i, model in enumerate(models):
+                calls[("model", i)] = self._workload(model, tuple(model.unit_shapes[0]), Path(tmp))
+            stats = compare_latency(calls, rounds=rounds, min_runs=max(1, -(-self.runs // rounds)),
+                                    round_time_s=0.0, warmup=5)
+        for key in calls:
+            if isinstance(key, str):
+                new = stats[key][self.statistic]
+                self.measured += key not in self.entries
+                self.entries[key] = min(self.entries.get(key, new), new)
+        return [stats[("model", i)][self.statistic] for i in range(len(models))]
 
     def measure_end_to_end(self, model: nn.Module) -> float:
         """Measured end-to-end latency (ms) of `model` on the table's runtime, threads and batch."""
