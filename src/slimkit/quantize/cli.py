@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             return _pt2e(model, data, weights_file, trust_factory, samples, out, threads, batch_size)
         from slimkit.core.artifact import save
         from slimkit.core.io import output_dir
-        from slimkit.evaluate import ort_latency, predict, topk_accuracy
+        from slimkit.evaluate import compare_latency, ort_call, predict, topk_accuracy
         from slimkit.export.onnx import export_onnx
         from slimkit.quantize import QuantConfig, check_parity, export_quantized, quantize
 
@@ -79,15 +79,14 @@ def register(app: typer.Typer) -> None:
         q_onnx = export_quantized(q, out / "model.onnx", example)
         save(q, out / "model.safetensors")
         parity = check_parity(q, q_onnx, task.example_input(batch_size))
-        rows = []
+        x = task.example_input(batch_size)
+        timing = compare_latency({"fp32": ort_call(fp32_onnx, x, threads=threads),
+                                  "quantized": ort_call(q_onnx, x, threads=threads)})
         for label, m, path in (("fp32", net, fp32_onnx), ("quantized", q, q_onnx)):
             acc = topk_accuracy(*predict(m, task, "test"))["top1"] if task.metric == "accuracy" else None
-            lat = ort_latency(path, task.example_input(batch_size), threads=threads, runs=20)["median_ms"]
-            rows.append((label, acc, path.stat().st_size, lat))
-        for label, acc, size, lat in rows:
-            acc_s = f"accuracy {100 * acc:.2f}%  " if acc is not None else ""
-            console.print(f"{label:<10} {acc_s}{size:>10,} bytes  {lat:.3f} ms (onnxruntime, {threads} thread(s), "
-                          f"batch {batch_size})", markup=False, highlight=False)
+            console.print(f"{label:<10} {_accuracy(acc)}{path.stat().st_size:>10,} bytes  {_ms(timing[label])} "
+                          f"(onnxruntime, {threads} thread(s), batch {batch_size})", markup=False, highlight=False)
+        _print_speed(console, timing["fp32"], timing["quantized"], "fp32")
         console.print(f"ONNX Runtime vs simulation: max |diff| {parity['max_abs_diff']:.3g}"
                       + (f", top-1 agreement {parity['top1_agreement']:.4f}" if "top1_agreement" in parity else ""),
                       markup=False, highlight=False)
@@ -109,7 +108,7 @@ def _pt2e(model: str, data: str, weights_file, trust_factory: bool, samples: int
     from slimkit.cli.common import console, load_model, load_task
     from slimkit.core.artifact import save
     from slimkit.core.io import output_dir
-    from slimkit.evaluate import predict, topk_accuracy, torch_latency
+    from slimkit.evaluate import compare_latency, predict, topk_accuracy, torch_call
     from slimkit.quantize.pt2e import Pt2eConfig, quantize_pt2e
 
     output_dir(out)
@@ -118,13 +117,34 @@ def _pt2e(model: str, data: str, weights_file, trust_factory: bool, samples: int
     q = quantize_pt2e(net, Pt2eConfig(calibration_samples=samples, batch_size=batch_size), task=task)
     path = save(q, out / "model.safetensors")
     example = task.example_input(batch_size)
+    timing = compare_latency({"fp32": torch_call(net, example, threads=threads),
+                              "int8 pt2e": torch_call(q, example, threads=threads)})
     for label, m in (("fp32", net), ("int8 pt2e", q)):
         acc = topk_accuracy(*predict(m, task, "test"))["top1"] if task.metric == "accuracy" else None
-        lat = torch_latency(m, example, threads=threads, runs=20)["median_ms"]
-        acc_s = f"accuracy {100 * acc:.2f}%  " if acc is not None else ""
-        console.print(f"{label:<10} {acc_s}{lat:.3f} ms (PyTorch, {threads} thread(s), batch {batch_size})",
+        console.print(f"{label:<10} {_accuracy(acc)}{_ms(timing[label])} (PyTorch, {threads} thread(s), batch {batch_size})",
                       markup=False, highlight=False)
+    _print_speed(console, timing["fp32"], timing["int8 pt2e"], "fp32")
     kernels = {k: v for k, v in q.kernels().items() if k.startswith("onednn.")}
     console.print(f"int8 kernels: {kernels}", markup=False, highlight=False)
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes: float weights + observer statistics; the int8 "
                   "graph is rebuilt on load)", markup=False, highlight=False)
+
+
+def _accuracy(acc: float | None) -> str:
+    return f"accuracy {100 * acc:.2f}%  " if acc is not None else ""
+
+
+def _ms(stats: dict) -> str:
+    return f"{stats['median_ms']:.3f} ms (p10-p90 {stats['p10_ms']:.3f}-{stats['p90_ms']:.3f})"
+
+
+def _print_speed(console, baseline: dict, candidate: dict, than: str) -> None:
+    """One line with the ratio of two figures of one `compare_latency` call, and a warning when it is noisy."""
+    from slimkit.evaluate import describe_speedup, speedup
+    from slimkit.evaluate.latency import NOISY_SPREAD
+
+    console.print(f"timed side by side: {describe_speedup(speedup(baseline, candidate), than)}",
+                  markup=False, highlight=False)
+    if baseline["noisy"] or candidate["noisy"]:
+        console.print(f"warning: noisy timing (p90/p10 above {NOISY_SPREAD}x): rerun on a quiet machine before "
+                      "trusting the ratio", markup=False, highlight=False)
