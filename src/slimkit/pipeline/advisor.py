@@ -32,12 +32,12 @@ from slimkit.core.io import output_dir, write_text
 from slimkit.core.progress import console
 from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
+from slimkit.evaluate.latency import describe_speedup, speedup
 from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
 from slimkit.pipeline.sensitivity import analyse
-from slimkit.evaluate.latency import describe_speedup, speedup
 from slimkit.pipeline.stage import Timed, evaluate_stage, run_stage, time_side_by_side
 from slimkit.report import write_html, write_json
-from slimkit.report.html import _latency_cell, figure_png, heatmap
+from slimkit.report.html import figure_png, heatmap, latency_cell
 
 FORMATS = ("fp32", "int8", "pack")
 
@@ -295,8 +295,9 @@ def side_by_side(runner: _Runner, base: dict, points: list[dict]) -> None:
     time_side_by_side(entries, [runner.timed.get(p["trial"]) for p in entries], runner.task,
                       threads=runner.config.threads)
     for p in entries:
-        row = next(r for r in p["metrics"]["latency"] if r["batch_size"] == runner.config.latency_batch_size)
-        p["latency_ms"], p["timing"] = row["median_ms"], row
+        row = next((r for r in p["metrics"]["latency"] if r["batch_size"] == runner.config.latency_batch_size), None)
+        if row is not None:
+            p["latency_ms"], p["timing"] = row["median_ms"], row
 
 
 def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[list[str], list[dict]]:
@@ -476,7 +477,7 @@ def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dic
         rows.append(f"<tr><td>{p['trial']}</td><td class=l>{html.escape(describe(p['params']) if p is not base else 'original (fp32 ONNX)')}</td>"
                     f"<td>{100 * p['accuracy']:.2f}%</td><td>{100 * (p['accuracy'] - base['accuracy']):+.2f}</td>"
                     f"<td>{int(p['size_bytes']):,}</td><td>{base['size_bytes'] / p['size_bytes']:.1f}</td>"
-                    f"{_latency_cell(p.get('timing') or {'median_ms': p['latency_ms']})}"
+                    f"{latency_cell(p.get('timing') or {'median_ms': p['latency_ms']})}"
                     f"<td>{_faster_cell(p) if p is not base else '1.0'}</td><td>{mark}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 

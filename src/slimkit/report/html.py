@@ -46,7 +46,7 @@ def _noisy(row: dict | None) -> bool:
     return row is not None and row.get("p10_ms") and row.get("p90_ms", 0) / row["p10_ms"] > NOISY_SPREAD
 
 
-def _latency_cell(row: dict | None) -> str:
+def latency_cell(row: dict | None) -> str:
     """Median with its p10-p90 spread and, when timed side by side with the baseline, the ratio to it
     (`speedup`, round by round; "no clear difference" when the rounds disagree). A spread wider than
     NOISY_SPREAD is flagged."""
@@ -212,7 +212,7 @@ def stage_table(stages: list[dict]) -> str:
             f"<td>{acc_txt}</td><td>{delta}</td>"
             f"<td>{_fmt_int(m.get('params'))}<br><small>({_fmt_int(m.get('nonzero_params'))})</small></td>"
             f"<td>{_fmt_int(m.get('macs'))}</td><td>{_fmt_int(size)}</td><td>{ratio}</td>"
-            + "".join(_latency_cell(row) for row in lat)
+            + "".join(latency_cell(row) for row in lat)
             + f"<td class=l>{art}<br><small>{'<br>'.join(notes)}</small></td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
