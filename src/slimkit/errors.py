@@ -37,6 +37,10 @@ class CalibrationError(SlimkitError, ValueError):
     """Calibration data is empty or contains NaN/Inf, or statistics are unusable."""
 
 
+class ChainError(ConfigError):
+    """A technique was asked to follow one that does not allow it (e.g. anything after quantize)."""
+
+
 class InfeasibleError(SlimkitError, ValueError):
     """A constraint or budget cannot be met by any candidate."""
 

@@ -26,7 +26,7 @@ from slimkit.core import registry
 from slimkit.core.progress import progress_bar
 from slimkit.core.registry import Technique
 from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.lowrank.refit import refit_last_layer
@@ -121,6 +121,7 @@ def fit_projection(original: nn.Module, original_layer: nn.Module, converted: nn
                             samples=config.calibration_samples, ridge=config.ridge, residual=residual)
 
 
+@chained("separable")
 def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """Return a copy of `model` whose selected kxk convolutions are MobileNet-style blocks.
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import slimkit
 from slimkit.core.io import atomic_path
 from slimkit.core.state import ATTR, get_state, set_source
-from slimkit.errors import ArtifactError, ModelError, SlimkitError, UntrustedFactoryError
+from slimkit.errors import ArtifactError, ChainError, ModelError, SlimkitError, UntrustedFactoryError
 
 FORMAT = "slimkit-model/1"
 
@@ -208,6 +208,10 @@ def rebuild(manifest: dict[str, Any], *, trust_factory: bool = False) -> nn.Modu
     model = build_source(manifest["source"], trust_factory=trust_factory)
     for i, stage in enumerate(manifest.get("stages", [])):
         technique = registry.get(stage["technique"])
+        try:
+            registry.check_chain([s["technique"] for s in manifest["stages"][:i]], technique.name)
+        except ChainError as err:
+            raise ArtifactError(f"the file records stages no slimkit run produces: {err}") from None
         config = technique.config_cls.from_dict(stage.get("config", {}))
         if technique.restore is not None:
             model = technique.restore(model, config, stage.get("structure", {}))

@@ -33,6 +33,9 @@ class Technique:
     write_artifact(model, directory, task) -> path of the deployable file this technique's result is
         measured by (default: slimkit.save's safetensors file).
     runtime: which runtime its result runs on for latency ("torch" or "ort").
+    next: the techniques that may follow this one on a model (None: any; (): none, it is final, like
+        quantize, whose wrapped layers another technique must not select). Enforced by `check_chain`
+        in every technique's `record_stage`, in `apply` and `run_stage` before any work, and by `load`.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Technique:
     write_artifact: Callable[..., Any] | None = None
     runtime: str = "torch"
     order: int = 50  # position in the demo (lower runs first)
+    next: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -97,6 +101,23 @@ def for_config(config: Config) -> Technique:
     raise ConfigError(f"no technique is registered for config type {type(config).__name__}")
 
 
+def check_chain(previous: list[str], technique: str) -> None:
+    """Raise `ChainError` when `technique` may not follow the last of the `previous` techniques."""
+    from slimkit.errors import ChainError
+
+    if not previous:
+        return
+    last = get(previous[-1])
+    if last.next is not None and technique not in last.next:
+        allowed = ", ".join(last.next) if last.next else "nothing: it must be the last stage"
+        raise ChainError(f"{technique} cannot follow {last.name} (after {last.name} may come {allowed}); "
+                         f"apply {technique} before {last.name}")
+
+
 def apply(model: nn.Module, config: Config, *, task: Task | None = None, **kwargs: Any) -> nn.Module:
     """Apply the technique the config's type belongs to; returns a new model."""
-    return for_config(config).apply(model, config, task=task, **kwargs)
+    from slimkit.core.state import applied
+
+    technique = for_config(config)
+    check_chain(applied(model), technique.name)
+    return technique.apply(model, config, task=task, **kwargs)

@@ -1,7 +1,8 @@
 """Module selection shared by all techniques: include/exclude name patterns and layer types.
 
 A selector that matches nothing raises `SelectorError`: a silent no-op would produce a
-"compressed" model that was not compressed.
+"compressed" model that was not compressed. Layers inside a technique's wrapper (a module whose class
+sets `slimkit_wrapper = True`, e.g. a quantized layer holding its float original) are never selected.
 """
 from __future__ import annotations
 
@@ -43,10 +44,14 @@ def select(
     selector = selector or Selector()
     default_types = tuple(default_types)
     wanted_types = set(selector.types)
-    matched = []
+    matched, wrappers = [], []
     for name, module in model.named_modules():
         if not name:
             continue
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue  # inside a technique's wrapper (a quantized layer's float original): never re-selected
+        if getattr(module, "slimkit_wrapper", False):
+            wrappers.append(name)
         if wanted_types:
             if not (_type_names(module) & wanted_types):
                 continue

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.registry import Technique
-from slimkit.core.state import copy_model, get_state, record_stage
+from slimkit.core.state import chained, copy_model, get_state, record_stage
 from slimkit.core.task import Task
 from slimkit.core.trainer import TrainConfig, fit, resolve_device
 from slimkit.distill.augment import random_shift
@@ -199,6 +199,7 @@ def build_student(model: nn.Module, config: DistillConfig, task: Task) -> nn.Mod
     return zoo.for_task(config.student[len("zoo:"):], task, seed=config.seed, **kwargs)
 
 
+@chained("distill")
 def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
            teacher: nn.Module | None = None, **_: object) -> nn.Module:
     """Registered apply: the input model is the teacher unless `teacher` is given."""

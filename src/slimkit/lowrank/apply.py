@@ -20,7 +20,7 @@ from slimkit.core import registry
 from slimkit.core.progress import progress_bar
 from slimkit.core.registry import Technique
 from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, SelectorError, UnsupportedLayerError
 from slimkit.lowrank.config import LowRankConfig
@@ -155,6 +155,7 @@ def _named_layers(model: nn.Module, config: LowRankConfig) -> set[str]:
     return exact | set(config.ranks)
 
 
+@chained("factorize")
 def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """Return a copy of `model` with its selected Linear/Conv2d layers replaced by low-rank factors.
 

@@ -84,6 +84,7 @@ register(Technique(
     restore=None,
     demo=lambda model, task: PackConfig(prune=PruneConfig(sparsity=0.9, finetune_epochs=3), codebook_epochs=1),
     write_artifact=_write_slim, runtime="torch", order=22,
+    next=(),  # final: the .slim file stores its codebooks; a later stage would change weights it fixed
 ))
 register_loader(".slim", read_packed)
 register_exporter(".slim", _export_slim)

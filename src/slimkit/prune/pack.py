@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.selector import get_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError
 from slimkit.prune.config import PackConfig
@@ -101,6 +101,7 @@ def _finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, config:
     return result
 
 
+@chained("pack")
 def quantize_values(model: nn.Module, config: PackConfig | None = None, *, task: Task | None = None,
                     **_: object) -> nn.Module:
     """The `pack` technique: (optional pruning,) shared-value quantization of the selected layers,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.selector import get_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
 from slimkit.evaluate.metrics import count_macs
@@ -144,6 +144,7 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
     return model, {"macs_before": base_macs, "macs_after": macs}
 
 
+@chained("prune_structured")
 def prune_structured(model: nn.Module, config: StructuredPruneConfig | None = None, *, task: Task | None = None,
                      **_: object) -> nn.Module:
     """Remove channels/neurons to `config.target_macs` of the MACs (or by `config.ratio`), then recover

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.selector import get_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import HeadPruneConfig
@@ -106,6 +106,7 @@ def _remove_neurons(ffn: list, fraction: float) -> dict:
     return neurons
 
 
+@chained("prune_heads")
 def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task: Task | None = None,
                 **_: object) -> nn.Module:
     """Remove attention heads and feed-forward neurons; returns a new, smaller model."""

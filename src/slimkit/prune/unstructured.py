@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.state import chained, copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.distill.recovery import finetune, recover
 from slimkit.errors import ConfigError, UnsupportedLayerError
@@ -77,6 +77,7 @@ class _Planner:
         return final * (1.0 - (1.0 - progress) ** 3)
 
 
+@chained("prune")
 def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, task: Task | None = None,
                        **_: object) -> nn.Module:
     """Prune weights of the selected layers to `config.sparsity` (or N:M) and fine-tune; returns a new

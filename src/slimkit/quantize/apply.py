@@ -18,7 +18,7 @@ import torch.nn as nn
 from slimkit.core import registry
 from slimkit.core.registry import Technique
 from slimkit.core.selector import Selector
-from slimkit.core.state import ATTR, copy_model, get_state, record_stage
+from slimkit.core.state import ATTR, chained, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
 from slimkit.quantize import numerics as nq
@@ -55,6 +55,7 @@ def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None
     return prepared, structure
 
 
+@chained("quantize")
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, calibration_data=None,
              **kwargs: Any) -> nn.Module:
     """Quantize `model`; returns a new model (the input is untouched).
@@ -275,7 +276,8 @@ def _demo(model: nn.Module, task) -> QuantConfig:
 registry.register(Technique(
     name="quantize", family="quantization", config_cls=QuantConfig, apply=quantize,
     summary="int8/int16/int4 weights and activations (static, dynamic, weight-only), calibrated; ONNX QDQ on int8 kernels",
-    restore=restore, demo=_demo, write_artifact=_write_artifact, runtime="ort", order=80))
+    restore=restore, demo=_demo, write_artifact=_write_artifact, runtime="ort", order=80,
+    next=()))  # final: its wrapped layers must not be selected by another technique
 
 
 def _register_exporter() -> None:

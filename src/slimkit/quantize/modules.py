@@ -194,6 +194,8 @@ class _QuantWeightLayer(nn.Module):
     """Shared logic of QuantConv / QuantLinear: the wrapped float layer, its weight quantizer and,
     for static activations, a link to its input quantizer (needed for the int32 bias scale)."""
 
+    slimkit_wrapper = True  # `core.selector.select` never picks the float layer inside
+
     def __init__(self, layer: nn.Module, spec: nq.QuantSpec):
         super().__init__()
         self.layer = layer

@@ -32,7 +32,7 @@ from pydantic import Field
 from slimkit.core import registry
 from slimkit.core.config import Config
 from slimkit.core.registry import Technique
-from slimkit.core.state import ATTR, copy_model, get_state, record_stage
+from slimkit.core.state import ATTR, chained, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, MissingDependencyError, ModelError
 
 
@@ -134,6 +134,7 @@ def _observer_shapes(prepared: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in prepared.state_dict().items() if k.startswith("activation_post_process_")}
 
 
+@chained("quantize_pt2e")
 def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=None, calibration_data=None,
                   **kwargs: Any) -> Pt2eInt8Model:
     """Static int8 of `model` with torchao's PT2E flow and x86 quantizer; returns a new model that
@@ -188,4 +189,4 @@ def restore(model: nn.Module, config: Pt2eConfig, structure: dict[str, Any]) -> 
 registry.register(Technique(
     name="quantize_pt2e", family="quantization", config_cls=Pt2eConfig, apply=quantize_pt2e,
     summary="static int8 in PyTorch itself: torchao PT2E + x86 quantizer, lowered to oneDNN int8 kernels (CPU)",
-    restore=restore, runtime="torch", order=81))
+    restore=restore, runtime="torch", order=81, next=()))
