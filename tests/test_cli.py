@@ -4,7 +4,6 @@ import sys
 import numpy as np
 import pytest
 
-import slimkit
 from slimkit.cli.main import main
 
 
@@ -97,4 +96,3 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           env={"SLIMKIT_PROGRESS": "0", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: model file not found")
-    assert slimkit.__version__

@@ -3,6 +3,7 @@
 One row per (command, bad input); grow the table whenever a case is found. `{f}` in an argument is
 the folder of prepared bad files (see `files`).
 """
+import json
 import os
 import re
 import signal
@@ -239,6 +240,12 @@ def test_demo_log_has_per_stage_progress_and_no_blank_lines(tmp_path):
     timed = [line for line in lines if re.search(r"\(\d[\dhms]*; \d[\dhms]* so far\)$", line)]  # 12s, 1m05s, 1h02m
     assert len(stages) >= 6 and len(timed) == len(stages), lines  # each stage finished, with its elapsed time
     assert lines[-2].startswith("demo finished in ")
+    from slimkit.core import registry
+
+    result = json.loads((tmp_path / "out" / "result.json").read_text())  # every technique's demo config ran
+    demo = [t.name for t in registry.techniques() if t.demo is not None]
+    assert [s["technique"] for s in result["stages"][1:]] == demo and not any(s.get("error") for s in result["stages"])
+    assert all(r.get("side_by_side") for s in result["stages"] for r in s["metrics"]["latency"])
 
 
 def test_more_bad_inputs_found_by_probing(files, tmp_path, capsys):

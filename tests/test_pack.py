@@ -144,4 +144,9 @@ def test_cli_pack_and_prune(tmp_path, trained_lenet5, capsys):
     assert main(["prune", str(src), "--epochs", "0", "--include", "nothing.*", "--out", str(tmp_path / "x")]) == 2
     assert main(["pack", str(src), "--out", str(tmp_path / "x.bin")]) == 2
     assert main(["prune", str(src), "--sparsity", "0.5", "--epochs", "0", "--out", str(tmp_path / "p")]) == 0
-    assert sk.load(tmp_path / "p.slim") is not None
+    pruned = sk.load(tmp_path / "p.slim")  # what the CLI wrote: half of the weights zero, the rest kept
+    w = [(m.weight, o.weight) for m, o in zip(pruned.modules(), trained_lenet5.modules())
+         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    zeros = sum(int((p == 0).sum()) for p, _ in w) / sum(p.numel() for p, _ in w)
+    assert 0.45 <= zeros <= 0.55
+    assert all(torch.equal(p[p != 0], o[p != 0]) for p, o in w)

@@ -103,6 +103,16 @@ def test_compress_runs_checkpoints_and_is_deterministic(tmp_path, trained_lenet5
     assert (tmp_path / "a" / "report.html").read_text().count("data:image/png") >= 1
 
 
+def test_recipe_evaluation_split_is_the_split_evaluated(tmp_path, trained_lenet5, digits_task):
+    from slimkit.core.trainer import accuracy
+
+    recipe = load_recipe(RECIPE.replace("  batch_sizes: [1]", "  batch_sizes: [1]\n  split: val"))
+    result = slimkit.compress(trained_lenet5, recipe, digits_task, tmp_path / "v")
+    val, test = (accuracy(trained_lenet5, digits_task, s) for s in ("val", "test"))
+    assert val != test  # the check below can tell the splits apart
+    assert result["stages"][0]["metrics"]["accuracy"] == pytest.approx(val)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_kill_mid_stage_then_resume_loses_nothing(sig, tmp_path, trained_file, trained_lenet5, digits_task):
     recipe_file = tmp_path / "r.yaml"

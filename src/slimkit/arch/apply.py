@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from slimkit.arch.config import SeparableConfig
-from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidualConv, _pair
+from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidualConv
 from slimkit.core import registry
+from slimkit.core.layers import pair
 from slimkit.core.progress import progress_bar
 from slimkit.core.registry import Technique
 from slimkit.core.selector import get_submodule, select, set_submodule
@@ -40,7 +41,7 @@ def unsupported_reason(layer: nn.Module, config: SeparableConfig) -> str | None:
         return f"{type(layer).__name__} has its own forward (e.g. custom padding) that a block would not reproduce"
     if layer.groups != 1:
         return f"grouped convolution (groups={layer.groups}) is already cheaper than a separable block"
-    if _pair(layer.kernel_size) == (1, 1):
+    if pair(layer.kernel_size) == (1, 1):
         return "1x1 convolution: no spatial part to separate"
     if layer.in_channels < config.min_in_channels:
         return (f"{layer.in_channels} input channel(s) < min_in_channels={config.min_in_channels} "
@@ -56,7 +57,7 @@ def block_cost(conv: nn.Conv2d, config: SeparableConfig | None = None, block: st
                width: int | None = None) -> tuple[int, int]:
     """(parameters, MACs per output pixel) of `conv` (config None) or of the block replacing it."""
     cout, cin = conv.out_channels, conv.in_channels
-    (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
+    (kh, kw), (sh, sw) = pair(conv.kernel_size), pair(conv.stride)
     if config is None and block is None:
         w = cout * cin // conv.groups * kh * kw
         return w + (0 if conv.bias is None else cout), w

@@ -8,20 +8,18 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+from slimkit.core.layers import pair
 
 
 def keeps_shape(conv: nn.Conv2d) -> bool:
     """True when the convolution maps (C, H, W) to (C, H, W), so a residual connection fits."""
-    if conv.in_channels != conv.out_channels or _pair(conv.stride) != (1, 1):
+    if conv.in_channels != conv.out_channels or pair(conv.stride) != (1, 1):
         return False
     if conv.padding == "same":
         return True
     if isinstance(conv.padding, str):
         return False
-    return all(2 * p == d * (k - 1) for p, d, k in zip(_pair(conv.padding), _pair(conv.dilation), _pair(conv.kernel_size)))
+    return all(2 * p == d * (k - 1) for p, d, k in zip(pair(conv.padding), pair(conv.dilation), pair(conv.kernel_size)))
 
 
 class DepthwiseSeparableConv(nn.Sequential):

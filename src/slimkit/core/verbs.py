@@ -1,6 +1,6 @@
 """Packages that double as verbs.
 
-DESIGN.md's API calls `sk.evaluate(model, task)`, `sk.export(model, path)`, `sk.prune(...)`,
+The design's API (README, docs/adding-a-technique.md) calls `sk.evaluate(model, task)`, `sk.export(model, path)`, `sk.prune(...)`,
 `sk.quantize(...)`, `sk.distill(...)`, while the same names are the packages that implement them
 (`slimkit.evaluate.count_macs`, ...). Python binds an imported subpackage as an attribute of its
 parent, so the package itself must be callable: its module class gets a `__call__` that forwards

@@ -201,7 +201,7 @@ def build_student(model: nn.Module, config: DistillConfig, task: Task) -> nn.Mod
 
 @chained("distill")
 def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
-           teacher: nn.Module | None = None, **_: object) -> nn.Module:
+           teacher: nn.Module | None = None) -> nn.Module:
     """Registered apply: the input model is the teacher unless `teacher` is given."""
     if task is None:
         raise ConfigError("the distill stage needs data (task=...): distillation trains the student")

@@ -2,7 +2,7 @@
 
 Uses the TorchScript-based exporter (`dynamo=False`): it is ~20x faster to run than the dynamo
 exporter on small models and its graphs are what ONNX Runtime's quantization tools expect
-(DESIGN.md). Pass `dynamo=True` for models the old exporter cannot trace.
+(the exporter the team chose). Pass `dynamo=True` for models the old exporter cannot trace.
 """
 from __future__ import annotations
 

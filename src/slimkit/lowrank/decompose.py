@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.lowrank.modules import ChannelSVDConv, LowRankLinear, SpatialSVDConv, Tucker2Conv, _pair
+from slimkit.core.layers import pair
+from slimkit.lowrank.modules import ChannelSVDConv, LowRankLinear, SpatialSVDConv, Tucker2Conv
 
 
 @contextmanager
@@ -122,7 +123,7 @@ def cost(kind: str | None, layer: nn.Module, rank=None) -> tuple[int, int]:
         if kind is None:
             return m * n + bias, m * n
         return rank * (m + n) + bias, rank * (m + n)
-    cout, cin, (kh, kw), (sh, sw) = layer.out_channels, layer.in_channels, _pair(layer.kernel_size), _pair(layer.stride)
+    cout, cin, (kh, kw), (sh, sw) = layer.out_channels, layer.in_channels, pair(layer.kernel_size), pair(layer.stride)
     cin_g = cin // layer.groups
     if kind is None:
         return cout * cin_g * kh * kw + bias, cout * cin_g * kh * kw

@@ -7,9 +7,7 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+from slimkit.core.layers import pair
 
 
 class LowRankLinear(nn.Sequential):
@@ -45,8 +43,8 @@ class SpatialSVDConv(nn.Sequential):
     """Conv kh x kw as conv kh x 1 (Cin -> rank) then conv 1 x kw (rank -> Cout) (Jaderberg et al. 2014)."""
 
     def __init__(self, conv: nn.Conv2d, rank: int, bias: bool | None = None):
-        (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
-        (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
+        (kh, kw), (sh, sw) = pair(conv.kernel_size), pair(conv.stride)
+        (ph, pw), (dh, dw) = pair(conv.padding), pair(conv.dilation)
         super().__init__(OrderedDict(
             first=nn.Conv2d(conv.in_channels, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False),
             second=nn.Conv2d(rank, conv.out_channels, (1, kw), (1, sw), (0, pw), (1, dw),

@@ -29,6 +29,7 @@ from pydantic import Field
 from slimkit.core import registry
 from slimkit.core.config import Config
 from slimkit.core.io import output_dir, write_text
+from slimkit.core.layers import pareto_front as front_of
 from slimkit.core.progress import console
 from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
@@ -197,15 +198,7 @@ def _objectives(metrics, config: AutoConfig) -> tuple[float, float, float]:
 
 def pareto_front(points: list[dict]) -> list[dict]:
     """Points not dominated in (accuracy up, size down, latency down)."""
-    front = []
-    for p in points:
-        dominated = any(q is not p and q["accuracy"] >= p["accuracy"] and q["size_bytes"] <= p["size_bytes"]
-                        and q["latency_ms"] <= p["latency_ms"] and
-                        (q["accuracy"], -q["size_bytes"], -q["latency_ms"]) != (p["accuracy"], -p["size_bytes"], -p["latency_ms"])
-                        for q in points)
-        if not dominated:
-            front.append(p)
-    return front
+    return front_of(points, maximize=("accuracy",), minimize=("size_bytes", "latency_ms"))
 
 
 def feasible(point: dict, base: dict, config: AutoConfig) -> bool:

@@ -91,7 +91,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path | dict, task: Task, o
     output_dir(ckpt_dir)
     output_dir(art_dir)
     ev = recipe.evaluation
-    eval_kw = dict(runtimes=tuple(ev.runtimes), threads=ev.threads, batch_sizes=tuple(ev.batch_sizes))
+    eval_kw = dict(runtimes=tuple(ev.runtimes), threads=ev.threads, batch_sizes=tuple(ev.batch_sizes), split=ev.split)
     source = get_state(model)["source"]
     digest = recipe.digest()
 

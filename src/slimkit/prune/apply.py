@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimkit.core.artifact import register_loader
+from slimkit.core import registry
 from slimkit.core.registry import Technique, register
 from slimkit.core.state import last_stage
 from slimkit.core.task import Task
@@ -32,12 +33,8 @@ def prune(model: nn.Module, config: PruneConfig | StructuredPruneConfig | HeadPr
         small = slimkit.prune(model, slimkit.PruneConfig(sparsity=0.9, scope="global"), task=task)
     """
     config = config or PruneConfig()
-    if isinstance(config, StructuredPruneConfig):
-        return prune_structured(model, config, task=task)
-    if isinstance(config, HeadPruneConfig):
-        return prune_heads(model, config, task=task)
-    if isinstance(config, PruneConfig):
-        return prune_unstructured(model, config, task=task)
+    if isinstance(config, (PruneConfig, StructuredPruneConfig, HeadPruneConfig)):
+        return registry.for_config(config).apply(model, config, task=task)
     raise ConfigError(f"slimkit.prune takes a PruneConfig, StructuredPruneConfig or HeadPruneConfig, not "
                       f"{type(config).__name__}")
 

@@ -102,8 +102,7 @@ def _finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, config:
 
 
 @chained("pack")
-def quantize_values(model: nn.Module, config: PackConfig | None = None, *, task: Task | None = None,
-                    **_: object) -> nn.Module:
+def quantize_values(model: nn.Module, config: PackConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """The `pack` technique: (optional pruning,) shared-value quantization of the selected layers,
     codebook fine-tuning; returns a new model whose weights are exactly what the `.slim` file holds."""
     config = config or PackConfig()

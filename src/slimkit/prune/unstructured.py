@@ -78,8 +78,7 @@ class _Planner:
 
 
 @chained("prune")
-def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, task: Task | None = None,
-                       **_: object) -> nn.Module:
+def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """Prune weights of the selected layers to `config.sparsity` (or N:M) and fine-tune; returns a new
     model with real zeros. The input model is not modified."""
     config = config or PruneConfig()

@@ -7,7 +7,6 @@ stage returns the chosen architecture, trained; its source is the architecture s
 from __future__ import annotations
 
 import tempfile
-from typing import Any
 
 import torch.nn as nn
 
@@ -17,7 +16,8 @@ from slimkit.errors import ConfigError
 from slimkit.search.nas import NASConfig
 
 
-def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None = None, **kw: Any) -> nn.Module:
+def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None = None,
+          progress: bool = True) -> nn.Module:
     """Search an architecture for `task` under `config`'s constraints; returns the chosen, trained
     model (a new module; `model` is only measured, never changed)."""
     from slimkit.search.nas import search
@@ -25,7 +25,7 @@ def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None
     if task is None:
         raise ConfigError("nas needs data: pass task=... (the candidates are trained on it)")
     out_dir = out_dir or tempfile.mkdtemp(prefix="slimkit-nas-")
-    result = search(task, config, out_dir=out_dir, reference=model, progress=kw.get("progress", True))
+    result = search(task, config, out_dir=out_dir, reference=model, progress=progress)
     if result.model is None:
         raise ConfigError("nas: no trial completed; see the study's failures in " + str(out_dir))
     best = result.best

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from slimkit.core.layers import pareto_front as front_of
 from slimkit.core.config import Config
 from slimkit.core.io import output_dir
 from slimkit.core.progress import progress_bar
@@ -653,13 +654,7 @@ def rerank_finalists(result: SearchResult, study, ctx: _Context, progress: bool 
 
 def pareto_front(rows: list[dict[str, Any]], cost_key: str) -> list[dict[str, Any]]:
     """Rows not dominated on (val_accuracy: higher, `cost_key`: lower), sorted by cost."""
-    front = []
-    for r in rows:
-        dominated = any(o["val_accuracy"] >= r["val_accuracy"] and o[cost_key] <= r[cost_key]
-                        and (o["val_accuracy"] > r["val_accuracy"] or o[cost_key] < r[cost_key]) for o in rows)
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: r[cost_key])
+    return sorted(front_of(rows, maximize=("val_accuracy",), minimize=(cost_key,)), key=lambda r: r[cost_key])
 
 
 def _chosen_model(result: SearchResult, task: Task, config: NASConfig):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
+from slimkit.core.layers import conv_bn
 from slimkit.core.artifact import register_builder
 from slimkit.core.config import Config
 from slimkit.core.state import set_source
@@ -45,10 +46,7 @@ def _round_channels(c: float) -> int:
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    if act:
-        layers.append(nn.ReLU6())
-    return nn.Sequential(*layers)
+    return conv_bn(cin, cout, k, stride, groups, nn.ReLU6 if act else None)
 
 
 def _out_size(size: int, stride: int) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from slimkit.core.layers import conv_bn
 from slimkit.core.state import set_source
 from slimkit.errors import ModelError
 
@@ -131,10 +132,8 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, wi
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    if act:
-        layers.append(nn.ReLU6() if groups > 1 or k == 1 else nn.ReLU())
-    return nn.Sequential(*layers)
+    """ReLU6 after depthwise and pointwise convolutions (MobileNet), ReLU after full ones."""
+    return conv_bn(cin, cout, k, stride, groups, (nn.ReLU6 if groups > 1 or k == 1 else nn.ReLU) if act else None)
 
 
 class VGGSmall(nn.Module):
