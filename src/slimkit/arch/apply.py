@@ -25,9 +25,9 @@ from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidua
 from slimkit.core import registry
 from slimkit.core.layers import pair
 from slimkit.core.progress import progress_bar
-from slimkit.core.registry import Technique
+from slimkit.core.registry import Technique, chained
 from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import chained, copy_model, record_stage
+from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.lowrank.refit import refit_last_layer

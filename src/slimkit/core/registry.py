@@ -7,11 +7,13 @@ from here.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from slimkit.core.state import applied
 from slimkit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,8 +36,8 @@ class Technique:
         measured by (default: slimkit.save's safetensors file).
     runtime: which runtime its result runs on for latency ("torch" or "ort").
     next: the techniques that may follow this one on a model (None: any; (): none, it is final, like
-        quantize, whose wrapped layers another technique must not select). Enforced by `check_chain`
-        in every technique's `record_stage`, in `apply` and `run_stage` before any work, and by `load`.
+        quantize, whose wrapped layers another technique must not select). Enforced before any work by
+        `check_chain`: in every technique's entry point (`@chained`), `apply`, `run_stage`, and `load`.
     """
 
     name: str
@@ -114,10 +116,24 @@ def check_chain(previous: list[str], technique: str) -> None:
                          f"apply {technique} before {last.name}")
 
 
+def check_model_chain(model: nn.Module, technique: str) -> None:
+    """`check_chain` for what was applied to `model` (its recorded stages)."""
+    check_chain(applied(model), technique)
+
+
+def chained(technique: str):
+    """Decorator for a technique's entry point `fn(model, ...)`: `check_model_chain` before any work."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def checked(model, *args, **kwargs):
+            check_model_chain(model, technique)
+            return fn(model, *args, **kwargs)
+        return checked
+    return wrap
+
+
 def apply(model: nn.Module, config: Config, *, task: Task | None = None, **kwargs: Any) -> nn.Module:
     """Apply the technique the config's type belongs to; returns a new model."""
-    from slimkit.core.state import applied
-
     technique = for_config(config)
-    check_chain(applied(model), technique.name)
+    check_model_chain(model, technique.name)
     return technique.apply(model, config, task=task, **kwargs)

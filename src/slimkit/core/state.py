@@ -35,29 +35,9 @@ def applied(model: nn.Module) -> list[str]:
     return [s["technique"] for s in get_state(model)["stages"]]
 
 
-def check_chain(model: nn.Module, technique: str) -> None:
-    """Raise `ChainError` when `technique` may not follow what was applied to `model` (`Technique.next`)."""
-    from slimkit.core.registry import check_chain as check
-
-    check(applied(model), technique)
-
-
-def chained(technique: str):
-    """Decorator for a technique's entry point `fn(model, ...)`: `check_chain` before any work."""
-    import functools
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def checked(model, *args, **kwargs):
-            check_chain(model, technique)
-            return fn(model, *args, **kwargs)
-        return checked
-    return wrap
-
-
 def record_stage(model: nn.Module, technique: str, config: Any, structure: dict[str, Any] | None = None) -> nn.Module:
-    """Append a stage record (after `check_chain`). `structure` holds what `restore` needs (JSON-serializable)."""
-    check_chain(model, technique)
+    """Append a stage record. `structure` holds what `restore` needs (JSON-serializable). Whether
+    `technique` may follow the model's stages is checked before any work (`registry.chained`)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     get_state(model)["stages"].append(
         {"technique": technique, "config": cfg, "structure": structure or {}, "version": slimkit.__version__}

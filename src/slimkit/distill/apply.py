@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from slimkit.core import registry
-from slimkit.core.registry import Technique
-from slimkit.core.state import chained, copy_model, get_state, record_stage
+from slimkit.core.registry import Technique, chained
+from slimkit.core.state import copy_model, get_state, record_stage
 from slimkit.core.task import Task
 from slimkit.core.trainer import TrainConfig, fit, resolve_device
 from slimkit.distill.augment import random_shift

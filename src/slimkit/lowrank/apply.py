@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.progress import progress_bar
-from slimkit.core.registry import Technique
+from slimkit.core.registry import Technique, chained
 from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import chained, copy_model, record_stage
+from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, SelectorError, UnsupportedLayerError
 from slimkit.lowrank.config import LowRankConfig

@@ -17,7 +17,6 @@ from slimkit.core import registry
 from slimkit.core.artifact import save
 from slimkit.core.config import Config
 from slimkit.core.io import output_dir
-from slimkit.core.state import check_chain
 from slimkit.core.task import Task
 from slimkit.evaluate.metrics import Metrics, evaluate
 from slimkit.report.schema import stage_entry
@@ -54,7 +53,7 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
               latency_runs: int = 30) -> StageOutcome:
     """Apply `config`'s technique to `model` and measure the result. Failures become an error entry."""
     technique = registry.for_config(config)
-    check_chain(model, technique.name)  # before any work
+    registry.check_model_chain(model, technique.name)  # before any work
     name = name or technique.name
     out_dir = Path(out_dir)
     output_dir(out_dir)

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.selector import get_submodule
-from slimkit.core.state import chained, copy_model, record_stage
+from slimkit.core.registry import chained
+from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
 from slimkit.evaluate.metrics import count_macs

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimkit.core.state import chained, copy_model, record_stage
+from slimkit.core.registry import chained
+from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.distill.recovery import finetune, recover
 from slimkit.errors import ConfigError, UnsupportedLayerError

@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from slimkit.core import registry
-from slimkit.core.registry import Technique
-from slimkit.core.selector import Selector
-from slimkit.core.state import ATTR, chained, copy_model, get_state, record_stage
+from slimkit.core.registry import Technique, chained
+from slimkit.core.state import ATTR, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
 from slimkit.quantize import numerics as nq
@@ -26,15 +25,6 @@ from slimkit.quantize import ptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
 from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable, nbits_exportable
-
-
-def _selector(config: QuantConfig, layers: list[str] | None = None) -> Selector | None:
-    if layers is not None:
-        return Selector(include=layers or ["__none__"])
-    sel = config.selector or Selector()
-    if config.keep_float:
-        sel = Selector(include=sel.include, exclude=sel.exclude + config.keep_float, types=sel.types)
-    return sel
 
 
 def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None = None,
@@ -46,7 +36,7 @@ def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None
         weight_specs[name] = config.weight_spec(b)
     gm_equalize = equalize and config.mode != "dynamic"
     prepared, structure = qgraph.prepare(
-        model, weight_specs=weight_specs, act_spec=config.activation_spec(), selector=_selector(config, layers),
+        model, weight_specs=weight_specs, act_spec=config.activation_spec(), selector=config.layer_selector(layers),
         dynamic=config.mode == "dynamic", fold_bn=config.fold_bn and config.mode != "dynamic",
         quantize_output=config.quantize_output, equalize=gm_equalize)
     object.__setattr__(prepared, ATTR, state)

@@ -163,6 +163,15 @@ class QuantConfig(Config):
             raise ConfigError(f"QuantConfig.speed_batch_sizes: give batch sizes >= 1, got {self.speed_batch_sizes}")
         return self
 
+    def layer_selector(self, layers: list[str] | None = None) -> Selector:
+        """The layers to quantize: `layers` exactly when given, else `selector` minus `keep_float`."""
+        if layers is not None:
+            return Selector(include=layers or ["__none__"])
+        sel = self.selector or Selector()
+        if self.keep_float:
+            sel = Selector(include=sel.include, exclude=sel.exclude + self.keep_float, types=sel.types)
+        return sel
+
     # -- specs ---------------------------------------------------------------------------
     def integer_matmul(self) -> bool:
         """True when the weights meet 8-bit activations in ONNX Runtime's u8 x s8 integer kernels."""

@@ -160,7 +160,7 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
         if fold_bn:
             structure["folded_bn"] = fold_batchnorm(gm)
         if equalize:
-            from slimkit.quantize.ptq import equalize as cross_layer_equalize
+            from slimkit.quantize.equalize import equalize as cross_layer_equalize
 
             structure["equalized"] = [list(p) for p in cross_layer_equalize(gm)]
     layers = select(root, selector, default_types=QUANTIZABLE, what="quantize")

@@ -27,14 +27,13 @@ def _quantized_weight(w: torch.Tensor, spec, method: str) -> torch.Tensor:
 @torch.no_grad()
 def layer_sensitivity(model, config, batch, bits: int) -> dict[str, float]:
     """name -> output SQNR (dB) with only that layer's weights at `bits` bits."""
-    from slimkit.quantize.apply import _selector
     from slimkit.quantize.graph import QUANTIZABLE
 
     model = copy.deepcopy(model).eval()
     ref = model(batch)
     spec = config.weight_spec(bits)
     result = {}
-    for name, layer in select(model, _selector(config), default_types=QUANTIZABLE, what="quantize"):
+    for name, layer in select(model, config.layer_selector(), default_types=QUANTIZABLE, what="quantize"):
         original = layer.weight.detach().clone()
         layer.weight.copy_(_quantized_weight(original, spec, config.weight_calibration))
         result[name] = sqnr_db(ref, model(batch))

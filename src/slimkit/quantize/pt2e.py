@@ -31,8 +31,8 @@ from pydantic import Field
 
 from slimkit.core import registry
 from slimkit.core.config import Config
-from slimkit.core.registry import Technique
-from slimkit.core.state import ATTR, chained, copy_model, get_state, record_stage
+from slimkit.core.registry import Technique, chained
+from slimkit.core.state import ATTR, copy_model, get_state, record_stage
 from slimkit.errors import CalibrationError, MissingDependencyError, ModelError
 
 

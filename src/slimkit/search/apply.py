@@ -11,11 +11,13 @@ import tempfile
 import torch.nn as nn
 
 from slimkit.core import registry
+from slimkit.core.registry import chained
 from slimkit.core.state import record_stage
 from slimkit.errors import ConfigError
 from slimkit.search.nas import NASConfig
 
 
+@chained("nas")
 def apply(model: nn.Module, config: NASConfig, *, task=None, out_dir: str | None = None,
           progress: bool = True) -> nn.Module:
     """Search an architecture for `task` under `config`'s constraints; returns the chosen, trained

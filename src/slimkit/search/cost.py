@@ -38,6 +38,7 @@ from slimkit.evaluate import count_macs, count_params
 from slimkit.evaluate.latency import Workload, compare_latency, measure_latency, ort_call, torch_call, torch_threads
 
 RUNTIMES = ("torch", "ort")
+COST_KEY = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}  # objective -> row field
 STATISTICS = ("median_ms", "p10_ms")
 
 

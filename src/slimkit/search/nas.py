@@ -32,6 +32,7 @@ import torch
 from pydantic import Field
 
 from slimkit.core.layers import pareto_front as front_of
+from slimkit.search.cost import COST_KEY
 from slimkit.core.config import Config
 from slimkit.core.io import output_dir
 from slimkit.core.progress import progress_bar
@@ -39,7 +40,6 @@ from slimkit.core.task import Task
 from slimkit.errors import ConfigError, InfeasibleError, SlimkitError
 
 OBJECTIVES = ("macs", "params", "latency")
-COST_KEY = {"macs": "macs", "params": "param_count", "latency": "latency_ms_predicted"}  # objective -> row field
 
 
 class NASConfig(Config):

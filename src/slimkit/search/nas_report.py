@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.core.io import atomic_path, write_text
-from slimkit.search.nas import COST_KEY
+from slimkit.search.cost import COST_KEY
 
 _COST_LABEL = {"macs": "MACs (batch 1)", "params": "parameters", "latency": "predicted latency (ms)"}
 

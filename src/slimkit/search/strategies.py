@@ -209,8 +209,6 @@ class ReinforceStrategy(NASSampler):
         torch.manual_seed(self.seed)
         self.controller = Controller(decisions, hidden)
         if initial_state is not None:  # a warmed-up policy (`slimkit.search.warmup`)
-            from slimkit.search.warmup import load_state
-
             load_state(self.controller, initial_state)
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
         self.batch = batch
@@ -312,3 +310,12 @@ def make_sampler(strategy: str, decisions: list[Decision], feasible, *, seed: in
     if strategy not in classes:
         raise ConfigError(f"unknown search strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
     return classes[strategy](decisions, feasible, seed=seed, **options)
+
+
+def load_state(controller: torch.nn.Module, state: dict[str, dict[str, Any]]) -> None:
+    """Load weights saved by `controller_warmup` into a controller of the same space."""
+    tensors = {name: torch.tensor(v["values"], dtype=torch.float32).reshape(v["shape"]) for name, v in state.items()}
+    try:
+        controller.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise ConfigError(f"the study's warmed-up controller does not fit this search space: {err}") from err

@@ -207,12 +207,3 @@ def _reward(nets: dict[float, OneShotNet], choices: dict[str, Any], x: torch.Ten
         acc = float((net(x, choices).argmax(1) == y).float().mean())
     costs = cost_model.costs(space.spec(choices))
     return cost_model.constraints.reward(acc * _penalty(costs, cost_model.constraints), costs, objective, cost_weight)
-
-
-def load_state(controller: torch.nn.Module, state: dict[str, dict[str, Any]]) -> None:
-    """Load weights saved by `controller_warmup` into a controller of the same space."""
-    tensors = {name: torch.tensor(v["values"], dtype=torch.float32).reshape(v["shape"]) for name, v in state.items()}
-    try:
-        controller.load_state_dict(tensors)
-    except RuntimeError as err:
-        raise ConfigError(f"the study's warmed-up controller does not fit this search space: {err}") from err
