@@ -145,3 +145,16 @@ def test_seeded_zoo_build_is_reproducible_and_leaves_the_global_rng_alone():
     c = zoo.build("lenet5", seed=8)
     assert not torch.equal(a.features[0].weight, c.features[0].weight)
     assert "seed" not in str(slimkit.core.state.get_state(a).get("source"))  # not part of the architecture
+
+
+def test_what_a_technique_reports_survives_save_and_load(tmp_path, trained_lenet5, digits_task):
+    """Notes (and the other report entries) are part of the file, for every technique, not only quantize."""
+    from slimkit.lowrank import LowRankConfig
+
+    small = slimkit.factorize(trained_lenet5, LowRankConfig(energy=0.9))
+    assert small.slimkit_notes
+    again = slimkit.load(slimkit.save(small, tmp_path / "f.safetensors"))
+    assert again.slimkit_notes == small.slimkit_notes
+    assert "report" not in again.slimkit_state["stages"][-1]  # kept in the file, not in the in-memory record
+    plain = slimkit.load(slimkit.save(trained_lenet5, tmp_path / "p.safetensors"))
+    assert getattr(plain, "slimkit_notes", None) is None

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import slimkit
 from slimkit.core.io import atomic_path
-from slimkit.core.state import ATTR, get_state, set_source
+from slimkit.core.state import ATTR, apply_report, get_state, set_source, stages_with_report
 from slimkit.errors import ArtifactError, ChainError, ModelError, SlimkitError, UntrustedFactoryError
 
 FORMAT = "slimkit-model/1"
@@ -67,7 +67,7 @@ def save(model: nn.Module, path: str | Path, *, factory: str | Callable[..., nn.
             "pass factory='package.module:function' (a function returning the model)"
         )
     manifest = {"format": FORMAT, "slimkit_version": slimkit.__version__, "torch_version": torch.__version__,
-                "source": state["source"], "stages": state["stages"]}
+                "source": state["source"], "stages": stages_with_report(model)}
     tensors = _dedup_state_dict(model)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -215,8 +215,8 @@ def rebuild(manifest: dict[str, Any], *, trust_factory: bool = False) -> nn.Modu
         config = technique.config_cls.from_dict(stage.get("config", {}))
         if technique.restore is not None:
             model = technique.restore(model, config, stage.get("structure", {}))
-        get_state(model)["stages"].append(stage)
-    return model
+        get_state(model)["stages"].append({k: v for k, v in stage.items() if k != "report"})
+    return apply_report(model, manifest.get("stages", []))
 
 
 _LOADERS: dict[str, Any] = {}

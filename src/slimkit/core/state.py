@@ -45,6 +45,36 @@ def record_stage(model: nn.Module, technique: str, config: Any, structure: dict[
     return model
 
 
+# What a technique says about its result, for reports: set on the model as attributes by the technique,
+# written into the last stage record by `slimkit.save` (its "report" entry) and set again on load, so a
+# reloaded model reports what the fresh one did.
+REPORT_ATTRS = {"notes": "slimkit_notes", "simulated": "slimkit_simulated",
+                "sensitivity": "slimkit_sensitivity", "blame": "slimkit_blame"}
+
+
+def report_payload(model: nn.Module) -> dict[str, Any]:
+    """The report entries `model` carries (notes, simulated, sensitivity, blame), those it has."""
+    return {key: getattr(model, attr) for key, attr in REPORT_ATTRS.items() if getattr(model, attr, None) is not None}
+
+
+def stages_with_report(model: nn.Module) -> list[dict[str, Any]]:
+    """The model's stage records with its report payload in the last one (what a file stores)."""
+    records = [dict(s) for s in get_state(model)["stages"]]
+    payload = report_payload(model)
+    if records and payload:
+        records[-1]["report"] = payload
+    return records
+
+
+def apply_report(model: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
+    """Set the report attributes stored in the last stage record (a file written by `slimkit.save`)."""
+    if records:
+        for key, value in (records[-1].get("report") or {}).items():
+            if key in REPORT_ATTRS:
+                object.__setattr__(model, REPORT_ATTRS[key], copy.deepcopy(value))
+    return model
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """Deep copy with its state (techniques never mutate their input)."""
     new = copy.deepcopy(model)

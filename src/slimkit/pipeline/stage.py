@@ -17,6 +17,7 @@ from slimkit.core import registry
 from slimkit.core.artifact import save
 from slimkit.core.config import Config
 from slimkit.core.io import output_dir
+from slimkit.core.state import report_payload
 from slimkit.core.task import Task
 from slimkit.evaluate.metrics import Metrics, evaluate
 from slimkit.report.schema import stage_entry
@@ -64,8 +65,9 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
         artifact = Path(technique.write_artifact(new, out_dir / name, task))
     else:
         artifact = save(new, out_dir / f"{name}.safetensors")
-    notes = list(getattr(new, "slimkit_notes", []) or [])
-    simulated = bool(getattr(new, "slimkit_simulated", False))
+    report = report_payload(new)  # what the technique says about its result (core/state.py)
+    notes = list(report.get("notes") or [])
+    simulated = bool(report.get("simulated", False))
     # a model that only simulates its format in PyTorch is timed on its deployable artifact only
     metrics = evaluate_stage(new, task, artifact, reference=reference, runtimes=runtimes, threads=threads,
                              batch_sizes=batch_sizes, torch_runs=technique.runtime != "ort", split=split,
@@ -74,12 +76,9 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     entry = stage_entry(name, technique=technique.name, family=technique.family, config=config.to_dict(),
                         metrics=metrics.to_dict(), artifact=str(artifact), runtime=technique.runtime,
                         simulated=simulated, notes=metrics.notes, seconds=seconds)
-    sensitivity = getattr(new, "slimkit_sensitivity", None)
-    if sensitivity is not None:  # per-layer curves a technique measured (e.g. prune scope="sensitivity")
-        entry["sensitivity"] = sensitivity
-    blame = getattr(new, "slimkit_blame", None)
-    if blame is not None:  # each quantized tensor's share of the output error (quantize blame=True)
-        entry["blame"] = blame
+    for key in ("sensitivity", "blame"):  # per-layer curves (prune scope="sensitivity"), error shares (blame=True)
+        if key in report:
+            entry[key] = report[key]
     return StageOutcome(new, entry, artifact, metrics)
 
 
