@@ -1,0 +1,125 @@
+"""The advisor's search space: its config, the candidate students, and the recipe a point of the space
+stands for (`build_stages`)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch.nn as nn
+from pydantic import Field
+
+from slimkit.core.config import Config
+from slimkit.core.task import Task
+from slimkit.pipeline.recipe import Stage
+
+FORMATS = ("fp32", "int8", "pack")
+
+
+class AutoConfig(Config):
+    """What the advisor optimizes for.
+
+    max_accuracy_drop: points of accuracy the user accepts to lose (validation during the search,
+        test in the final report). max_size_kb / max_latency_ms: optional hard limits.
+    runtime / latency_batch_size: where latency is measured for the search ("ort" or "torch").
+    trials: recipes evaluated by the search. student_epochs / recovery_epochs: training budget of
+        a student and of recovery after structured pruning. Students are trained on images shifted
+        by up to one pixel (`DistillConfig.augment`), which is what lets a cheap student match its
+        teacher on small data.
+    max_students: students kept for the search after screening (every candidate student is trained
+        twice, distilled and on the labels alone; the cheapest within the accuracy budget go on).
+    """
+
+    max_accuracy_drop: float = Field(0.5, ge=0)
+    max_size_kb: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    runtime: Literal["ort", "torch"] = "ort"
+    latency_batch_size: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1)
+    trials: int = Field(16, ge=1)
+    student_epochs: int = Field(120, ge=1)
+    recovery_epochs: int = Field(10, ge=0)
+    structured_targets: list[float] = Field(default_factory=lambda: [0.5, 0.35])
+    sparsities: list[float] = Field(default_factory=lambda: [0.7, 0.9])
+    prune_epochs: int = Field(9, ge=0)
+    codebook_epochs: int = Field(2, ge=0)
+    max_students: int = Field(3, ge=0)
+    seed: int = 0
+
+
+# -- candidate recipes --------------------------------------------------------------------------
+def student_key(name: str, width: float, pool: int = 1, labels: bool = False) -> str:
+    """"lenet300_100@0.5"; "@pool2" for a lower input resolution; "@labels" for a student trained on the
+    hard labels instead of the model's soft targets."""
+    return f"{name}@{width:g}" + (f"@pool{pool}" if pool > 1 else "") + ("@labels" if labels else "")
+
+
+def parse_student(key: str) -> tuple[str, float, int, bool]:
+    """(zoo name, width, input pooling, trained on labels)"""
+    name, width, *rest = key.split("@")
+    pool = next((int(r[len("pool"):]) for r in rest if r.startswith("pool")), 1)
+    return name, float(width), pool, "labels" in rest
+
+
+def student_candidates(model: nn.Module, task: Task) -> list[tuple[str, int]]:
+    """Zoo students (key, MACs) at most half the model's MACs, cheapest first: every image zoo model
+    at widths 0.25 / 0.5 / 1.0 and, where the model supports it, at half and quarter input
+    resolution. Only for image classifiers; a model of unknown architecture gets none."""
+    from slimkit import zoo
+    from slimkit.evaluate import count_macs
+
+    if task.num_classes is None or len(task.input_shape) != 3:
+        return []
+    macs = count_macs(model, task.example_input(1))
+    found = []
+    for name, entry in zoo.ZOO.items():
+        if entry.kind != "image" or entry.extra:
+            continue
+        for width in (0.25, 0.5, 1.0):
+            for pool in (1, 2, 4):
+                if task.input_shape[-1] // pool < 7:
+                    continue
+                try:
+                    kwargs = {"width": width, **({"input_pool": pool} if pool > 1 else {})}
+                    student_macs = count_macs(zoo.for_task(name, task, **kwargs), task.example_input(1))
+                except Exception:  # a zoo net that does not fit this input (or has no input_pool) is not a candidate
+                    continue
+                if student_macs <= 0.5 * macs:
+                    found.append((student_key(name, width, pool), student_macs))
+    found.sort(key=lambda c: c[1])
+    return found
+
+
+def describe_student(key: str) -> str:
+    name, width, pool, _ = parse_student(key)
+    return f"{name} at width {width:g}" + (f" on {pool}x{pool}-averaged input" if pool > 1 else "")
+
+
+def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
+    """The recipe stages of one point of the search space."""
+    stages = []
+    if params["student"] != "none":
+        name, width, pool, labels = parse_student(params["student"])
+        # alpha 0: the student learns the hard labels only (the teacher is not consulted)
+        stages.append(Stage(technique="distill", config={
+            "student": f"zoo:{name}", "width": width, "epochs": config.student_epochs, "lr": 2e-3,
+            "alpha": 0.0 if labels else 0.9, "temperature": 4.0, "augment": "shift", "max_shift": 1, "seed": config.seed,
+            **({"student_kwargs": {"input_pool": pool}} if pool > 1 else {})}))
+    if params["structured"] < 1.0:
+        stages.append(Stage(technique="prune_structured", config={
+            "target_macs": params["structured"], "finetune_epochs": config.recovery_epochs, "lr": 2e-3,
+            "recovery": "distill", "seed": config.seed}))
+    if params["format"] == "int8":
+        # speed_check off: the advisor times every candidate itself and never recommends one slower than the
+        # original, and an "int8" candidate must be int8 (the check could hand back a float model)
+        stages.append(Stage(technique="quantize", config={"weights": "int8", "activations": "uint8",
+                                                          "per_channel": True, "mode": "static",
+                                                          "speed_check": False}))
+    elif params["format"] == "pack":
+        prune = None
+        if params.get("sparsity", 0.0) > 0:
+            # iterative prune / fine-tune rounds: one-shot 90% with a short fine-tune cost several points
+            prune = {"sparsity": params["sparsity"], "scope": "global", "schedule": "iterative", "steps": 3,
+                     "finetune_epochs": config.prune_epochs, "recovery": "distill", "seed": config.seed}
+        stages.append(Stage(technique="pack", config={"quantization": "kmeans", "bits": 5, "conv_bits": 8,
+                                                      "codebook_epochs": config.codebook_epochs, "prune": prune,
+                                                      "seed": config.seed}))
+    return stages
