@@ -2,7 +2,6 @@
 ratio from the side-by-side timing), the Pareto plots, the trial and screening tables."""
 from __future__ import annotations
 
-import html
 import statistics
 
 from slimkit.evaluate.latency import describe_speedup, speedup

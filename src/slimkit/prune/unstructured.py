@@ -8,7 +8,6 @@ artifact store the weights sparse.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from slimkit.core.registry import chained

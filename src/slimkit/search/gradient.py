@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from slimkit.core.task import Task
 from slimkit.core.trainer import TrainConfig, fit, move_batch, resolve_device
 from slimkit.errors import ConfigError
-from slimkit.search.space import Head, MBConvSpace, _conv_bn, _out_size, mbconv_unit
+from slimkit.search.space import MBConvSpace
+from slimkit.search.units import Head, conv_bn_act, mbconv_unit, out_size
 
 
 class SuperNet(nn.Module):
@@ -39,7 +40,7 @@ class SuperNet(nn.Module):
         self.depths = sorted(space.depths)
         spec = space.spec({**space.cheapest(), "width": width})
         size, cin = space.input_size, space.in_channels
-        self.stem = _conv_bn(cin, spec["stem_channels"], 3, 1)
+        self.stem = conv_bn_act(cin, spec["stem_channels"], 3, 1)
         self.stem_shape = (cin, size, size)
         cin = spec["stem_channels"]
         self.stages = nn.ModuleList()
@@ -52,7 +53,7 @@ class SuperNet(nn.Module):
                 units = [mbconv_unit(cin, stage["channels"], stride, k, e, se, size) for k, e, se in self.ops]
                 positions.append(nn.ModuleList(u for _, u, _ in units))
                 keys.append([k for k, _, _ in units])
-                size, cin = _out_size(size, stride), stage["channels"]
+                size, cin = out_size(size, stride), stage["channels"]
             self.stages.append(positions)
             self.block_keys.append(keys)
         self.head = Head(cin, spec["last_channels"], space.num_classes)

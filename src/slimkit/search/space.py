@@ -14,22 +14,16 @@ carries a `key` naming its operator and input shape, which the latency lookup ta
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import product
 from typing import Any, Literal
 
-import torch
-import torch.nn as nn
 from pydantic import Field, model_validator
 
-from slimkit.core.layers import conv_bn
-from slimkit.core.artifact import register_builder
 from slimkit.core.config import Config
-from slimkit.core.state import set_source
-from slimkit.errors import ConfigError, ModelError
-
-FACTORY = "slimkit.search.space:build"
+from slimkit.errors import ConfigError
+from slimkit.search.units import (CELL_OP_COST, CELL_OPS, FACTORY, Cell, Head, MBConv, SearchNet, SqueezeExcite, build,  # noqa: F401
+                                  cell_op, mbconv_unit, out_size, round_channels)
 
 
 @dataclass(frozen=True)
@@ -38,201 +32,6 @@ class Decision:
 
     name: str
     choices: tuple
-
-
-def _round_channels(c: float) -> int:
-    # multiples of 4 keep depthwise/SE shapes tidy; never below 4 channels
-    return max(4, int(round(c / 4)) * 4)
-
-
-def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    return conv_bn(cin, cout, k, stride, groups, nn.ReLU6 if act else None)
-
-
-def _out_size(size: int, stride: int) -> int:
-    return (size + stride - 1) // stride  # 'same' padding with odd kernels
-
-
-# ---------------------------------------------------------------------------------------------
-# units
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation: channel gates from global context (EfficientNet uses it in MBConv)."""
-
-    def __init__(self, channels: int, reduced: int):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.act = nn.ReLU()
-        self.expand = nn.Conv2d(reduced, channels, 1)
-        self.gate = nn.Hardsigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
-
-
-class MBConv(nn.Module):
-    """Inverted residual block: 1x1 expand - kxk depthwise - (SE) - 1x1 linear project (+ residual)."""
-
-    def __init__(self, cin: int, cout: int, stride: int, kernel: int, expansion: int, se: bool):
-        super().__init__()
-        hidden = cin * expansion
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers.append(_conv_bn(cin, hidden, 1))
-        layers.append(_conv_bn(hidden, hidden, kernel, stride, groups=hidden))
-        if se:
-            layers.append(SqueezeExcite(hidden, max(4, cin // 4)))
-        layers.append(_conv_bn(hidden, cout, 1, act=False))
-        self.block = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
-        return x + out if self.use_residual else out
-
-
-class Head(nn.Module):
-    """1x1 conv to `last` channels, global average pool, linear classifier."""
-
-    def __init__(self, cin: int, last: int, num_classes: int):
-        super().__init__()
-        self.conv = _conv_bn(cin, last, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(last, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.conv(x)), 1))
-
-
-CELL_OPS = ("identity", "conv3x3", "conv5x5", "sep3x3", "sep5x5", "maxpool3x3", "avgpool3x3")
-# cheapest first: used to find the cheapest candidate of a cell space
-_CELL_OP_COST = {"identity": 0, "maxpool3x3": 1, "avgpool3x3": 1, "sep3x3": 2, "sep5x5": 3, "conv3x3": 4, "conv5x5": 5}
-
-
-def cell_op(name: str, channels: int) -> nn.Module:
-    """A channel- and size-preserving operation of the cell space."""
-    c = channels
-    if name == "identity":
-        return nn.Identity()
-    if name in ("conv3x3", "conv5x5"):
-        k = int(name[-1])
-        return _conv_bn(c, c, k)
-    if name in ("sep3x3", "sep5x5"):
-        k = int(name[-1])
-        return nn.Sequential(nn.Conv2d(c, c, k, 1, k // 2, groups=c, bias=False), _conv_bn(c, c, 1))
-    if name == "maxpool3x3":
-        return nn.MaxPool2d(3, 1, 1)
-    if name == "avgpool3x3":
-        return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-    raise ConfigError(f"unknown cell operation {name!r}; known: {', '.join(CELL_OPS)}")
-
-
-class Cell(nn.Module):
-    """A NASNet-style cell: node i applies `op_i` to one earlier tensor (the cell input is tensor 0);
-    the cell output is the sum of the nodes no other node consumes (the 'loose ends')."""
-
-    def __init__(self, channels: int, nodes: list[dict[str, Any]]):
-        super().__init__()
-        self.inputs = [int(n["input"]) for n in nodes]
-        self.ops = nn.ModuleList(cell_op(n["op"], channels) for n in nodes)
-        used = set(self.inputs)
-        self.outputs = [i + 1 for i in range(len(nodes)) if (i + 1) not in used]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        states = [x]
-        for op, src in zip(self.ops, self.inputs):
-            states.append(op(states[src]))
-        out = states[self.outputs[0]]
-        for i in self.outputs[1:]:
-            out = out + states[i]
-        return out
-
-
-class SearchNet(nn.Module):
-    """A chain of units built from a spec. `unit_keys[i]` / `unit_shapes[i]` name unit i's operator
-    and its input shape (without batch) for the latency lookup table."""
-
-    def __init__(self, units: list[tuple[str, nn.Module, tuple[int, ...]]], spec: dict[str, Any]):
-        super().__init__()
-        self.units = nn.ModuleList(u for _, u, _ in units)
-        self.unit_keys = [k for k, _, _ in units]
-        self.unit_shapes = [s for _, _, s in units]
-        self.spec = spec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return x
-
-
-def _key(kind: str, shape: tuple[int, ...], **args: Any) -> str:
-    return json.dumps({"op": kind, "in": list(shape), **args}, sort_keys=True)
-
-
-def mbconv_unit(cin: int, cout: int, stride: int, kernel: int, expansion: int, se: bool, size: int):
-    """(key, module, input shape) of one MBConv block at spatial `size`."""
-    shape = (cin, size, size)
-    key = _key("mbconv", shape, cout=cout, stride=stride, kernel=kernel, expansion=expansion, se=se)
-    return key, MBConv(cin, cout, stride, kernel, expansion, se), shape
-
-
-def build(spec: dict[str, Any]) -> nn.Module:
-    """Build the `nn.Module` an architecture spec describes (the factory `slimkit.load` calls)."""
-    if not isinstance(spec, dict) or "space" not in spec:
-        raise ModelError("an architecture spec must be a dict with a 'space' key (mbconv or cell)")
-    try:
-        if spec["space"] == "mbconv":
-            model = _build_mbconv(spec)
-        elif spec["space"] == "cell":
-            model = _build_cell(spec)
-        else:
-            raise ModelError(f"unknown search space {spec['space']!r} in spec; use 'mbconv' or 'cell'")
-    except (KeyError, TypeError) as err:
-        raise ModelError(f"malformed {spec.get('space')} architecture spec: missing or bad field {err}") from None
-    return set_source(model, "factory", FACTORY, {"spec": spec})
-
-
-register_builder(build, name=FACTORY)  # slimkit's own: `load` rebuilds searched architectures without asking
-
-
-def _build_mbconv(spec: dict[str, Any]) -> SearchNet:
-    size, cin = int(spec["input_size"]), int(spec["in_channels"])
-    stem = int(spec["stem_channels"])
-    units = [(_key("stem", (cin, size, size), cout=stem), _conv_bn(cin, stem, 3, 1), (cin, size, size))]
-    cin = stem
-    for stage in spec["stages"]:
-        for i in range(int(stage["depth"])):
-            stride = int(stage["stride"]) if i == 0 else 1
-            units.append(mbconv_unit(cin, int(stage["channels"]), stride, int(stage["kernel"]),
-                                     int(stage["expansion"]), bool(stage["se"]), size))
-            size = _out_size(size, stride)
-            cin = int(stage["channels"])
-    last, classes = int(spec["last_channels"]), int(spec["num_classes"])
-    units.append((_key("head", (cin, size, size), last=last, classes=classes), Head(cin, last, classes), (cin, size, size)))
-    return SearchNet(units, spec)
-
-
-def _build_cell(spec: dict[str, Any]) -> SearchNet:
-    size, cin = int(spec["input_size"]), int(spec["in_channels"])
-    nodes = spec["cell"]
-    genotype = [[n["op"], int(n["input"])] for n in nodes]
-    stem = int(spec["stem_channels"])
-    units = [(_key("stem", (cin, size, size), cout=stem), _conv_bn(cin, stem, 3, 1), (cin, size, size))]
-    cin = stem
-    for s, stage in enumerate(spec["stages"]):
-        c = int(stage["channels"])
-        if s > 0 or c != cin:  # fixed (not searched) reduction between stages, as in NASNet
-            stride = 2 if s > 0 else 1
-            shape = (cin, size, size)
-            units.append((_key("reduce", shape, cout=c, stride=stride), _conv_bn(cin, c, 3, stride), shape))
-            size = _out_size(size, stride)
-            cin = c
-        for _ in range(int(spec["cells_per_stage"])):
-            shape = (c, size, size)
-            units.append((_key("cell", shape, genotype=genotype), Cell(c, nodes), shape))
-    last, classes = int(spec["last_channels"]), int(spec["num_classes"])
-    units.append((_key("head", (cin, size, size), last=last, classes=classes), Head(cin, last, classes), (cin, size, size)))
-    return SearchNet(units, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +81,7 @@ class MBConvSpace(_TaskShape):
             raise ValueError(f"'widths' must be > 0, got {self.widths}")
         size = self.input_size
         for s in self.stage_strides:
-            size = _out_size(size, s)
+            size = out_size(size, s)
         if size < 1 or self.input_size < 2 ** sum(s == 2 for s in self.stage_strides):
             raise ValueError(f"{sum(s == 2 for s in self.stage_strides)} stride-2 stages need inputs of at least "
                              f"{2 ** sum(s == 2 for s in self.stage_strides)} pixels, but input_size is {self.input_size}")
@@ -307,13 +106,13 @@ class MBConvSpace(_TaskShape):
     def spec(self, choices: dict[str, Any]) -> dict[str, Any]:
         _check_choices(self, choices)
         w = float(choices["width"])
-        stages = [{"channels": _round_channels(c * w), "stride": st, "depth": int(choices[f"s{s}.depth"]),
+        stages = [{"channels": round_channels(c * w), "stride": st, "depth": int(choices[f"s{s}.depth"]),
                    "kernel": int(choices[f"s{s}.kernel"]), "expansion": int(choices[f"s{s}.expansion"]),
                    "se": bool(choices[f"s{s}.se"])}
                   for s, (c, st) in enumerate(zip(self.stage_channels, self.stage_strides))]
         return {"space": "mbconv", "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "input_size": self.input_size, "width": w, "stem_channels": _round_channels(self.stem_channels * w),
-                "last_channels": _round_channels(self.last_channels * w), "stages": stages}
+                "input_size": self.input_size, "width": w, "stem_channels": round_channels(self.stem_channels * w),
+                "last_channels": round_channels(self.last_channels * w), "stages": stages}
 
     def cheapest(self) -> dict[str, Any]:
         """The choices with the fewest MACs, parameters and latency (every cost is monotone in each)."""
@@ -369,14 +168,14 @@ class CellSpace(_TaskShape):
         _check_choices(self, choices)
         w = float(choices["width"])
         return {"space": "cell", "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "input_size": self.input_size, "width": w, "stem_channels": _round_channels(self.stem_channels * w),
-                "last_channels": _round_channels(self.last_channels * w),
+                "input_size": self.input_size, "width": w, "stem_channels": round_channels(self.stem_channels * w),
+                "last_channels": round_channels(self.last_channels * w),
                 "cells_per_stage": int(choices["cells_per_stage"]),
-                "stages": [{"channels": _round_channels(c * w)} for c in self.stage_channels],
+                "stages": [{"channels": round_channels(c * w)} for c in self.stage_channels],
                 "cell": [{"op": choices[f"n{i}.op"], "input": int(choices[f"n{i}.input"])} for i in range(self.nodes)]}
 
     def cheapest(self) -> dict[str, Any]:
-        op = min(self.ops, key=_CELL_OP_COST.__getitem__)
+        op = min(self.ops, key=CELL_OP_COST.__getitem__)
         c = {"width": min(self.widths), "cells_per_stage": min(self.cells_per_stage)}
         for i in range(self.nodes):
             c.update({f"n{i}.op": op, f"n{i}.input": 0})

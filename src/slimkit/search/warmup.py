@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError
 from slimkit.evaluate.latency import torch_threads
-from slimkit.search.space import Head, MBConvSpace, _conv_bn
+from slimkit.search.space import MBConvSpace
+from slimkit.search.units import Head, conv_bn_act
 
 
 class ElasticMBConv(nn.Module):
@@ -79,7 +80,7 @@ class OneShotNet(nn.Module):
         self.space, self.width = space, width
         spec = space.spec({**space.cheapest(), "width": width})
         cin = spec["stem_channels"]
-        self.stem = _conv_bn(space.in_channels, cin, 3, 1)
+        self.stem = conv_bn_act(space.in_channels, cin, 3, 1)
         self.stages = nn.ModuleList()
         for stage in spec["stages"]:
             blocks = nn.ModuleList()
