@@ -295,14 +295,14 @@ def test_adaround_layers_rounds_only_the_named_layers():
     nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(6, 6, 5, padding="same", groups=6),
     nn.Conv2d(4, 8, 3, dilation=2, groups=2), nn.Conv1d(4, 6, 3, padding=1), nn.Linear(4, 6)])
 def test_gptq_patches_reproduce_the_layer(layer):
-    from slimkit.quantize.ptq import _patches
+    from slimkit.quantize.gptq import patches
 
     x = torch.randn(3, 4, 7) if isinstance(layer, nn.Conv1d) else torch.randn(3, 4, 9, 9)
     if isinstance(layer, nn.Linear):
         x = torch.randn(3, 5, 4)
     elif layer.in_channels == 6:
         x = torch.randn(3, 6, 9, 9)
-    cols, g = _patches(layer, x)
+    cols, g = patches(layer, x)
     w = layer.weight.detach().reshape(g, layer.weight.shape[0] // g, -1)
     y = torch.einsum("gnd,grd->gnr", cols, w)  # (G, N*L, R): each group's outputs, position-major
     ref = layer(x).detach()

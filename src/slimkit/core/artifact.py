@@ -30,7 +30,7 @@ from slimkit.errors import ArtifactError, ChainError, ModelError, SlimkitError, 
 FORMAT = "slimkit-model/1"
 
 
-def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with shared tensors stored once (safetensors refuses aliasing) and contiguous."""
     out, seen = {}, {}
     for name, tensor in model.state_dict().items():
@@ -68,7 +68,7 @@ def save(model: nn.Module, path: str | Path, *, factory: str | Callable[..., nn.
         )
     manifest = {"format": FORMAT, "slimkit_version": slimkit.__version__, "torch_version": torch.__version__,
                 "source": state["source"], "stages": stages_with_report(model)}
-    tensors = _dedup_state_dict(model)
+    tensors = dedup_state_dict(model)
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"slimkit": json.dumps(manifest)})

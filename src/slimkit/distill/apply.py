@@ -200,7 +200,7 @@ def build_student(model: nn.Module, config: DistillConfig, task: Task) -> nn.Mod
 
 
 @chained("distill")
-def _apply(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
+def apply_distill(model: nn.Module, config: DistillConfig, *, task: Task | None = None,
            teacher: nn.Module | None = None) -> nn.Module:
     """Registered apply: the input model is the teacher unless `teacher` is given."""
     if task is None:
@@ -218,7 +218,7 @@ def _demo(model: nn.Module, task: Task) -> DistillConfig:
 
 
 registry.register(Technique(
-    name="distill", family="distill", config_cls=DistillConfig, apply=_apply,
+    name="distill", family="distill", config_cls=DistillConfig, apply=apply_distill,
     summary="knowledge distillation: soft targets (temperature, alpha), FitNets hints, attention transfer",
     restore=None, demo=_demo, runtime="torch", order=45,
 ))

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         from slimkit.cli.common import random_init, console, load_model, load_task
         from slimkit.core.artifact import save
         from slimkit.core.io import output_file
-        from slimkit.distill.apply import _apply, distill
+        from slimkit.distill.apply import apply_distill, distill
         from slimkit.distill.config import DistillConfig
         from slimkit.evaluate import count_params, predict, topk_accuracy
 
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if student.startswith("zoo:") and not student_weights:
             # a fresh zoo student is built by the stage itself, shaped for the data and scaled by --width
             cfg = DistillConfig(**{**cfg.to_dict(), "student": student, "width": width})
-            trained = _apply(teacher_model, cfg, task=task)
+            trained = apply_distill(teacher_model, cfg, task=task)
         else:
             if width != 1.0:
                 raise ConfigError("--width scales a fresh zoo student (--student zoo:NAME without --student-weights)")

@@ -190,7 +190,7 @@ def write_packed(model: nn.Module, path: str | Path, *, index: str = "auto", lev
     every part: {"header", "index", "values", "codebook", "dense", "total", "path"}."""
     import zstandard as zstd
 
-    from slimkit.core.artifact import _dedup_state_dict
+    from slimkit.core.artifact import dedup_state_dict
 
     state = get_state(model)
     if state["source"] is None:
@@ -199,7 +199,7 @@ def write_packed(model: nn.Module, path: str | Path, *, index: str = "auto", lev
     compressor = zstd.ZstdCompressor(level=level, write_checksum=False)
     buffers: dict[str, bytearray] = {s: bytearray() for s in STREAMS}
     tensors = []
-    for name, tensor in _dedup_state_dict(model).items():
+    for name, tensor in dedup_state_dict(model).items():
         entry, parts = _encode_tensor(name, tensor, compressor, index)
         entry["parts"] = {}
         for stream, data in parts.items():

@@ -20,7 +20,7 @@ from slimkit.core.task import Task
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
 from slimkit.evaluate.metrics import count_macs
 from slimkit.prune.config import StructuredPruneConfig
-from slimkit.prune.unstructured import _recover
+from slimkit.prune.unstructured import recover_pruned
 
 # attributes that describe a layer's channel counts; restored together with the parameter shapes
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
@@ -80,7 +80,7 @@ def _ignored_layers(model: nn.Module, config: StructuredPruneConfig) -> list[nn.
     return ignored
 
 
-def _layer_shapes(model: nn.Module) -> dict[str, dict]:
+def layer_shapes(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, module in model.named_modules():
         tensors = {k: v for k, v in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -153,14 +153,14 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig | None = No
     config = config or StructuredPruneConfig()
     if task is None:
         raise ConfigError("structured pruning needs data (an example input to trace and fine-tune on): pass task=")
-    before = _layer_shapes(model)
+    before = layer_shapes(model)
     new = copy_model(model)
     new, info = prune_channels(new, config, task)
     for p in new.parameters():
         p.requires_grad_(True)
-    after = _layer_shapes(new)
+    after = layer_shapes(new)
     changed = {n: spec for n, spec in after.items() if before.get(n) != spec}
-    new = _recover(new, model, task, config, config.finetune_epochs, None, "prune_structured: recover")
+    new = recover_pruned(new, model, task, config, config.finetune_epochs, None, "prune_structured: recover")
     structure = {"modules": changed, **info}
     record_stage(new, "prune_structured", config, structure)
     note = (f"structured: {len(changed)} layers shrunk, MACs {info['macs_before']:,} -> {info['macs_after']:,} "

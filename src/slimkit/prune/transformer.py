@@ -19,8 +19,8 @@ from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import HeadPruneConfig
-from slimkit.prune.structured import _layer_shapes, restore_structured
-from slimkit.prune.unstructured import _recover
+from slimkit.prune.structured import layer_shapes, restore_structured
+from slimkit.prune.unstructured import recover_pruned
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear]]:
@@ -123,16 +123,16 @@ def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task
             "StructuredPruneConfig")
     if config.recovery != "none" and config.finetune_epochs > 0 and task is None:
         raise ConfigError("prune_heads with recovery needs data: pass task=, or set recovery: none")
-    before = _layer_shapes(new)
+    before = layer_shapes(new)
     params_before = sum(p.numel() for p in new.parameters())
     heads_removed, attrs = _remove_heads(attention, config.heads) if config.heads > 0 else ({}, {})
     neurons = _remove_neurons(ffn, config.ffn) if config.ffn > 0 else {}
     for p in new.parameters():
         p.requires_grad_(True)
-    after = _layer_shapes(new)
+    after = layer_shapes(new)
     changed = {n: spec for n, spec in after.items() if before.get(n) != spec}
     if config.recovery != "none" and config.finetune_epochs > 0:
-        new = _recover(new, model, task, config, config.finetune_epochs, None, "prune_heads: recover")
+        new = recover_pruned(new, model, task, config, config.finetune_epochs, None, "prune_heads: recover")
     params_after = sum(p.numel() for p in new.parameters())
     record_stage(new, "prune_heads", config, {"modules": changed, "attention": attrs, "heads_removed": heads_removed,
                                               "ffn_neurons": neurons, "params_before": params_before,

@@ -41,7 +41,7 @@ def _needs_task(config: PruneConfig) -> str | None:
     return None
 
 
-def _recover(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, epochs: int,
+def recover_pruned(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, epochs: int,
              on_step, description: str) -> nn.Module:
     if epochs <= 0 or config.recovery == "none":
         return model
@@ -124,7 +124,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
     if config.nm is not None or config.schedule == "oneshot":
         masks = planner.masks(new, 1.0)
         apply_masks(new, masks)
-        new = _recover(new, teacher, task, config, config.finetune_epochs, MaskKeeper(masks), "prune: fine-tune")
+        new = recover_pruned(new, teacher, task, config, config.finetune_epochs, MaskKeeper(masks), "prune: fine-tune")
     elif config.schedule == "iterative":
         epochs_left = config.finetune_epochs
         for k in range(1, config.steps + 1):
@@ -132,7 +132,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
             apply_masks(new, masks)
             epochs = epochs_left // (config.steps - k + 1)
             epochs_left -= epochs
-            new = _recover(new, teacher, task, config, epochs, MaskKeeper(masks), f"prune: round {k}/{config.steps}")
+            new = recover_pruned(new, teacher, task, config, epochs, MaskKeeper(masks), f"prune: round {k}/{config.steps}")
     else:  # gradual
         new = _gradual(new, teacher, task, config, planner)
         masks = planner.masks(new, 1.0, importance="l1")
@@ -168,4 +168,4 @@ def _gradual(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConf
             state["masks"] = planner.masks(m, min(1.0, step / ramp_end), importance="l1")
         apply_masks(m, state["masks"])
 
-    return _recover(model, teacher, task, config, config.finetune_epochs, on_step, "prune: gradual")
+    return recover_pruned(model, teacher, task, config, config.finetune_epochs, on_step, "prune: gradual")

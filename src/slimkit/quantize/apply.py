@@ -22,9 +22,10 @@ from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize import graph as qgraph
 from slimkit.quantize import numerics as nq
 from slimkit.quantize import ptq
+from slimkit.quantize.gptq import gptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
-from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, deployable, nbits_exportable
+from slimkit.quantize.modules import ActQuant, QuantWeightLayer, deployable, nbits_exportable
 
 
 def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None = None,
@@ -93,7 +94,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.adaround:
         ptq.adaround(new, batches, iters=config.adaround_iters, layers=config.adaround_layers)
     if config.gptq:
-        ratios = sorted(ptq.gptq(new, batches).values())
+        ratios = sorted(gptq(new, batches).values())
         notes.append(f"GPTQ rounding of {len(ratios)} layer(s): output error on the calibration inputs "
                      f"{ratios[len(ratios) // 2]:.2f}x round-to-nearest's (median)")
     if config.bias_correction:  # after the rounding: it corrects the rounding's residual mean error
@@ -206,7 +207,7 @@ def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
     if task is None:
         raise ConfigError("QAT (qat_epochs > 0) needs a task with training data")
     for m in model.modules():
-        if isinstance(m, (ActQuant, _QuantWeightLayer)):
+        if isinstance(m, (ActQuant, QuantWeightLayer)):
             m.learnable()
     with torch.enable_grad():  # callers may be inside no_grad
         result = fit(model, task, TrainConfig(epochs=config.qat_epochs, lr=config.qat_lr, optimizer="adam"),
@@ -217,7 +218,7 @@ def _qat(model: nn.Module, config: QuantConfig, task) -> nn.Module:
             s = m.scale.detach().abs().clone()
             del m.scale
             m.register_buffer("scale", s)
-        if isinstance(m, _QuantWeightLayer) and isinstance(m.weight_scale, nn.Parameter):
+        if isinstance(m, QuantWeightLayer) and isinstance(m.weight_scale, nn.Parameter):
             s = m.weight_scale.detach().abs().clone()
             del m.weight_scale
             m.register_buffer("weight_scale", s)
@@ -241,7 +242,7 @@ def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) ->
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (ActQuant, _QuantWeightLayer)) for m in model.modules())
+    return any(isinstance(m, (ActQuant, QuantWeightLayer)) for m in model.modules())
 
 
 def _write_artifact(model: nn.Module, path: Path, task) -> Path:

@@ -26,7 +26,7 @@ from slimkit.errors import ModelError
 from slimkit.quantize.graph import weight_layers
 from slimkit.quantize.modules import ActQuant
 from slimkit.quantize.numerics import sqnr_db
-from slimkit.quantize.ptq import _call
+from slimkit.quantize.ptq import call_model
 
 
 def _node_name(node) -> str:
@@ -105,13 +105,13 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
                          "activations; weight-only and dynamic models have none to blame) and no float weights "
                          "were given to compare its layers' weights with")
     quantized.eval()
-    ref = _call(reference.eval(), batch)
-    base = sqnr_db(ref, _call(quantized, batch))
+    ref = call_model(reference.eval(), batch)
+    base = sqnr_db(ref, call_model(quantized, batch))
     where = _where(quantized)
     rows = []
 
     def row(kind: str, name: str, tensor: str) -> None:
-        s = sqnr_db(ref, _call(quantized, batch))
+        s = sqnr_db(ref, call_model(quantized, batch))
         rows.append({"kind": kind, "quantizer": name, "tensor": tensor, "sqnr_db": round(s, 3),
                      "gain_db": round(s - base, 3)})
 
@@ -124,7 +124,7 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
         if quantizers:
             for q in quantizers.values():
                 q.mode = "off"
-            weights_only = round(sqnr_db(ref, _call(quantized, batch)), 3)
+            weights_only = round(sqnr_db(ref, call_model(quantized, batch)), 3)
     finally:
         for q in quantizers.values():
             q.mode = "quant"
@@ -134,7 +134,7 @@ def blame(quantized: nn.Module, reference: nn.Module, batch, float_weights: Floa
                                                          if all_layers[name].dynamic else ""))
     if layers:
         with _float_layers(all_layers, float_weights, layers):
-            activations_only = round(sqnr_db(ref, _call(quantized, batch)), 3)
+            activations_only = round(sqnr_db(ref, call_model(quantized, batch)), 3)
     rows.sort(key=lambda r: -r["gain_db"])
     return {"sqnr_db": round(base, 3), "weights_only_sqnr_db": weights_only,
             "activations_only_sqnr_db": activations_only, "rows": rows}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from slimkit.core.selector import Selector, select, set_submodule
 from slimkit.quantize import numerics as nq
-from slimkit.quantize.modules import ActQuant, QuantConv, QuantLinear, _QuantWeightLayer
+from slimkit.quantize.modules import ActQuant, QuantConv, QuantLinear, QuantWeightLayer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
@@ -37,7 +37,7 @@ _ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZABLE + (ActQuant, _QuantWeightLayer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, QUANTIZABLE + (ActQuant, QuantWeightLayer)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule | None:
@@ -101,7 +101,7 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _wrap(layer: nn.Module, spec: nq.QuantSpec, *, dynamic: bool) -> _QuantWeightLayer:
+def _wrap(layer: nn.Module, spec: nq.QuantSpec, *, dynamic: bool) -> QuantWeightLayer:
     if isinstance(layer, nn.Linear):
         q = QuantLinear(layer, spec)
         q.dynamic = dynamic
@@ -115,7 +115,7 @@ def unquantized_layers(model: nn.Module, quantized: set[str]) -> list[str]:
     for name, m in model.named_modules():
         if not name or any(name == q or name.startswith(q + ".") for q in quantized):
             continue
-        if list(m.children()) or isinstance(m, (ActQuant, _QuantWeightLayer)):
+        if list(m.children()) or isinstance(m, (ActQuant, QuantWeightLayer)):
             continue
         if any(True for _ in m.parameters(recurse=False)):
             kept.append(f"{name} ({type(m).__name__})")
@@ -165,7 +165,7 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
             structure["equalized"] = [list(p) for p in cross_layer_equalize(gm)]
     layers = select(root, selector, default_types=QUANTIZABLE, what="quantize")
     layers = [(n, m) for n, m in layers if isinstance(m, QUANTIZABLE)]
-    wrapped: dict[str, _QuantWeightLayer] = {}
+    wrapped: dict[str, QuantWeightLayer] = {}
     for name, layer in layers:
         spec = weight_specs.get(name, weight_specs["*"])
         if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups > 1 and spec.granularity == "group":
@@ -188,7 +188,7 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
     return root, structure
 
 
-def _insert_act_quant(gm: fx.GraphModule, wrapped: dict[str, _QuantWeightLayer], spec: nq.QuantSpec,
+def _insert_act_quant(gm: fx.GraphModule, wrapped: dict[str, QuantWeightLayer], spec: nq.QuantSpec,
                       quantize_output: bool) -> list[str]:
     graph = gm.graph
     quant_at: dict[fx.Node, str] = {}  # tensor node -> ActQuant name
@@ -229,5 +229,5 @@ def act_quantizers(model: nn.Module) -> list[ActQuant]:
     return [m for m in model.modules() if isinstance(m, ActQuant)]
 
 
-def weight_layers(model: nn.Module) -> dict[str, _QuantWeightLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeightLayer)}
+def weight_layers(model: nn.Module) -> dict[str, QuantWeightLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightLayer)}

@@ -190,7 +190,7 @@ class ActQuant(nn.Module):
         return nq.fake_quantize(x, scale, self.zero_point, self.spec)
 
 
-class _QuantWeightLayer(nn.Module):
+class QuantWeightLayer(nn.Module):
     """Shared logic of QuantConv / QuantLinear: the wrapped float layer, its weight quantizer and,
     for static activations, a link to its input quantizer (needed for the int32 bias scale)."""
 
@@ -345,7 +345,7 @@ def conv_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: 
     return functional_call(layer, params, (x,))
 
 
-class QuantConv(_QuantWeightLayer):
+class QuantConv(QuantWeightLayer):
     """A Conv1d/Conv2d (or subclass) with quantized weights (and int32 bias under static activations)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +356,7 @@ class QuantConv(_QuantWeightLayer):
         return conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
 
 
-class QuantLinear(_QuantWeightLayer):
+class QuantLinear(QuantWeightLayer):
     """A Linear with quantized weights; `dynamic=True` also quantizes its input per batch (uint8)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

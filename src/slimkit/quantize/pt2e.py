@@ -140,7 +140,7 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
     """Static int8 of `model` with torchao's PT2E flow and x86 quantizer; returns a new model that
     runs oneDNN int8 kernels on CPU (the input is untouched). Calibration data: the task's
     calibration split, or `calibration_data` (a tensor or list of batches)."""
-    from slimkit.quantize.ptq import _check_batch, batches_from
+    from slimkit.quantize.ptq import check_batch, batches_from
 
     if config is None:
         config = Pt2eConfig(**kwargs)
@@ -153,7 +153,7 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
     if not batches or not any(len(b) for b in batches):
         raise CalibrationError("the calibration set is empty: give at least one sample")
     for i, b in enumerate(batches):
-        _check_batch(b, i)
+        check_batch(b, i)
     src = copy_model(model).eval().cpu()
     example = batches[0][:1].expand(config.batch_size, *batches[0].shape[1:]).contiguous()
     prepared = _capture(src, example)

@@ -15,14 +15,14 @@ from slimkit.errors import CalibrationError, ConfigError
 from slimkit.quantize.calibration import TensorStats, thresholds
 from slimkit.quantize.equalize import equalize  # noqa: F401  (ptq.equalize: one of the PTQ steps)
 from slimkit.quantize.graph import act_quantizers, weight_layers
-from slimkit.quantize.modules import ActQuant, _QuantWeightLayer, conv_forward, real_tokens
+from slimkit.quantize.modules import ActQuant, QuantWeightLayer, conv_forward, real_tokens
 
 
-def _call(model: nn.Module, batch):
+def call_model(model: nn.Module, batch):
     return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
 
 
-def _check_batch(batch, index: int) -> None:
+def check_batch(batch, index: int) -> None:
     tensors = batch if isinstance(batch, (tuple, list)) else (batch,)
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
@@ -50,10 +50,10 @@ def run_batches(model: nn.Module, batches: list, description: str, on_batch=None
     n = 0
     with progress_bar(description, len(batches) if progress else 0) as advance:
         for i, batch in enumerate(batches):
-            _check_batch(batch, i)
+            check_batch(batch, i)
             if on_batch is not None:
                 on_batch(batch)
-            _call(model, batch)
+            call_model(model, batch)
             n += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
             advance(1)
     if n == 0:
@@ -74,7 +74,7 @@ def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, objec
     for layer in layers:
         layer.enabled = False
     try:
-        _observe_layers(model, {q.name: q for q in quantizers}, batches, "calibrate",
+        observe_layers(model, {q.name: q for q in quantizers}, batches, "calibrate",
                         lambda name, q, x: stats.setdefault(name, TensorStats(name)).update(x), outputs=True)
     finally:
         for layer in layers:
@@ -93,18 +93,18 @@ def apply_activation_thresholds(model: nn.Module, stats: dict, method: str, perc
         q.set_range(lo, hi)
 
 
-def _layer_input(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
+def _layer_input(layer: QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
     """What `layer` multiplies its weight with: its input after its own input quantizer, if it has one."""
     return layer.input_owned(x) if layer.input_owned is not None else x
 
 
-def _real_tokens(layer: _QuantWeightLayer | ActQuant, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _real_tokens(layer: QuantWeightLayer | ActQuant, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A Linear layer's or an activation quantizer's (B, T, D) tensor at the batch's real tokens, as
     (n, D); else x."""
     return real_tokens(x, mask) if isinstance(layer, ActQuant) or isinstance(layer.layer, nn.Linear) else x
 
 
-def _observe_layers(model: nn.Module, layers: dict[str, _QuantWeightLayer | ActQuant], batches: list,
+def observe_layers(model: nn.Module, layers: dict[str, QuantWeightLayer | ActQuant], batches: list,
                     description: str, observe, *, outputs: bool = False, progress: bool = True) -> None:
     """One pass over `batches`, calling observe(name, layer, x) with the input each of `layers` multiplies
     its weight with (`outputs`: with its output instead; an activation quantizer's, when it is off, is
@@ -129,7 +129,7 @@ def _observe_layers(model: nn.Module, layers: dict[str, _QuantWeightLayer | ActQ
 
 
 # -- bias correction ------------------------------------------------------------------------
-def _float_and_quant_outputs(layer: _QuantWeightLayer, x: torch.Tensor, wf: torch.Tensor | None = None):
+def _float_and_quant_outputs(layer: QuantWeightLayer, x: torch.Tensor, wf: torch.Tensor | None = None):
     wf = layer.layer.weight if wf is None else wf
     wq = layer.quantized_weight()
     bias = layer.layer.bias
@@ -150,7 +150,7 @@ def bias_correction(model: nn.Module, batches: list,
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
+    def observe(name: str, layer: QuantWeightLayer, x: torch.Tensor) -> None:
         yf, yq = _float_and_quant_outputs(layer, x, float_weights.get(name))
         if isinstance(layer.layer, nn.Linear):  # features last: (..., out)
             diff = (yf - yq).reshape(-1, yf.shape[-1]).transpose(0, 1)
@@ -159,7 +159,7 @@ def bias_correction(model: nn.Module, batches: list,
         sums[name] = sums.get(name, 0) + diff.sum(1)
         counts[name] = counts.get(name, 0) + diff.shape[1]
 
-    _observe_layers(model, {n: m for n, m in layers.items() if not m.dynamic}, batches, "bias correction", observe)
+    observe_layers(model, {n: m for n, m in layers.items() if not m.dynamic}, batches, "bias correction", observe)
     corrections = {}
     for name, total in sums.items():
         layer = layers[name].layer
@@ -184,9 +184,9 @@ def _layer_io(model: nn.Module, float_model: nn.Module, name: str, batches: list
     """Inputs of layer `name` in the (partly) quantized model and its outputs in the float model
     (token batches: at real tokens only, so batches of different lengths concatenate)."""
     xs, ys = [], []  # the same batches in the same order through both models: xs[i] and ys[i] belong together
-    _observe_layers(model, {name: model.get_submodule(name)}, batches, f"{name}: inputs",
+    observe_layers(model, {name: model.get_submodule(name)}, batches, f"{name}: inputs",
                     lambda n, m, x: xs.append(x), progress=False)
-    _observe_layers(float_model, {name: float_model.get_submodule(name)}, batches, f"{name}: float outputs",
+    observe_layers(float_model, {name: float_model.get_submodule(name)}, batches, f"{name}: float outputs",
                     lambda n, m, y: ys.append(y), outputs=True, progress=False)
     return torch.cat(xs), torch.cat(ys)
 
@@ -245,128 +245,7 @@ def adaround(model: nn.Module, batches: list, *, iters: int = 1000, reg: float =
     return results
 
 
-# -- GPTQ ----------------------------------------------------------------------------------------
-def _patches(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The columns a layer multiplies its weight with, grouped: (G, n, d) with d = in-features per group
-    (times the kernel size for convolutions), and G the number of groups."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1]), 1
-    pad = getattr(layer, "static_padding", None)
-    if isinstance(pad, nn.Module):  # TF-"SAME" padded convs pad first (as `conv_forward` does)
-        x = pad(x)
-    k, stride, dil, padding = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    if isinstance(padding, str):
-        if padding == "same" and all(s == 1 for s in stride):
-            padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
-        elif padding == "valid":
-            padding = (0,) * len(k)
-        else:
-            raise ConfigError(f"gptq: padding={padding!r} is not supported")
-    if isinstance(layer, nn.Conv1d):  # as a 2-D convolution of height 1
-        x, k, stride, dil, padding = x.unsqueeze(2), (1, *k), (1, *stride), (1, *dil), (0, *padding)
-    cols = F.unfold(x, k, dilation=dil, padding=padding, stride=stride)  # (N, C*kh*kw, L), channel-major
-    g = layer.groups
-    cols = cols.reshape(cols.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # (G, N, L, d)
-    return cols.reshape(g, -1, cols.shape[-1]), g
-
-
-def _gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
-                damp: float, block: int, pair_bound: int | None = None, positions: int = 1) -> torch.Tensor:
-    """GPTQ for (G, R, d) weights with per-group input Hessians h (G, d, d) and scales / zero points
-    (G, R, d // block) — one per row and block of `block` input columns: round column by column,
-    spreading each column's rounding error over the columns not yet rounded in proportion to the
-    inverse Hessian (the error that least changes the layer's output).
-
-    pair_bound: columns are (input channel, kernel position) with `positions` positions per channel; the
-    code of channel 2i+1 is limited so that |q(2i)| + |q(2i+1)| <= pair_bound for a same-sign pair at the
-    same position (`numerics.limit_pairs`), and what that costs is compensated like any rounding error."""
-    w, h = w.double().clone(), h.double().clone()
-    diag = torch.diagonal(h, dim1=1, dim2=2)
-    dead = diag <= 0  # inputs always zero on the calibration data: rounded to nearest, nothing compensated
-    diag.add_(damp * diag.mean(1, keepdim=True))
-    diag[dead] = 1.0
-    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    s, z = scale.double(), zero.double()
-    q = torch.empty_like(w)
-    for i in range(w.shape[2]):
-        col, sc, zc = w[:, :, i], s[:, :, i // block], z[:, :, i // block]
-        code = torch.clamp(torch.round(col / sc) + zc, qmin, qmax) - zc
-        if pair_bound and (i // positions) % 2 == 1:  # symmetric codes (z = 0): the pair's first code is fixed
-            j = i - positions
-            first = torch.round(q[:, :, j] / s[:, :, j // block])
-            room = (pair_bound - first.abs()).clamp(min=0)
-            limited = code.sign() * torch.minimum(code.abs(), room)
-            code = torch.where(first * code > 0, limited, code)
-        qc = code * sc
-        q[:, :, i] = qc
-        err = (col - qc) / hinv[:, i, i, None]
-        w[:, :, i + 1:] -= err[:, :, None] * hinv[:, None, i, i + 1:]
-    return q
-
-
-@torch.no_grad()
-def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, damp: float = 0.01,
-         chunk: int = 8) -> dict[str, float]:
-    """Second-order rounding of weights (GPTQ, Frantar et al. 2023, from Optimal Brain Quantization):
-    each layer's weights are rounded one input column at a time, and the rounding error of a column is
-    compensated on the columns not yet rounded, using H = E[x x^T] of the inputs the layer sees in the
-    quantized model (one statistics pass over the calibration batches for all layers). The weight
-    scales stay as calibrated (per tensor, channel or block of inputs); the chosen grid values are baked
-    into the weights. Grouped and depthwise convolutions are solved per group (per-block scales across
-    conv groups are skipped). Returns, per rounded layer, the output error E|(W - Q) x|^2 relative to
-    round-to-nearest's (below 1: GPTQ's rounding is better on the calibration inputs; a layer where it
-    is not keeps round-to-nearest)."""
-    selected = {n: m for n, m in weight_layers(model).items()
-                if (layers is None or any(fnmatch.fnmatchcase(n, p) for p in layers))
-                and not m.dynamic and m.enabled
-                # per-block scales across conv groups: not supported
-                and not (m.spec.granularity == "group" and getattr(m.layer, "groups", 1) > 1)}
-    if not selected:
-        raise ConfigError("gptq: no quantized layer to round (static or weight-only) matches")
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def observe(name: str, layer: _QuantWeightLayer, x: torch.Tensor) -> None:
-        # the unfolded patches of early convolutions are large: a few images at a time
-        for part in (x,) if isinstance(layer.layer, nn.Linear) else x.split(chunk):
-            cols, _ = _patches(layer.layer, part.float())
-            hessians[name] = hessians.get(name, 0) + cols.transpose(1, 2) @ cols
-            counts[name] = counts.get(name, 0) + cols.shape[1]
-
-    _observe_layers(model, selected, batches, "gptq statistics", observe)
-    ratios = {}
-    with progress_bar("gptq", len(selected)) as advance:
-        for name, layer in selected.items():
-            w = layer.layer.weight.detach()
-            g = getattr(layer.layer, "groups", 1)
-            h = hessians[name] / counts[name]
-            wg = w.reshape(g, w.shape[0] // g, -1)
-            if layer.spec.granularity == "group":  # Linear: one scale per row and block of inputs
-                block = layer.spec.group_size
-                scale = layer.weight_scale.detach().float().reshape(1, w.shape[0], -1)
-                zero = layer.weight_zero_point.detach().float().reshape(1, w.shape[0], -1)
-            else:
-                block, shape = wg.shape[2], (g, w.shape[0] // g, 1)
-                scale = layer.weight_scale.detach().float().expand(w.shape[0]).reshape(shape)
-                zero = layer.weight_zero_point.detach().float().expand(w.shape[0]).reshape(shape)
-            positions = w[0, 0].numel() if w.dim() > 2 else 1  # kernel positions per input channel
-            q = _gptq_round(wg, h, scale, zero, layer.spec.qmin, layer.spec.qmax, damp, block,
-                            layer.spec.pair_bound, positions)
-            rtn = layer.quantized_weight().detach().reshape(wg.shape).double()
-
-            def out_err(wq: torch.Tensor) -> float:
-                e = wg.double() - wq
-                return float(torch.einsum("grd,gde,gre->", e, h.double(), e))
-
-            before, after = out_err(rtn), out_err(q)
-            if after < before:  # GPTQ's rounding is better on the calibration inputs (it nearly always is)
-                layer.layer.weight.copy_(q.reshape(w.shape).to(w.dtype))
-            ratios[name] = min(after, before) / before if before > 0 else 1.0
-            advance(1, layer=name)
-    return ratios
-
-
-def _forward_layer(layer: _QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
+def _forward_layer(layer: QuantWeightLayer, x: torch.Tensor) -> torch.Tensor:
     w = layer.quantized_weight()
     b = layer.quantized_bias()
     if isinstance(layer.layer, nn.Linear):
@@ -383,7 +262,7 @@ def _float_copy(model: nn.Module) -> nn.Module:
     for m in float_model.modules():
         if isinstance(m, ActQuant):
             m.mode = "off"
-        if isinstance(m, _QuantWeightLayer):
+        if isinstance(m, QuantWeightLayer):
             m.enabled = False
     return float_model.eval()
 
