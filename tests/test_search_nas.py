@@ -15,7 +15,6 @@ from slimkit.search.nas import NASConfig, open_storage, search, worker_start_met
 TINY_SPACE = {"widths": [0.5], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3], "se": [False, True]}
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """NAS tests run tiny ops: one thread is faster than two on a loaded 2-core machine."""
@@ -23,6 +22,7 @@ def one_thread():
 
     with torch_threads(1):
         yield
+
 
 def tiny(**kw):
     base = dict(space_options=TINY_SPACE, trials=4, epochs=1, max_steps=2, train_fraction=0.3, population=2,
@@ -83,6 +83,9 @@ def test_finalists_are_retrained_once(small_digits, tmp_path, monkeypatch):
     calls = []
     real_fit = trainer.fit
     monkeypatch.setattr(trainer, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    search(small_digits, cfg, out_dir=tmp_path / "fresh", progress=False)
+    assert calls  # the patch sees every training the search does (else the check below would pass vacuously)
+    calls.clear()
     again = search(small_digits, cfg, out_dir=tmp_path, progress=False)  # the study is complete: nothing to train
     assert calls == [] and again.info["finalists"] == first.info["finalists"]
     assert again.best["trial"] == first.best["trial"]
