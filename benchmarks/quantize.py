@@ -12,7 +12,8 @@ Parts:
           photographs, or all shipped images): top-1 agreement with fp32 (all crops and the decisive ones)
           and latency at batch 8 (interleaved rounds), slimkit vs ORT quantize_static (per-channel
           MinMax); references: int8 weights alone, bfloat16 weights.
-  minilm  all-MiniLM-L6-v2 dynamic int8: cosine similarity to fp32 over real sentences, batch-1 latency,
+  minilm  all-MiniLM-L6-v2 dynamic int8 (embedding tables too): cosine similarity to fp32 over real sentences,
+          file bytes, batch-1 latency,
           slimkit vs ORT quantize_dynamic.
 """
 from __future__ import annotations
@@ -385,6 +386,11 @@ def part_minilm(tmp: Path, rows: list, checks: list, n: int) -> None:
     sp = s["speedup_vs_ort_fp32"]
     checks.append(check("minilm: speed-up vs ORT fp32 (b1, 1 thread)", round(sp, 2), ">= 1.8", sp >= 1.8))
     checks.append(check("minilm: sentences", s["sentences"], ">= 200", s["sentences"] >= 200))
+    ratio = s["bytes"] / r["fp32"]["bytes"]
+    checks.append(check("minilm: dynamic int8 file vs fp32", round(ratio, 4), "<= 0.26", ratio <= 0.26))
+    ortq_bytes = r["ort_quantizer_dynamic_int8"]["bytes"]
+    checks.append(check("minilm: dynamic int8 file vs ORT quantize_dynamic's", round(s["bytes"] / ortq_bytes, 4), "<= 1",
+                        s["bytes"] <= ortq_bytes))
 
 
 def main() -> int:

@@ -182,3 +182,52 @@ def test_natural_image_sources_name_each_crop():
     assert x.shape[0] == len(names)
     with pytest.raises(ValueError, match="min_scale"):
         data.natural_image_sources(0, min_scale=2.0)  # checked before any crop is drawn
+
+
+# -- glyphs (generated MNIST-sized set) --------------------------------------------------------
+def test_glyphs_render_is_deterministic_balanced_and_8_bit():
+    from slimkit.data.glyphs import _TEST_FONTS, _TRAIN_FONTS, render
+
+    x, y = render(300, seed=3, fonts=_TRAIN_FONTS)
+    assert x.shape == (300, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.bincount(y, minlength=10).tolist() == [30] * 10
+    x2, y2 = render(300, seed=3, fonts=_TRAIN_FONTS)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(render(300, seed=4, fonts=_TRAIN_FONTS)[0], x)
+    assert not set(_TRAIN_FONTS) & set(_TEST_FONTS)
+    # MNIST's normalization: ink inside the 28x28 frame, centre of mass near the centre, nothing blank
+    ink = x.float().sum((1, 2, 3))
+    assert (ink > 0).all()
+    rows = (x.float().sum((1, 3)) * torch.arange(28)).sum(1) / ink
+    assert (rows - 13.5).abs().max() < 2.5
+
+
+def test_glyphs_task_splits_cache_and_reference(tmp_path):
+    task = data.glyphs(240, 60, cache=tmp_path)
+    assert [len(task.train), len(task.val), len(task.test)] == [220, 20, 60]
+    assert task.input_shape == (1, 28, 28) and task.num_classes == 10
+    cached = list(tmp_path.glob("glyphs-*.npz"))
+    assert len(cached) == 2  # train+val and test
+    again = data.glyphs(240, 60, cache=tmp_path)
+    assert torch.equal(task.test.tensors[0], again.test.tensors[0])
+    fresh = data.glyphs(240, 60, cache=False)  # rendered, not read: the same pixels
+    assert torch.equal(task.train.tensors[0], fresh.train.tensors[0])
+    cached[0].write_bytes(b"not an npz")  # a damaged cache file is rendered again, not trusted
+    assert torch.equal(data.glyphs(240, 60, cache=tmp_path).train.tensors[0], task.train.tensors[0])
+    assert len(data.resolve("glyphs:120", cache=tmp_path).test) == 20
+    with pytest.raises(DataError, match="glyphs:N"):
+        data.resolve("glyphs:many")
+    with pytest.raises(DataError, match="too small"):
+        data.glyphs(5, 5)
+
+
+def test_glyphs_labels_match_images_on_held_out_fonts():
+    """A linear classifier learns the digits and recognizes them in typefaces it never saw."""
+    import slimkit as sk
+
+    task = data.glyphs(2000, 400, cache=False, flatten=True)
+    torch.manual_seed(0)
+    model = sk.train(torch.nn.Linear(784, 10), task, epochs=4, lr=3e-3)
+    from slimkit.core.trainer import accuracy
+
+    assert accuracy(model, task, "test") > 0.6  # chance is 0.1

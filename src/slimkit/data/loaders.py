@@ -228,10 +228,16 @@ def imagefolder(directory: str | Path, *, size: int = 32, grayscale: bool = Fals
 
 
 def resolve(ref: str, **kwargs) -> Task:
-    """Turn a data reference into a Task: `digits`, `mnist:DIR`, `npz:FILE`, `imagefolder:DIR`."""
+    """Turn a data reference into a Task: `digits`, `glyphs[:N_TRAIN]`, `mnist:DIR`, `npz:FILE`, `imagefolder:DIR`."""
     kind, _, arg = ref.partition(":")
     if kind == "digits" and not arg:
         return digits(**kwargs)
+    if kind == "glyphs":  # glyphs or glyphs:N_TRAIN
+        from slimkit.data.glyphs import glyphs
+
+        if arg and not arg.isdigit():
+            raise DataError(f"data set {ref!r}: glyphs:N takes the number of training images, e.g. glyphs:10000")
+        return glyphs(int(arg), n_test=max(10, int(arg) // 6), **kwargs) if arg else glyphs(**kwargs)
     if kind == "mnist" and arg:
         return mnist(arg, **kwargs)
     if kind == "npz" and arg:
@@ -240,4 +246,4 @@ def resolve(ref: str, **kwargs) -> Task:
         return imagefolder(arg, **kwargs)
     if ref.endswith(".npz"):
         return npz(ref, **kwargs)
-    raise DataError(f"unknown data set {ref!r}; use digits, mnist:DIR, npz:FILE or imagefolder:DIR")
+    raise DataError(f"unknown data set {ref!r}; use digits, glyphs[:N_TRAIN], mnist:DIR, npz:FILE or imagefolder:DIR")

@@ -42,9 +42,38 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Any, *, opset
                 axes = {n: {0: "batch"} for n in names + ["output"]} if dynamic_batch else None
                 torch.onnx.export(model, args, str(tmp), dynamo=False, input_names=names, output_names=["output"],
                                   dynamic_axes=axes, opset_version=opset)
+                constants_to_initializers(tmp)
         except Exception as err:
             raise UnsupportedLayerError(f"ONNX export of {type(model).__name__} failed: {err}") from None
     return path
+
+
+def constants_to_initializers(path: str | Path) -> int:
+    """Move the tensors of the main graph's Constant nodes into initializers, in place; returns how many.
+
+    The TorchScript exporter writes buffers it folds (e.g. a quantized model's integer codes) as
+    Constant nodes; as initializers they are what ONNX tools expect of weights (external data,
+    sharing), and the file is smaller (one name per tensor instead of a node with its name and
+    attribute)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph, kept, moved = model.graph, [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value" and not node.domain:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+        onnx.save(model, str(path))
+    return moved
 
 
 def run_onnx(path: str | Path, example_input: Any, threads: int = 1) -> np.ndarray:

@@ -25,21 +25,25 @@ from slimkit.quantize import ptq
 from slimkit.quantize.gptq import gptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
-from slimkit.quantize.modules import ActQuant, QuantWeightLayer, deployable, nbits_exportable
+from slimkit.quantize.modules import ActQuant, QuantEmbedding, QuantWeightLayer, deployable, nbits_exportable
 
 
 def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None = None,
-           layers: list[str] | None = None, equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Structure only (deterministic): used by `quantize` and by `restore` on load."""
+           layers: list[str] | None = None, tables: list[str] | None = None,
+           equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Structure only (deterministic): used by `quantize` and by `restore` on load (which names the
+    `layers` and embedding `tables` exactly)."""
     state = get_state(model)
     weight_specs = {"*": config.weight_spec()}
     for name, b in (bits or {}).items():
         weight_specs[name] = config.weight_spec(b)
     gm_equalize = equalize and config.mode != "dynamic"
+    embeddings = config.embeddings if layers is None else bool(tables)
+    names = None if layers is None else layers + (tables or [])
     prepared, structure = qgraph.prepare(
-        model, weight_specs=weight_specs, act_spec=config.activation_spec(), selector=config.layer_selector(layers),
+        model, weight_specs=weight_specs, act_spec=config.activation_spec(), selector=config.layer_selector(names),
         dynamic=config.mode == "dynamic", fold_bn=config.fold_bn and config.mode != "dynamic",
-        quantize_output=config.quantize_output, equalize=gm_equalize)
+        quantize_output=config.quantize_output, equalize=gm_equalize, embeddings=embeddings)
     object.__setattr__(prepared, ATTR, state)
     if bits:
         structure["bits"] = dict(bits)
@@ -86,7 +90,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         # AdaRound and GPTQ bake their rounding into the weights and bias correction moves the biases: keep
         # the float ones (bias correction measures against them, blame puts them back one layer at a time)
         float_layers = float_layer_weights(new)
-    for layer in layers.values():
+    tables = qgraph.embedding_tables(new)
+    for layer in [*layers.values(), *tables.values()]:
         layer.calibrate_weight(config.weight_calibration, config.percentile)
     if config.mode == "static":
         stats = ptq.collect_activation_stats(new, batches)
@@ -114,7 +119,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     elif config.integer_matmul() and wspec.bits == 8 and wspec.signed:
         notes.append(f"int8 weights on the full grid (target {config.target!r}): ONNX Runtime may saturate int16 pair "
                      "sums on x86 CPUs without VNNI (AVX2 only), so this file is right only on the target's CPUs")
-    kept = qgraph.unquantized_layers(new, set(layers))
+    if tables:
+        notes.append(_table_note(tables))
+    kept = qgraph.unquantized_layers(new, set(layers) | set(tables))
     if kept:
         notes.append("kept in float (not quantizable or excluded): " + ", ".join(kept))
     if structure["folded_bn"]:
@@ -146,6 +153,29 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
     if config.speed_check and config.mode in ("static", "dynamic") and not simulated and deployable(wspec):
         return _never_slower(model, new, config, task, batches, calibration_data)
     return new.eval()
+
+
+def _table_note(tables: dict) -> str:
+    """What happened to the embedding tables, in words."""
+    from slimkit.quantize.modules import gather_block_exportable
+
+    n = sum(m.weight.numel() for m in tables.values())
+    packed = [name for name, m in tables.items() if gather_block_exportable(m.spec)]
+    bits = sorted({m.spec.bits for m in tables.values()})
+    text = (f"{len(tables)} embedding table(s) ({n:,} weights) quantized to int{'/'.join(map(str, bits))}, "
+            f"symmetric")
+    if packed:
+        gs = next(iter(tables.values())).spec.group_size
+        text += (f"; {len(packed)} stored packed (two 4-bit codes per byte, one scale per {gs} weights of a row) "
+                 "and gathered by ONNX Runtime's GatherBlockQuantized")
+    rest = [m for name, m in tables.items() if name not in packed]
+    if rest:
+        store = "int8" if all(m.spec.bits <= 8 for m in rest) else "int8/int16"
+        text += (f"; {len(rest)} stored as {store} codes with one scale per row: ONNX Gather of the codes, then "
+                 "Cast and Mul by the row's scale (standard ops, only the rows looked up are dequantized)")
+        if any(m.spec.bits not in (8, 16) for m in rest):
+            text += f" — {', '.join(str(b) for b in bits if b not in (8, 16))}-bit values kept in wider integers"
+    return text
 
 
 def _pair_note(layers: dict, target: str, bound: int) -> str:
@@ -234,7 +264,8 @@ def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) ->
     if "weight_grid" not in structure and config.target != "x86-vnni":
         # written before `target` existed: its int8 weights use the full grid, whatever the default is now
         config = QuantConfig(**{**config.to_dict(), "target": "x86-vnni"})
-    new, _ = _build(model, config, bits=structure.get("bits"), layers=structure.get("layers"))
+    new, _ = _build(model, config, bits=structure.get("bits"), layers=structure.get("layers"),
+                    tables=structure.get("embeddings", []))
     for q in qgraph.act_quantizers(new):
         q.mode = "quant"
     object.__setattr__(new, "slimkit_notes", list(structure.get("notes", [])))
@@ -242,7 +273,7 @@ def restore(model: nn.Module, config: QuantConfig, structure: dict[str, Any]) ->
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (ActQuant, QuantWeightLayer)) for m in model.modules())
+    return any(isinstance(m, (ActQuant, QuantWeightLayer, QuantEmbedding)) for m in model.modules())
 
 
 def _write_artifact(model: nn.Module, path: Path, task) -> Path:

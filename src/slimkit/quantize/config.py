@@ -80,6 +80,12 @@ class QuantConfig(Config):
         per layer; an alternative to AdaRound (not both).
     qat_epochs > 0: quantization-aware training (STE + LSQ step sizes) from the PTQ result.
     keep_float: layer-name patterns left in float (reported).
+    embeddings (default on): `nn.Embedding` tables are quantized too, in every mode, with the weights'
+        bit width: symmetric codes, one scale per row (per `group_size` elements of a row for 4-bit
+        groups). The ONNX file stores the codes (int8/int16; 4-bit groups packed two per byte and
+        gathered by ONNX Runtime's GatherBlockQuantized) and dequantizes only the rows looked up. In a
+        transformer they are most of the weights (MiniLM: 12.1 M of 22.7 M). The selector and
+        `keep_float` apply to them like to any layer.
     speed_check (default on): time the int8 ONNX file against the float one on ONNX Runtime
         (`speed_threads` threads, each of `speed_batch_sizes`, interleaved rounds) and keep in float the
         layers with the fewest MACs where int8 is slower, up to the whole model (`quantize/speed.py`);
@@ -122,6 +128,7 @@ class QuantConfig(Config):
     qat_lr: float = Field(1e-4, gt=0)
     mixed_precision: MixedPrecisionConfig | None = None
     keep_float: list[str] = Field(default_factory=list)
+    embeddings: bool = True
     quantize_output: bool = False
     blame: bool = False
     target: Target = "portable"

@@ -17,10 +17,12 @@ def export_quantized(model: nn.Module, path: str | Path, example_input: Any, *, 
     """Write the quantized model as ONNX: integer weight initializers + DequantizeLinear, int32 biases,
     QuantizeLinear/DequantizeLinear pairs on activations (int16 through ONNX Runtime's com.microsoft
     ops), DynamicQuantizeLinear + MatMulInteger for dynamic layers, MatMulNBits for int4 weight-only
-    Linear layers with per-group scales. Atomic, one self-contained file."""
-    from slimkit.quantize.graph import weight_layers
+    Linear layers with per-group scales, Gather of integer codes (or GatherBlockQuantized) for embedding
+    tables. Atomic, one self-contained file."""
+    from slimkit.quantize.graph import embedding_tables, weight_layers
 
     layers = [m for m in weight_layers(model).values() if m.enabled and (deployable(m.spec) or nbits_exportable(m))]
+    layers += list(embedding_tables(model).values())
     for layer in layers:
         layer.freeze_for_export()
     try:

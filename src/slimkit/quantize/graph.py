@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 from slimkit.core.selector import Selector, select, set_submodule
 from slimkit.quantize import numerics as nq
-from slimkit.quantize.modules import ActQuant, QuantConv, QuantLinear, QuantWeightLayer
+from slimkit.quantize.modules import ActQuant, QuantConv, QuantEmbedding, QuantLinear, QuantWeightLayer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
 _PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, F.max_pool2d, torch.squeeze, torch.unsqueeze}
 _PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "size"}
@@ -37,7 +36,8 @@ _ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZABLE + (ActQuant, QuantWeightLayer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, QUANTIZABLE + (ActQuant, QuantWeightLayer, QuantEmbedding)) or \
+            super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule | None:
@@ -115,7 +115,7 @@ def unquantized_layers(model: nn.Module, quantized: set[str]) -> list[str]:
     for name, m in model.named_modules():
         if not name or any(name == q or name.startswith(q + ".") for q in quantized):
             continue
-        if list(m.children()) or isinstance(m, (ActQuant, QuantWeightLayer)):
+        if list(m.children()) or isinstance(m, (ActQuant, QuantWeightLayer, QuantEmbedding)):
             continue
         if any(True for _ in m.parameters(recurse=False)):
             kept.append(f"{name} ({type(m).__name__})")
@@ -147,11 +147,23 @@ def pair_safe_spec(layer: nn.Module, spec: nq.QuantSpec) -> nq.QuantSpec:
     return spec
 
 
+def table_spec(layer: nn.Embedding, spec: nq.QuantSpec) -> nq.QuantSpec:
+    """The spec of one embedding table from the weights' spec: symmetric signed codes on the full grid
+    (a lookup has no pair sums), per group of a row where the weights use groups below 8 bits and the
+    row divides into them, else one scale per row."""
+    grouped = spec.granularity == "group" and spec.bits < 8 and layer.embedding_dim % spec.group_size == 0
+    return dataclasses.replace(spec, signed=True, symmetric=True, pair_bound=None, grid_bits=None,
+                               granularity="group" if grouped else "channel", axis=0)
+
+
 def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec: nq.QuantSpec | None,
             selector: Selector | None, dynamic: bool, fold_bn: bool = True,
-            quantize_output: bool = False, equalize: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+            quantize_output: bool = False, equalize: bool = False,
+            embeddings: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Return (prepared model, structure). `weight_specs` maps layer names to their weight spec
-    (layers not in it use the spec under key "*"). Static activations need `act_spec`."""
+    (layers not in it use the spec under key "*"). Static activations need `act_spec`. `embeddings`:
+    the selector also picks `nn.Embedding` tables (`QuantEmbedding`; those with `max_norm`, which
+    rewrites the table on lookup, stay float)."""
     structure: dict[str, Any] = {"mode": "module", "folded_bn": [], "layers": [], "activations": []}
     gm = trace(model) if (act_spec is not None and not dynamic) or fold_bn else None
     root = gm if gm is not None else model
@@ -163,8 +175,13 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
             from slimkit.quantize.equalize import equalize as cross_layer_equalize
 
             structure["equalized"] = [list(p) for p in cross_layer_equalize(gm)]
-    layers = select(root, selector, default_types=QUANTIZABLE, what="quantize")
+    layers = select(root, selector, default_types=QUANTIZABLE + ((nn.Embedding,) if embeddings else ()), what="quantize")
+    tables = [(n, m) for n, m in layers if embeddings and isinstance(m, nn.Embedding) and m.max_norm is None]
     layers = [(n, m) for n, m in layers if isinstance(m, QUANTIZABLE)]
+    if tables:
+        for name, table in tables:
+            set_submodule(root, name, QuantEmbedding(table, table_spec(table, weight_specs.get(name, weight_specs["*"]))))
+        structure["embeddings"] = [n for n, _ in tables]
     wrapped: dict[str, QuantWeightLayer] = {}
     for name, layer in layers:
         spec = weight_specs.get(name, weight_specs["*"])
@@ -231,3 +248,7 @@ def act_quantizers(model: nn.Module) -> list[ActQuant]:
 
 def weight_layers(model: nn.Module) -> dict[str, QuantWeightLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightLayer)}
+
+
+def embedding_tables(model: nn.Module) -> dict[str, QuantEmbedding]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
