@@ -129,7 +129,7 @@ def test_kd_with_alpha_zero_equals_plain_training(blobs, blob_teacher):
 def test_distill_learns_from_teacher(blobs, blob_teacher):
     student = mlp(8, seed=3)
     trained = sk.distill(student, teacher=blob_teacher, task=blobs,
-                         config=DistillConfig(epochs=10, lr=1e-2, temperature=2.0, device="cpu"))
+                         config=DistillConfig(epochs=10, lr=1e-2, temperature=2.0, alpha=0.9, device="cpu"))
     logits, targets = sk.evaluate.predict(trained, blobs, "test")
     assert (logits.argmax(1) == targets).float().mean() > 0.9
     assert sk.core.state.stages(trained)[-1]["technique"] == "distill"
@@ -159,7 +159,7 @@ class CountingTeacher(nn.Module):
 
 def test_cache_gives_identical_results_with_fewer_teacher_passes(blobs, blob_teacher):
     teacher = CountingTeacher(blob_teacher)
-    cfg = dict(epochs=3, lr=1e-2, device="cpu", alpha=0.8)
+    cfg = dict(epochs=3, lr=1e-2, device="cpu", alpha=0.8, temperature=4.0, patience=None)
     CountingTeacher.calls.clear()
     plain = distill(mlp(8, seed=4), teacher, task=blobs, config=DistillConfig(**cfg))
     uncached_calls = len(CountingTeacher.calls)
@@ -324,3 +324,57 @@ def test_augmented_training_differs_and_low_resolution_student_reloads(few_digit
     loaded = sk.load(sk.save(student, tmp_path / "student.safetensors"))
     x = few_digits.example_input(4)
     assert torch.allclose(loaded(x), student(x))
+
+
+# -- soft targets tuned on validation (temperature / alpha "auto") -------------------------------
+def _relabelled(task, fn, name):
+    x, y = task.train.tensors
+    vx, vy = task.val.tensors
+    tx, ty = task.test.tensors
+    return tensor_task(name, x, fn(y), vx, vy, tx, ty, num_classes=3, batch_size=32)
+
+
+def test_auto_falls_back_to_the_labels_when_the_teacher_misleads(blobs):
+    wrong = sk.train(mlp(32), _relabelled(blobs, lambda y: (y + 1) % 3, "blobs-shifted-labels"), epochs=5, lr=1e-2)
+    trained = distill(mlp(8, seed=3), wrong, task=blobs, config=DistillConfig(epochs=8, lr=1e-2, device="cpu"))
+    tuning = sk.core.state.stages(trained)[-1]["structure"]["tuning"]
+    assert tuning["alpha"] == 0 and len(tuning["trials"]) == 5  # the labels and the four grid points were tried
+    assert any("did not beat the hard labels" in n for n in trained.slimkit_notes)
+    assert any("trained on the hard labels only" in n for n in trained.slimkit_notes)
+    logits, targets = sk.evaluate.predict(trained, blobs, "test")
+    assert (logits.argmax(1) == targets).float().mean() > 0.9
+
+
+def test_auto_chooses_distillation_when_it_beats_noisy_labels(blobs):
+    clean_teacher = sk.train(mlp(32), blobs, epochs=5, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+
+    def corrupt(y):  # most class-0 training labels say 1: label training learns the wrong region
+        flip = (y == 0) & (torch.rand(len(y), generator=g) < 0.7)
+        return torch.where(flip, torch.ones_like(y), y)
+
+    noisy = _relabelled(blobs, corrupt, "blobs-noisy")
+    trained = distill(mlp(8, seed=3), clean_teacher, task=noisy, config=DistillConfig(epochs=8, lr=1e-2, device="cpu"))
+    stage = sk.core.state.stages(trained)[-1]["structure"]
+    trials = {(r["temperature"], r["alpha"]): r["val_accuracy"] for r in stage["tuning"]["trials"]}
+    assert stage["alpha"] > 0 and trials[(stage["temperature"], stage["alpha"])] > trials[(1.0, 0.0)]
+    assert any("chose T=" in n for n in trained.slimkit_notes)
+    hard = sk.train(mlp(8, seed=3), noisy, epochs=8, lr=1e-2)
+    assert sk.evaluate.topk_accuracy(*sk.evaluate.predict(trained, noisy, "test"))["top1"] > \
+        sk.evaluate.topk_accuracy(*sk.evaluate.predict(hard, noisy, "test"))["top1"]
+
+
+def test_auto_narrows_the_grid_to_what_is_not_fixed_and_says_when_it_cannot_tune(blobs, blob_teacher):
+    cfg = DistillConfig(epochs=4, lr=1e-2, device="cpu", temperature=3.0, tune_epochs=1)
+    trained = distill(mlp(8, seed=3), blob_teacher, task=blobs, config=cfg)
+    trials = sk.core.state.stages(trained)[-1]["structure"]["tuning"]["trials"]
+    assert [(r["temperature"], r["alpha"]) for r in trials] == [(1.0, 0.0), (3.0, 0.5), (3.0, 0.9)]
+    x, y = blobs.train.tensors
+    no_val = tensor_task("blobs-no-val", x, y, num_classes=3, batch_size=32)
+    trained = distill(mlp(8, seed=3), blob_teacher, task=no_val, config=DistillConfig(epochs=2, lr=1e-2, device="cpu"))
+    assert any("not tuned" in n and "no validation split" in n for n in trained.slimkit_notes)
+    assert sk.core.state.stages(trained)[-1]["structure"]["temperature"] == 4.0
+    with pytest.raises(ValueError):
+        DistillConfig(tune_grid=[(4.0, 0.0)])  # alpha 0 is the labels run, always tried when alpha is auto
+    with pytest.raises(ValueError):
+        DistillConfig(temperature="hot")

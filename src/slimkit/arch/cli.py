@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("separable")
     def separable_command(
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
         trust_factory: bool = TrustFactoryOpt,
         block: str = typer.Option("separable", help="separable (MobileNetV1) | inverted_residual (MobileNetV2)"),

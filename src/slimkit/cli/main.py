@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="slimkit: make PyTorch models smaller and faster, and measure what it cost.")
 
 ModelArg = typer.Argument(..., help="zoo:NAME, a saved .safetensors/.slim model, or package.module:factory")
-DataOpt = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR")
+DataOpt = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR")
 WeightsOpt = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model")
 
 

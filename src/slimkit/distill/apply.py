@@ -91,6 +91,9 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
     `recover` (the recovery step of other techniques, which record their own stage).
     """
     _check_inputs(student, teacher, task, config)
+    tuning = None
+    if config.tuned:
+        config, tuning = tune_soft_targets(student, teacher, task, config, on_step=on_step)
     if config.augment == "shift" and task.example_input(1).dim() != 4:
         raise ConfigError(f"augment='shift' needs image inputs (channels, height, width); data set {task.name!r} "
                           f"gives {tuple(task.example_input(1).shape[1:])}")
@@ -134,7 +137,7 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
 
         train_cfg = TrainConfig(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer,
                                 weight_decay=config.weight_decay, batch_size=config.batch_size,
-                                seed=config.seed, device=str(device))
+                                seed=config.seed, device=str(device), patience=resolved_patience(config, task))
         result = fit(student, task, train_cfg, loss=loss, extra_parameters=list(adapters.parameters()),
                      on_step=on_step, on_epoch=on_epoch, description=description, in_place=True)
     finally:
@@ -142,8 +145,68 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
             capture.remove()
         runner.close()
     info = {"teacher_calls": runner.calls, "cache_hits": runner.hits, "cache_misses": runner.misses,
-            "history": result.history, "adapters": sum(p.numel() for p in adapters.parameters())}
+            "history": result.history, "adapters": sum(p.numel() for p in adapters.parameters()),
+            "config": config, "tuning": tuning, "best_epoch": result.best_epoch}
     return result.model, info
+
+
+def resolved_patience(config: DistillConfig, task: Task) -> int | None:
+    """Early-stopping patience of a run: "auto" is max(3, epochs // 5) where there is a validation split."""
+    if config.patience == "auto":
+        return max(3, config.epochs // 5) if task.val is not None else None
+    return config.patience
+
+
+def tune_soft_targets(student: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, *,
+                      on_step: StepHook | None = None) -> tuple[DistillConfig, dict]:
+    """Choose the "auto" temperature / alpha of `config` on the validation split (`DistillConfig`): one short
+    run per candidate from the same initialization and seed, best validation accuracy wins, label
+    training (alpha=0, a candidate when alpha is "auto") wins ties. Returns the config with numbers and
+    the record of what was tried."""
+    from slimkit.core.trainer import accuracy
+
+    def resolved(temperature, alpha, **extra) -> DistillConfig:
+        return DistillConfig(**{**config.to_dict(), "temperature": temperature, "alpha": alpha, **extra})
+
+    if task.val is None:
+        fixed = resolved(4.0 if config.temperature == "auto" else config.temperature,
+                         0.9 if config.alpha == "auto" else config.alpha)
+        return fixed, {"tuned": False, "reason": f"data set {task.name!r} has no validation split",
+                       "temperature": fixed.temperature, "alpha": fixed.alpha}
+    grid = list(dict.fromkeys(
+        (config.temperature if config.temperature != "auto" else t, config.alpha if config.alpha != "auto" else a)
+        for t, a in config.tune_grid))
+    if config.alpha == "auto":
+        grid.insert(0, (1.0, 0.0))  # the hard labels alone
+    epochs = config.tune_epochs or max(1, config.epochs // 4)
+    trials = []
+    for t, a in grid:
+        short = resolved(t, a, epochs=epochs, patience=None)
+        what = "labels" if a == 0 else f"T={t:g} alpha={a:g}"
+        model, _ = train_student(student, teacher, task, short, on_step=on_step, description=f"tune {what}")
+        trials.append({"temperature": t, "alpha": a, "val_accuracy": accuracy(model, task, "val")})
+    top = max(r["val_accuracy"] for r in trials)
+    best = next(r for r in trials if r["val_accuracy"] == top)  # ties: the labels (tried first), then grid order
+    chosen = resolved(best["temperature"], best["alpha"])
+    return chosen, {"tuned": True, "epochs": epochs, "trials": trials, "temperature": chosen.temperature,
+                    "alpha": chosen.alpha, "val_images": len(task.val)}
+
+
+def _tuning_note(tuning: dict) -> str:
+    if not tuning["tuned"]:
+        return (f"temperature/alpha not tuned ({tuning['reason']}): T={tuning['temperature']:g}, "
+                f"alpha={tuning['alpha']:g}")
+    trials = tuning["trials"]
+    tried = ", ".join(("labels" if r["alpha"] == 0 else f"T={r['temperature']:g}/a={r['alpha']:g}")
+                      + f" {100 * r['val_accuracy']:.2f}%" for r in trials)
+    text = (f"soft targets tuned on the validation split ({tuning['val_images']} examples, {len(trials)} runs of "
+            f"{tuning['epochs']} epochs): {tried}")
+    labels = next((r for r in trials if r["alpha"] == 0), None)
+    if tuning["alpha"] == 0:
+        best_kd = max(r["val_accuracy"] for r in trials if r["alpha"] > 0)
+        return text + (f"; knowledge distillation did not beat the hard labels there (best KD {100 * best_kd:.2f}% "
+                       f"vs labels {100 * labels['val_accuracy']:.2f}%), so the student trained on the labels alone")
+    return text + f"; chose T={tuning['temperature']:g}, alpha={tuning['alpha']:g}"
 
 
 def distill(student: nn.Module, teacher: nn.Module, *, task: Task, config: DistillConfig | None = None,
@@ -166,16 +229,26 @@ def distill(student: nn.Module, teacher: nn.Module, *, task: Task, config: Disti
 
 def _finish(trained: nn.Module, teacher: nn.Module, config: DistillConfig, info: dict) -> nn.Module:
     teacher_source = get_state(teacher).get("source")
-    record_stage(trained, "distill", config, {"teacher": type(teacher).__name__, "teacher_source": teacher_source})
+    used = info["config"]  # the numbers that ran ("auto" resolved)
+    structure = {"teacher": type(teacher).__name__, "teacher_source": teacher_source,
+                 "temperature": used.temperature, "alpha": used.alpha, "best_epoch": info["best_epoch"]}
+    if info["tuning"] is not None:
+        structure["tuning"] = info["tuning"]
+    record_stage(trained, "distill", config, structure)
     notes = list(getattr(trained, "slimkit_notes", []) or [])
-    extras = [f"inputs shifted by up to {config.max_shift} px"] if config.augment == "shift" else []
-    extras += [f"{len(config.features)} feature links"] if config.features else []
-    if config.alpha == 0 and not config.features:
+    if info["tuning"] is not None:
+        notes.append(_tuning_note(info["tuning"]))
+    extras = [f"inputs shifted by up to {used.max_shift} px"] if used.augment == "shift" else []
+    extras += [f"{len(used.features)} feature links"] if used.features else []
+    ran = len(info["history"])
+    epochs = [f"{ran} epochs" + (f" (early stopping: best validation epoch {info['best_epoch']} kept)"
+                                 if info["best_epoch"] is not None else "")]
+    if used.alpha == 0 and not used.features:
         notes.append(f"trained on the hard labels only (alpha=0: {type(teacher).__name__} was not consulted, "
-                     + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
+                     + ", ".join(epochs + extras) + ")")
     else:
-        notes.append(f"distilled from {type(teacher).__name__} (T={config.temperature:g}, alpha={config.alpha:g}, "
-                     + ", ".join([f"{config.epochs} epochs"] + extras) + ")")
+        notes.append(f"distilled from {type(teacher).__name__} (T={used.temperature:g}, alpha={used.alpha:g}, "
+                     + ", ".join(epochs + extras) + ")")
     if config.cache_teacher:
         seen = info["cache_hits"] + info["cache_misses"]
         notes.append(f"teacher outputs cached: teacher ran {info['teacher_calls']} batches, "

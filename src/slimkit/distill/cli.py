@@ -32,6 +32,15 @@ def parse_feature(spec: str):
         raise ConfigError(f"--feature {spec!r}: {err}") from None
 
 
+def _number_or_auto(value: str, option: str, kind=float):
+    if value == "auto":
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{option}: expected a number or 'auto', got {value!r}") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("distill")
     def distill_command(
@@ -39,14 +48,17 @@ def register(app: typer.Typer) -> None:
                                                             "or package.module:factory with --teacher-weights"),
         student: str = typer.Option(..., "--student", help="student: zoo:NAME (built for the data, scaled by --width), "
                                                             "a saved model, or package.module:factory with --student-weights"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="safetensors weights for the teacher"),
         student_weights: Optional[str] = typer.Option(None, "--student-weights", help="safetensors weights for the student"),
         trust_factory: bool = TrustFactoryOpt,
         width: float = typer.Option(1.0, help="width multiplier of a zoo student"),
-        temperature: float = typer.Option(4.0, help="softmax temperature T of the soft targets"),
-        alpha: float = typer.Option(0.9, help="weight of the soft-target term (1 - alpha on the hard labels)"),
-        epochs: int = typer.Option(10, help="training epochs"),
+        temperature: str = typer.Option("auto", help="softmax temperature T of the soft targets, or auto (chosen on "
+                                                     "the validation split)"),
+        alpha: str = typer.Option("auto", help="weight of the soft-target term (1 - alpha on the hard labels), or auto "
+                                               "(chosen on validation; the labels alone when KD does not help)"),
+        epochs: int = typer.Option(10, help="training epochs (at most: early stopping on validation, --patience)"),
+        patience: str = typer.Option("auto", help="early-stopping patience in epochs, auto, or none"),
         lr: float = typer.Option(1e-3, help="learning rate"),
         feature: list[str] = typer.Option([], "--feature", help="feature link STUDENT=TEACHER[:hint|:attention][@W] "
                                                                 "(layer name patterns; repeatable)"),
@@ -71,7 +83,9 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             cfg = DistillConfig.from_file(config)
         else:
-            cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed, device=device,
+            cfg = DistillConfig(temperature=_number_or_auto(temperature, "--temperature"),
+                                alpha=_number_or_auto(alpha, "--alpha"), epochs=epochs, lr=lr, seed=seed, device=device,
+                                patience=None if patience == "none" else _number_or_auto(patience, "--patience", int),
                                 teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
                                 max_shift=max_shift, features=[parse_feature(f) for f in feature])
         if teacher.startswith("zoo:") and not teacher_weights and random_init(teacher[4:]):

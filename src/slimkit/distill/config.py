@@ -36,6 +36,15 @@ class DistillConfig(Config):
     """Knowledge distillation (Hinton et al. 2015) with optional feature distillation.
 
     temperature, alpha: loss = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y).
+        "auto" (the default for both): chosen on the task's validation split. Each (T, alpha) of `tune_grid`
+        (a fixed temperature or alpha narrows it) and plain label training (alpha=0) train the student for
+        `tune_epochs` (default epochs // 4, at least 1); the candidate with the best validation accuracy
+        wins, and label training wins ties — KD is used only where it measurably helps, and the notes say
+        which ran. Cost: len(tune_grid) + 1 short runs before the real one (about 2.2x one run with the
+        default grid). A task without a validation split gets T=4, alpha=0.9, untuned (noted).
+    patience: early stopping on validation accuracy (the best epoch's weights are kept); "auto": on
+        with patience max(3, epochs // 5) when the task has a validation split, so `epochs` is a maximum;
+        None: train exactly `epochs`.
     epochs, lr, optimizer, weight_decay, batch_size, seed, device: the shared trainer's settings.
     teacher_device: where the frozen teacher runs (None: the student's device), e.g. a big teacher
         on "cuda" and a student on "cpu", or the other way round.
@@ -52,8 +61,12 @@ class DistillConfig(Config):
 
     technique: ClassVar[str | None] = "distill"
 
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
+    temperature: float | Literal["auto"] = "auto"
+    alpha: float | Literal["auto"] = "auto"
+    tune_grid: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(2.0, 0.5), (4.0, 0.5), (4.0, 0.9), (8.0, 0.9)])
+    tune_epochs: int | None = Field(None, ge=1)
+    patience: int | Literal["auto"] | None = "auto"
     epochs: int = Field(10, ge=0)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -76,6 +89,39 @@ class DistillConfig(Config):
         if value is not None and not value.startswith("zoo:"):
             raise ValueError(f"student must be 'zoo:NAME' (or None for the input model), got {value!r}")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, value):
+        if value != "auto" and not value > 0:
+            raise ValueError(f"temperature must be > 0 or 'auto', got {value}")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_unit_range(cls, value):
+        if value != "auto" and not 0 <= value <= 1:
+            raise ValueError(f"alpha must be in [0, 1] or 'auto', got {value}")
+        return value
+
+    @field_validator("tune_grid")
+    @classmethod
+    def _grid(cls, value):
+        if not value or any(not (t > 0 and 0 < a <= 1) for t, a in value):
+            raise ValueError(f"tune_grid needs (temperature > 0, 0 < alpha <= 1) pairs, got {value}")
+        return value
+
+    @field_validator("patience")
+    @classmethod
+    def _patience(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"patience must be >= 1, 'auto' or None, got {value}")
+        return value
+
+    @property
+    def tuned(self) -> bool:
+        """True when temperature or alpha is chosen on validation."""
+        return self.temperature == "auto" or self.alpha == "auto"
 
     @model_validator(mode="after")
     def _cache_needs_fixed_inputs(self) -> "DistillConfig":

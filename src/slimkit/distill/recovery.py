@@ -35,7 +35,7 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
     config = DistillConfig(epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, seed=seed, device=device,
                            teacher_device=teacher_device, cache_teacher=cache_teacher and augment == "none",
                            features=list(features or []), optimizer=optimizer, weight_decay=weight_decay,
-                           batch_size=batch_size, augment=augment, max_shift=max_shift)
+                           batch_size=batch_size, augment=augment, max_shift=max_shift, patience=None)
     model, _ = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
                              description=description)
     return model

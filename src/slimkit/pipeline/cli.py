@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def compress(
         model: str = typer.Argument(..., help="zoo:NAME, a saved model, or package.module:factory"),
         recipe: Path = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory/zoo model"),
         trust_factory: bool = TrustFactoryOpt,
         out: Path = typer.Option(Path("slimkit-out"), "--out", "-o", help="output folder (checkpoints, report)"),
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def auto(
         model: str = typer.Argument(..., help="zoo:NAME (trained first if no --weights), a saved model, or a factory"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory/zoo model"),
         trust_factory: bool = TrustFactoryOpt,
         max_accuracy_drop: float = typer.Option(0.5, help="accuracy points you accept to lose"),

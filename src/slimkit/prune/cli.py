@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def prune(
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors/.slim model, or package.module:factory"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
         trust_factory: bool = TrustFactoryOpt,
         structured: bool = typer.Option(False, "--structured", help="remove channels (smaller dense model) instead of weights"),

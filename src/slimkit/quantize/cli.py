@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize_command(
         model: str = typer.Argument(..., help="zoo:NAME, a saved .safetensors model, or package.module:factory"),
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         weights_file: Optional[str] = typer.Option(None, "--weights", help="safetensors weights for a factory or zoo model"),
         trust_factory: bool = TrustFactoryOpt,
         weight_type: str = typer.Option("int8", "--weight-type", help="weight type: int8, int16, int4, intN/uintN (2-16 bits)"),

@@ -388,18 +388,17 @@ def gather_block_exportable(spec: nq.QuantSpec) -> bool:
 
 
 class _GatherDQ(torch.autograd.Function):
-    """Rows of an integer table times their float16 per-row scale: exports as Gather(codes) -> Cast and
-    Gather(scales) -> Cast -> Mul, standard ONNX ops every runtime has (the table stays integer in the
-    file and in memory)."""
+    """Rows of an integer table times their per-row scale: exports as Gather(codes) -> Cast -> Mul(Gather(scales)),
+    standard ONNX ops every runtime has (the table stays integer in the file and in memory)."""
 
     @staticmethod
     def forward(ctx, ids, codes, scale):
-        return codes[ids].float() * scale[ids].float()
+        return codes[ids].float() * scale[ids]
 
     @staticmethod
     def symbolic(g, ids, codes, scale):
         rows = g.op("Cast", g.op("Gather", codes, ids, axis_i=0), to_i=1)  # 1 = FLOAT
-        return g.op("Mul", rows, g.op("Cast", g.op("Gather", scale, ids, axis_i=0), to_i=1))
+        return g.op("Mul", rows, g.op("Gather", scale, ids, axis_i=0))
 
 
 class _GatherBlockQuantized(torch.autograd.Function):
@@ -448,12 +447,6 @@ class QuantEmbedding(nn.Module):
 
         lo, hi = weight_thresholds(self.layer.weight, method, self.spec, percentile=percentile)
         scale, _ = nq.qparams(lo, hi, self.spec)
-        if not gather_block_exportable(self.spec):
-            # one scale per row is 4 bytes per token in fp32 (MiniLM: 122 KB); the file stores it in float16, the
-            # nearest value >= the threshold's so nothing extra is clipped (GatherBlockQuantized needs float scales)
-            half = scale.clamp(min=2.0 ** -24).half()
-            half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, math.inf)), half)
-            scale = half.float()
         self.weight_scale = scale.reshape(self.weight_scale.shape).clone()
 
     def _zero_point(self) -> torch.Tensor:
@@ -472,7 +465,7 @@ class QuantEmbedding(nn.Module):
             if "export_packed" in self._buffers:
                 return _GatherBlockQuantized.apply(ids, self.export_table, self.export_packed, self.weight_scale,
                                                    self.spec.group_size)
-            return _GatherDQ.apply(ids, self.export_codes, self.weight_scale.reshape(-1, 1).half())
+            return _GatherDQ.apply(ids, self.export_codes, self.weight_scale.reshape(-1, 1))
         rows = F.embedding(ids, self.layer.weight, self.layer.padding_idx)
         s = self.weight_scale[ids].unsqueeze(-1)  # (..., 1) per row, (..., groups, 1) per group
         if self.spec.granularity == "group":

@@ -12,7 +12,7 @@ from slimkit.cli.common import TrustFactoryOpt
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search_cmd(
-        data: str = typer.Option("digits", "--data", "-d", help="digits | mnist:DIR | npz:FILE | imagefolder:DIR"),
+        data: str = typer.Option("digits", "--data", "-d", help="digits | glyphs[:N] | mnist:DIR | npz:FILE | imagefolder:DIR"),
         space: str = typer.Option("mbconv", help="search space: mbconv | cell"),
         strategy: str = typer.Option("evolution", help="random | evolution | rl | gradient"),
         trials: int = typer.Option(20, help="trials to complete (over all workers)"),
