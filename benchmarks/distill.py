@@ -153,7 +153,9 @@ def hinton(args, rows: list[dict]) -> dict:
                "alpha": used["alpha"], "kd_best_epoch": used["best_epoch"], "hard_seconds": round(t2 - t1, 1),
                "kd_seconds_with_tuning": round(t3 - t2, 1),
                "tuning": [(r["temperature"], r["alpha"], round(r["val_accuracy"], 4))
-                          for r in used.get("tuning", {}).get("trials", [])]}
+                          for r in used.get("tuning", {}).get("trials", [])],
+               "full_runs_val": [(r["temperature"], r["alpha"], round(r["val_accuracy"], 4))
+                                 for r in used.get("tuning", {}).get("final", [])]}
         part.append(row)
         rows.append(row)
     print_table(part, ["seed", "teacher_errors", "hard_errors", "kd_errors", "test_images", "temperature", "alpha",

@@ -338,7 +338,8 @@ def test_auto_falls_back_to_the_labels_when_the_teacher_misleads(blobs):
     wrong = sk.train(mlp(32), _relabelled(blobs, lambda y: (y + 1) % 3, "blobs-shifted-labels"), epochs=5, lr=1e-2)
     trained = distill(mlp(8, seed=3), wrong, task=blobs, config=DistillConfig(epochs=8, lr=1e-2, device="cpu"))
     tuning = sk.core.state.stages(trained)[-1]["structure"]["tuning"]
-    assert tuning["alpha"] == 0 and len(tuning["trials"]) == 5  # the labels and the four grid points were tried
+    assert tuning["alpha"] == 0 and len(tuning["trials"]) == 5  # the five grid points were screened
+    assert [r["alpha"] == 0 for r in tuning["final"]] == [False, True]  # then the best and the labels ran in full
     assert any("did not beat the hard labels" in n for n in trained.slimkit_notes)
     assert any("trained on the hard labels only" in n for n in trained.slimkit_notes)
     logits, targets = sk.evaluate.predict(trained, blobs, "test")
@@ -356,8 +357,8 @@ def test_auto_chooses_distillation_when_it_beats_noisy_labels(blobs):
     noisy = _relabelled(blobs, corrupt, "blobs-noisy")
     trained = distill(mlp(8, seed=3), clean_teacher, task=noisy, config=DistillConfig(epochs=8, lr=1e-2, device="cpu"))
     stage = sk.core.state.stages(trained)[-1]["structure"]
-    trials = {(r["temperature"], r["alpha"]): r["val_accuracy"] for r in stage["tuning"]["trials"]}
-    assert stage["alpha"] > 0 and trials[(stage["temperature"], stage["alpha"])] > trials[(1.0, 0.0)]
+    final = {r["alpha"] == 0: r["val_accuracy"] for r in stage["tuning"]["final"]}
+    assert stage["alpha"] > 0 and final[False] > final[True]  # KD beat the labels in the full runs
     assert any("chose T=" in n for n in trained.slimkit_notes)
     hard = sk.train(mlp(8, seed=3), noisy, epochs=8, lr=1e-2)
     assert sk.evaluate.topk_accuracy(*sk.evaluate.predict(trained, noisy, "test"))["top1"] > \
@@ -367,8 +368,9 @@ def test_auto_chooses_distillation_when_it_beats_noisy_labels(blobs):
 def test_auto_narrows_the_grid_to_what_is_not_fixed_and_says_when_it_cannot_tune(blobs, blob_teacher):
     cfg = DistillConfig(epochs=4, lr=1e-2, device="cpu", temperature=3.0, tune_epochs=1)
     trained = distill(mlp(8, seed=3), blob_teacher, task=blobs, config=cfg)
-    trials = sk.core.state.stages(trained)[-1]["structure"]["tuning"]["trials"]
-    assert [(r["temperature"], r["alpha"]) for r in trials] == [(1.0, 0.0), (3.0, 0.5), (3.0, 0.9)]
+    tuning = sk.core.state.stages(trained)[-1]["structure"]["tuning"]
+    assert [(r["temperature"], r["alpha"]) for r in tuning["trials"]] == [(3.0, 0.5), (3.0, 0.9), (3.0, 1.0)]
+    assert [r["temperature"] for r in tuning["final"]] == [3.0, 3.0]
     x, y = blobs.train.tensors
     no_val = tensor_task("blobs-no-val", x, y, num_classes=3, batch_size=32)
     trained = distill(mlp(8, seed=3), blob_teacher, task=no_val, config=DistillConfig(epochs=2, lr=1e-2, device="cpu"))

@@ -198,7 +198,8 @@ def fit(
 
     loss(model, x, y) -> scalar overrides the task loss (used by distillation). on_step(model, step)
     runs after every optimizer step, on_epoch(model, epoch) after every epoch (used by pruning
-    schedules and masks). With `patience`, the weights of the best validation epoch are kept.
+    schedules and masks). With `patience`, the weights of the best validation epoch are kept (the latest of
+    equally good ones).
     The model is returned on the device it came from.
     """
     cfg = config or TrainConfig()
@@ -267,8 +268,11 @@ def fit(
             record = {"epoch": epoch + 1, "train_loss": running / max(count, 1)}
             if has_val:
                 record["val_accuracy"] = accuracy(model, task, "val", device)
-                if record["val_accuracy"] > best_acc:
-                    best_acc, best_epoch, bad_epochs = record["val_accuracy"], epoch + 1, 0
+                # a tie keeps the later weights (trained further down the schedule, same validation accuracy)
+                # but does not reset the patience: only an improvement does
+                if record["val_accuracy"] >= best_acc:
+                    bad_epochs = 0 if record["val_accuracy"] > best_acc else bad_epochs + 1
+                    best_acc, best_epoch = record["val_accuracy"], epoch + 1
                     if cfg.patience is not None:
                         best_state = copy.deepcopy(model.state_dict())
                 else:

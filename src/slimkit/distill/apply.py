@@ -91,9 +91,8 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
     `recover` (the recovery step of other techniques, which record their own stage).
     """
     _check_inputs(student, teacher, task, config)
-    tuning = None
     if config.tuned:
-        config, tuning = tune_soft_targets(student, teacher, task, config, on_step=on_step)
+        return train_tuned(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch, description=description)
     if config.augment == "shift" and task.example_input(1).dim() != 4:
         raise ConfigError(f"augment='shift' needs image inputs (channels, height, width); data set {task.name!r} "
                           f"gives {tuple(task.example_input(1).shape[1:])}")
@@ -146,23 +145,27 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
         runner.close()
     info = {"teacher_calls": runner.calls, "cache_hits": runner.hits, "cache_misses": runner.misses,
             "history": result.history, "adapters": sum(p.numel() for p in adapters.parameters()),
-            "config": config, "tuning": tuning, "best_epoch": result.best_epoch}
+            "config": config, "tuning": None, "best_epoch": result.best_epoch}
     return result.model, info
 
 
 def resolved_patience(config: DistillConfig, task: Task) -> int | None:
-    """Early-stopping patience of a run: "auto" is max(3, epochs // 5) where there is a validation split."""
+    """Early-stopping patience of a run: "auto" is max(5, epochs // 3) where there is a validation split."""
     if config.patience == "auto":
-        return max(3, config.epochs // 5) if task.val is not None else None
+        return max(5, config.epochs // 3) if task.val is not None else None
     return config.patience
 
 
-def tune_soft_targets(student: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, *,
-                      on_step: StepHook | None = None) -> tuple[DistillConfig, dict]:
-    """Choose the "auto" temperature / alpha of `config` on the validation split (`DistillConfig`): one short
-    run per candidate from the same initialization and seed, best validation accuracy wins, label
-    training (alpha=0, a candidate when alpha is "auto") wins ties. Returns the config with numbers and
-    the record of what was tried."""
+def train_tuned(student: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, *,
+                on_step: StepHook | None = None, on_epoch: StepHook | None = None,
+                description: str = "distill") -> tuple[nn.Module, dict]:
+    """`train_student` with the "auto" temperature / alpha of `config` chosen on the validation split:
+    1. screening: one short run (`tune_epochs`) per (T, alpha) candidate of the grid, from the same
+       initialization and seed; the best validation accuracy wins (grid order breaks ties);
+    2. when alpha is "auto", the winner and label training (alpha=0) both run the full schedule and the
+       better on validation is returned — the labels on a tie. KD-versus-labels is decided at the real
+       budget because short runs favour the labels (they converge faster; KD's gain comes late).
+    A task without a validation split gets T=4, alpha=0.9 (noted)."""
     from slimkit.core.trainer import accuracy
 
     def resolved(temperature, alpha, **extra) -> DistillConfig:
@@ -171,41 +174,60 @@ def tune_soft_targets(student: nn.Module, teacher: nn.Module, task: Task, config
     if task.val is None:
         fixed = resolved(4.0 if config.temperature == "auto" else config.temperature,
                          0.9 if config.alpha == "auto" else config.alpha)
-        return fixed, {"tuned": False, "reason": f"data set {task.name!r} has no validation split",
-                       "temperature": fixed.temperature, "alpha": fixed.alpha}
+        model, info = train_student(student, teacher, task, fixed, on_step=on_step, on_epoch=on_epoch,
+                                    description=description)
+        info["tuning"] = {"tuned": False, "reason": f"data set {task.name!r} has no validation split",
+                          "temperature": fixed.temperature, "alpha": fixed.alpha}
+        return model, info
     grid = list(dict.fromkeys(
         (config.temperature if config.temperature != "auto" else t, config.alpha if config.alpha != "auto" else a)
         for t, a in config.tune_grid))
-    if config.alpha == "auto":
-        grid.insert(0, (1.0, 0.0))  # the hard labels alone
     epochs = config.tune_epochs or max(1, config.epochs // 4)
-    trials = []
-    for t, a in grid:
-        short = resolved(t, a, epochs=epochs, patience=None)
-        what = "labels" if a == 0 else f"T={t:g} alpha={a:g}"
-        model, _ = train_student(student, teacher, task, short, on_step=on_step, description=f"tune {what}")
-        trials.append({"temperature": t, "alpha": a, "val_accuracy": accuracy(model, task, "val")})
-    top = max(r["val_accuracy"] for r in trials)
-    best = next(r for r in trials if r["val_accuracy"] == top)  # ties: the labels (tried first), then grid order
-    chosen = resolved(best["temperature"], best["alpha"])
-    return chosen, {"tuned": True, "epochs": epochs, "trials": trials, "temperature": chosen.temperature,
-                    "alpha": chosen.alpha, "val_images": len(task.val)}
+    screened = []
+    if len(grid) > 1:
+        for t, a in grid:
+            short = resolved(t, a, epochs=epochs, patience=None)
+            model, _ = train_student(student, teacher, task, short, on_step=on_step, description=f"tune T={t:g} alpha={a:g}")
+            screened.append({"temperature": t, "alpha": a, "val_accuracy": accuracy(model, task, "val")})
+        top = max(r["val_accuracy"] for r in screened)
+        t, a = next((r["temperature"], r["alpha"]) for r in screened if r["val_accuracy"] == top)
+    else:
+        t, a = grid[0]
+    model, info = train_student(student, teacher, task, resolved(t, a), on_step=on_step, on_epoch=on_epoch,
+                                description=description)
+    final = [{"temperature": t, "alpha": a, "val_accuracy": accuracy(model, task, "val"), "epochs": len(info["history"])}]
+    if config.alpha == "auto":
+        labels, labels_info = train_student(student, teacher, task, resolved(t, 0.0), on_step=on_step,
+                                            on_epoch=on_epoch, description=f"{description} (labels alone)")
+        final.append({"temperature": t, "alpha": 0.0, "val_accuracy": accuracy(labels, task, "val"),
+                      "epochs": len(labels_info["history"])})
+        if final[1]["val_accuracy"] >= final[0]["val_accuracy"]:
+            model, info = labels, labels_info
+    info["tuning"] = {"tuned": True, "epochs": epochs, "trials": screened, "final": final,
+                      "temperature": info["config"].temperature, "alpha": info["config"].alpha,
+                      "val_images": len(task.val)}
+    return model, info
 
 
 def _tuning_note(tuning: dict) -> str:
     if not tuning["tuned"]:
         return (f"temperature/alpha not tuned ({tuning['reason']}): T={tuning['temperature']:g}, "
                 f"alpha={tuning['alpha']:g}")
-    trials = tuning["trials"]
-    tried = ", ".join(("labels" if r["alpha"] == 0 else f"T={r['temperature']:g}/a={r['alpha']:g}")
-                      + f" {100 * r['val_accuracy']:.2f}%" for r in trials)
-    text = (f"soft targets tuned on the validation split ({tuning['val_images']} examples, {len(trials)} runs of "
-            f"{tuning['epochs']} epochs): {tried}")
-    labels = next((r for r in trials if r["alpha"] == 0), None)
+
+    def name(r):
+        return "labels" if r["alpha"] == 0 else f"T={r['temperature']:g}/a={r['alpha']:g}"
+
+    parts = []
+    if tuning["trials"]:
+        parts.append(f"screened {len(tuning['trials'])} soft-target settings for {tuning['epochs']} epochs each: "
+                     + ", ".join(f"{name(r)} {100 * r['val_accuracy']:.2f}%" for r in tuning["trials"]))
+    final = tuning["final"]
+    parts.append("full runs: " + ", ".join(f"{name(r)} {100 * r['val_accuracy']:.2f}%" for r in final))
+    text = f"soft targets tuned on the validation split ({tuning['val_images']} examples): " + "; ".join(parts)
     if tuning["alpha"] == 0:
-        best_kd = max(r["val_accuracy"] for r in trials if r["alpha"] > 0)
-        return text + (f"; knowledge distillation did not beat the hard labels there (best KD {100 * best_kd:.2f}% "
-                       f"vs labels {100 * labels['val_accuracy']:.2f}%), so the student trained on the labels alone")
+        return text + (f"; knowledge distillation did not beat the hard labels there ({name(final[0])} "
+                       f"{100 * final[0]['val_accuracy']:.2f}% vs labels {100 * final[1]['val_accuracy']:.2f}%), "
+                       "so the student trained on the labels alone is returned")
     return text + f"; chose T={tuning['temperature']:g}, alpha={tuning['alpha']:g}"
 
 
