@@ -317,6 +317,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer epochs (smoke run; checks will likely fail)")
     parser.add_argument("--sections", default="unstructured,deep-compression,structured,n:m")
     parser.add_argument("--artifacts", default=None, help="folder for the files written (default: a temp folder)")
+    parser.add_argument("--data", default="digits", help="digits | glyphs[:N_TRAIN] (the generated MNIST-sized set)")
     args = parser.parse_args()
     args.base_epochs = 3 if args.quick else 30
     args.cnn_epochs = 2 if args.quick else 10
@@ -332,7 +333,7 @@ def main() -> int:
     # one thread throughout: on a shared, oversubscribed machine a second OpenMP thread mostly spins
     torch.set_num_threads(1)
     env = environment(latency_threads=THREADS, note="shared 2-core machine with other jobs running; compare ratios within this run")
-    task = sk.data.digits()
+    task = sk.data.resolve(args.data)
     out_dir = Path(args.artifacts or tempfile.mkdtemp(prefix="slimkit-prune-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, checks = [], []

@@ -34,6 +34,16 @@ def test_early_stopping_keeps_best_epoch(digits_task):
     assert result.best_epoch is not None
 
 
+def test_early_stopping_keeps_the_latest_of_equal_epochs_but_stops_on_a_plateau(digits_task):
+    model = zoo.for_task("lenet300_100", digits_task)
+    # a learning rate too small to change any prediction: every epoch ties the first
+    result = fit(model, digits_task, TrainConfig(epochs=8, lr=1e-12, patience=2, schedule="constant"), progress=False)
+    accs = [h["val_accuracy"] for h in result.history]
+    assert len(set(accs)) == 1
+    assert len(accs) == 3  # ties do not reset the patience: stopped after two epochs without improvement
+    assert result.best_epoch == 3  # and the latest of the equal epochs is the one kept
+
+
 def test_hooks_and_custom_loss(digits_task):
     steps, epochs = [], []
     calls = {"n": 0}
