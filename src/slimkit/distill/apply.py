@@ -145,7 +145,8 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
         runner.close()
     info = {"teacher_calls": runner.calls, "cache_hits": runner.hits, "cache_misses": runner.misses,
             "history": result.history, "adapters": sum(p.numel() for p in adapters.parameters()),
-            "config": config, "tuning": None, "best_epoch": result.best_epoch}
+            "config": config, "tuning": None, "patience": train_cfg.patience,
+            "best_epoch": result.best_epoch if train_cfg.patience else None}
     return result.model, info
 
 
@@ -263,8 +264,8 @@ def _finish(trained: nn.Module, teacher: nn.Module, config: DistillConfig, info:
     extras = [f"inputs shifted by up to {used.max_shift} px"] if used.augment == "shift" else []
     extras += [f"{len(used.features)} feature links"] if used.features else []
     ran = len(info["history"])
-    epochs = [f"{ran} epochs" + (f" (early stopping: best validation epoch {info['best_epoch']} kept)"
-                                 if info["best_epoch"] is not None else "")]
+    epochs = [f"{ran} epochs" + (f" (early stopping, patience {info['patience']}: best validation epoch "
+                                 f"{info['best_epoch']} kept)" if info["best_epoch"] is not None else "")]
     if used.alpha == 0 and not used.features:
         notes.append(f"trained on the hard labels only (alpha=0: {type(teacher).__name__} was not consulted, "
                      + ", ".join(epochs + extras) + ")")
