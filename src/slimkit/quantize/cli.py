@@ -31,11 +31,13 @@ def register(app: typer.Typer) -> None:
         gptq: bool = typer.Option(False, "--gptq", help="second-order (GPTQ) rounding of weights; fast, not with --adaround"),
         qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after PTQ"),
         keep_float: list[str] = typer.Option([], "--keep-float", help="layer name patterns left in float (repeatable)"),
+        embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
+                                        help="quantize nn.Embedding tables too (one scale per row; default on)"),
         speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
                                          help="time int8 against float on ONNX Runtime and keep float the layers "
                                               "where int8 is slower (default on)"),
         target: str = typer.Option("portable", "--target", help="portable | x86-avx2 | x86-vnni | arm64: the CPUs "
-                                   "the int8 file must be right on (portable: 7-bit weights, no int16 saturation)"),
+                                   "the int8 file must be right on (portable: same-sign channel pairs limited so no int16 pair sum saturates)"),
         backend: str = typer.Option("onnx", "--backend", help="onnx: int8 QDQ for ONNX Runtime (slimkit's own "
                                     "calibration) | pt2e: int8 in PyTorch via torchao PT2E + x86 quantizer"),
         config: Optional[Path] = typer.Option(None, "--config", help="QuantConfig as YAML/JSON (replaces the options above)"),
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
                               calibration=calibration, weight_calibration=weight_calibration,
                               calibration_samples=samples, equalize=equalize, bias_correction=bias_correction,
                               adaround=adaround, gptq=gptq, qat_epochs=qat_epochs, keep_float=keep_float,
-                              speed_check=speed_check, target=target)
+                              speed_check=speed_check, target=target, embeddings=embeddings)
         if blame:
             cfg = QuantConfig(**{**cfg.to_dict(), "blame": True})
         output_dir(out)  # before calibration: an unwritable --out must not cost the run
