@@ -120,11 +120,15 @@ def test_kill_mid_stage_then_resume_loses_nothing(sig, tmp_path, trained_file, t
     out = tmp_path / "killed"
     args = ["compress", str(trained_file), "--recipe", str(recipe_file), "--out", str(out)]
     proc = _cli(*args)
-    first = out / "checkpoints" / "stage-01.safetensors"
+    state_file = out / "state.json"
+
+    def stages_done() -> int:  # state.json is written atomically after each stage's checkpoint
+        return len(json.loads(state_file.read_text())["entries"]) - 1 if state_file.exists() else 0
+
     deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
+    while stages_done() < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert first.exists(), proc.communicate()[1]
+    assert stages_done() == 1 and (out / "checkpoints" / "stage-01.safetensors").exists(), proc.communicate()[1]
     proc.send_signal(sig)  # mid stage 2
     _, stderr = proc.communicate(timeout=60)
     if sig == signal.SIGINT:  # one line, exit 130, no temp file left behind
