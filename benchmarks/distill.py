@@ -106,7 +106,7 @@ def tune(train_fn, task: Task, part: str, rows: list[dict], grid: list[tuple[flo
 
 def load_data(ref: str) -> Task:
     """The benchmark's data, flattened 28x28: `digits` (embedded) or `glyphs[:N_TRAIN]` (generated, MNIST-sized)."""
-    return data.digits(size=28, flatten=True) if ref == "digits" else data.resolve(ref, flatten=True)
+    return data.resolve(ref, flatten=True)  # digits are 28x28 by default
 
 
 def hinton(args, rows: list[dict]) -> dict:

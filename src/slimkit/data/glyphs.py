@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkit.core.task import Task, tensor_task
+from slimkit.data.loaders import standardize
 from slimkit.errors import ArtifactError, DataError
 
 _CANVAS = 64
@@ -256,8 +257,7 @@ def glyphs(n_train: int = 60_000, n_test: int = 10_000, *, val_fraction: float =
     x, x_te = x.float() / 255, x_te.float() / 255
     n_val = max(10, int(round(n_train * val_fraction)))
     x_tr, y_tr, x_va, y_va = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-    mean, std = float(x_tr.mean()), float(x_tr.std()) or 1.0
-    x_tr, x_va, x_te = ((t - mean) / std for t in (x_tr, x_va, x_te))
+    (x_tr, x_va, x_te), (mean, std) = standardize(x_tr, x_va, x_te)
     if flatten:
         x_tr, x_va, x_te = (t.flatten(1) for t in (x_tr, x_va, x_te))
     return tensor_task("glyphs", x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes=10, batch_size=batch_size,

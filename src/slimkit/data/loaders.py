@@ -21,7 +21,8 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _standardize(x_train: torch.Tensor, *others: torch.Tensor | None):
+def standardize(x_train: torch.Tensor, *others: torch.Tensor | None):
+    """([x_train, *others] shifted and scaled by x_train's mean and std, (mean, std)); None stays None."""
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
     return [None if o is None else (o - mean) / std for o in (x_train, *others)], (mean, std)
 
@@ -43,7 +44,7 @@ def digits(size: int | None = 28, *, batch_size: int = 64, flatten: bool = False
     train_idx, rest = train_test_split(idx, test_size=0.4, stratify=y.numpy(), random_state=_DIGITS_SEED)
     val_idx, test_idx = train_test_split(rest, test_size=0.5, stratify=y.numpy()[rest], random_state=_DIGITS_SEED)
     xs = [_resize(x[i], size) for i in (train_idx, val_idx, test_idx)]
-    (x_tr, x_va, x_te), (mean, std) = _standardize(*xs)
+    (x_tr, x_va, x_te), (mean, std) = standardize(*xs)
     if flatten:
         x_tr, x_va, x_te = (t.flatten(1) for t in (x_tr, x_va, x_te))
     return tensor_task("digits", x_tr, y[train_idx], x_va, y[val_idx], x_te, y[test_idx], num_classes=10,
@@ -115,7 +116,7 @@ def mnist(directory: str | Path, *, size: int | None = None, val_fraction: float
     x_tr, y_tr = x_all[:n_train], y_all[:n_train]
     x_va, y_va = (x_all[n_train:], y_all[n_train:]) if n_val else (None, None)
     x_te, y_te = arrays["test"]
-    (x_tr, x_va, x_te), _ = _standardize(*(None if t is None else _resize(t, size) for t in (x_tr, x_va, x_te)))
+    (x_tr, x_va, x_te), _ = standardize(*(None if t is None else _resize(t, size) for t in (x_tr, x_va, x_te)))
     if flatten:
         x_tr, x_va, x_te = (None if t is None else t.flatten(1) for t in (x_tr, x_va, x_te))
     return tensor_task("mnist", x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes=10, batch_size=batch_size,
@@ -222,7 +223,7 @@ def imagefolder(directory: str | Path, *, size: int = 32, grayscale: bool = Fals
         return torch.tensor(np.stack(x)), torch.tensor(y, dtype=torch.int64)
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = t("train"), t("val"), t("test")
-    (x_tr, x_va, x_te), _ = _standardize(x_tr, x_va, x_te)
+    (x_tr, x_va, x_te), _ = standardize(x_tr, x_va, x_te)
     return tensor_task(root.name, x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes=len(classes),
                        batch_size=batch_size, info={"classes": classes, "directory": str(root)})
 
