@@ -10,7 +10,8 @@ import slimkit as sk
 from slimkit.cli.main import main
 from slimkit.errors import ArtifactError, ConfigError
 from slimkit.prune import PackConfig, PruneConfig, packed_info, write_packed
-from slimkit.prune.packed import pack_bits, positions_from_relative, relative_index, unpack_bits
+from slimkit.prune import packed
+from slimkit.prune.packed import _header_dictionary, pack_bits, positions_from_relative, relative_index, unpack_bits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -83,6 +84,44 @@ def test_deep_compression_pipeline_with_codebook_finetune(tmp_path, trained_lene
     assert result["bytes"]["total"] * 20 < sk.save(trained_lenet5, tmp_path / "b.safetensors").stat().st_size
 
 
+def test_budget_search_stays_within_the_validation_budget(tmp_path, trained_lenet5, digits_task):
+    from slimkit.core.trainer import accuracy
+
+    config = PackConfig(budget=1.0, sparsity_ladder=[0.5, 0.8, 0.9, 0.97], step_epochs=2, codebook_epochs=2,
+                        dense_dtype="float16")
+    result = sk.pack(trained_lenet5, tmp_path / "b.slim", config, task=digits_task)
+    loaded = sk.load(tmp_path / "b.slim")
+    base = accuracy(trained_lenet5, digits_task, "val")
+    assert 100 * (base - accuracy(loaded, digits_task, "val")) <= 1.0 + 1e-9
+    x = digits_task.example_input(16)
+    assert torch.allclose(loaded(x), result["model"](x), atol=1e-5)
+    layers = loaded.slimkit_state["stages"][-1]["structure"]["layers"]
+    assert set(layers) == {"features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"}
+    for name, chosen in layers.items():
+        w = loaded.get_submodule(name).weight
+        assert chosen["bits"] in config.bits_grid
+        assert len(torch.unique(w[w != 0])) <= (1 << chosen["bits"]) - 1
+        assert abs(float((w == 0).float().mean()) - chosen["sparsity"]) < 1e-3
+    steps = [t["step"] for t in result["search"]]
+    assert steps[:2] == ["unpruned", "sensitivity scan"] and "prune" in steps and steps[-1] == "quantize"
+    accepted = [t for t in result["search"] if t["step"] == "prune" and t["within"]]
+    assert accepted, "a 1-point budget allows at least 50% sparsity on digits"
+    # the sparsity kept is that of the last rung within the budget (or a lower one)
+    assert float(sum((loaded.get_submodule(n).weight == 0).sum() for n in layers)) > 0
+    assert any("budget search" in n for n in result["model"].slimkit_notes)
+
+
+def test_budget_search_error_paths(trained_lenet5, digits_task):
+    with pytest.raises(ConfigError, match="validation"):
+        sk.pack(trained_lenet5, "unused.slim", PackConfig(budget=0.5))
+    with pytest.raises(ConfigError, match="kmeans"):
+        sk.pack(trained_lenet5, "unused.slim", PackConfig(budget=0.5, quantization="linear"), task=digits_task)
+    with pytest.raises(ValueError):
+        PackConfig(budget=0.5, sparsity_ladder=[0.5, 1.0])
+    with pytest.raises(ValueError):
+        PackConfig(budget=0.5, bits_grid=[0, 4])
+
+
 def test_codebook_finetune_needs_task(trained_lenet5):
     with pytest.raises(ConfigError, match="task"):
         sk.pack(trained_lenet5, "unused.slim", PackConfig(codebook_epochs=1))
@@ -123,14 +162,35 @@ def test_consistent_checksums_but_wrong_content_is_caught(tmp_path, pruned_lenet
     sk.pack(pruned_lenet5, good, PackConfig())
     data = good.read_bytes()
     _, version, hlen, _ = struct.unpack_from("<4sBII", data)
-    meta = json.loads(zstd.ZstdDecompressor().decompress(data[13:13 + hlen]))
+    dictionary = _header_dictionary(version)
+    meta = json.loads(zstd.ZstdDecompressor(dict_data=dictionary).decompress(data[13:13 + hlen]))
     entry = next(e for e in meta["tensors"] if e["name"] == "classifier.1.weight")
     entry["shape"] = [entry["shape"][0], entry["shape"][1] * 2]  # claims twice the weights
-    header = zstd.ZstdCompressor().compress(json.dumps(meta).encode())
+    header = zstd.ZstdCompressor(dict_data=dictionary).compress(json.dumps(meta).encode())
     bad = tmp_path / "bad.slim"
     bad.write_bytes(struct.pack("<4sBII", b"SLIM", version, len(header), zlib.crc32(header)) + header + data[13 + hlen:])
     with pytest.raises(ArtifactError, match="bad.slim"):
         sk.load(bad)
+
+
+def test_version_1_files_still_load_and_version_2_headers_are_smaller(tmp_path, pruned_lenet5, monkeypatch):
+    new = sk.pack(pruned_lenet5, tmp_path / "v2.slim", PackConfig())["bytes"]
+    with monkeypatch.context() as m:  # a file as slimkit wrote it before the header dictionary
+        m.setattr(packed, "VERSION", 1)
+        m.setattr(packed, "FORMAT", "slimkit-packed/1")
+        old = sk.pack(pruned_lenet5, tmp_path / "v1.slim", PackConfig())["bytes"]
+    assert (tmp_path / "v1.slim").read_bytes()[4] == 1 and (tmp_path / "v2.slim").read_bytes()[4] == 2
+    a, b = sk.load(tmp_path / "v1.slim"), sk.load(tmp_path / "v2.slim")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert new["header"] < 0.7 * old["header"]
+    assert {k: v for k, v in new.items() if k not in ("header", "total")} == \
+        {k: v for k, v in old.items() if k not in ("header", "total")}
+    data = bytearray((tmp_path / "v2.slim").read_bytes())
+    data[4] = 9
+    (tmp_path / "v9.slim").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="version 9 is not supported"):
+        sk.load(tmp_path / "v9.slim")
 
 
 def test_cli_pack_and_prune(tmp_path, trained_lenet5, capsys):

@@ -21,13 +21,14 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
             on_step: StepHook | None = None, description: str = "recover (KD)", on_epoch: StepHook | None = None,
             teacher_device: str | None = None, cache_teacher: bool = False, features: list | None = None,
             optimizer: str = "adam", weight_decay: float = 0.0, batch_size: int | None = None,
-            augment: str = "none", max_shift: int = 2) -> nn.Module:
+            augment: str = "none", max_shift: int = 2, patience: int | None = None) -> nn.Module:
     """Fine-tune `student` with soft targets from the frozen `teacher`; returns a new model.
 
     Neither model is modified (the teacher runs from its own eval-mode copy). `on_step(model, step)`
     runs after every optimizer step, e.g. to re-apply pruning masks. `features` takes `FeatureLink`s
     (or dicts) for hint / attention losses; `augment="shift"` trains on shifted images (the teacher's
-    cache is then off); see `DistillConfig` for the other options.
+    cache is then off); `patience` stops early on validation accuracy and keeps the best epoch; see
+    `DistillConfig` for the other options.
     """
     from slimkit.distill.apply import train_student
     from slimkit.distill.config import DistillConfig
@@ -35,7 +36,7 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
     config = DistillConfig(epochs=epochs, lr=lr, temperature=temperature, alpha=alpha, seed=seed, device=device,
                            teacher_device=teacher_device, cache_teacher=cache_teacher and augment == "none",
                            features=list(features or []), optimizer=optimizer, weight_decay=weight_decay,
-                           batch_size=batch_size, augment=augment, max_shift=max_shift, patience=None)
+                           batch_size=batch_size, augment=augment, max_shift=max_shift, patience=patience)
     model, _ = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
                              description=description)
     return model
@@ -44,11 +45,12 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
 def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3, seed: int = 0,
              device: str = "auto", on_step: StepHook | None = None, description: str = "fine-tune",
              on_epoch: StepHook | None = None, optimizer: str = "adam", weight_decay: float = 0.0,
-             batch_size: int | None = None, augment: str = "none", max_shift: int = 2) -> nn.Module:
+             batch_size: int | None = None, augment: str = "none", max_shift: int = 2,
+             patience: int | None = None) -> nn.Module:
     """Plain fine-tuning on the task's loss (the alternative to `recover`); returns a new model.
-    `augment="shift"` trains on images shifted by up to `max_shift` pixels."""
+    `augment="shift"` trains on images shifted by up to `max_shift` pixels; `patience` as in `recover`."""
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, optimizer=optimizer,
-                      weight_decay=weight_decay, batch_size=batch_size)
+                      weight_decay=weight_decay, batch_size=batch_size, patience=patience)
     loss = None
     if augment == "shift":
         from slimkit.distill.augment import random_shift

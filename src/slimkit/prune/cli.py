@@ -87,6 +87,8 @@ def register(app: typer.Typer) -> None:
         bits: int = typer.Option(5, help="value bits of Linear layers"),
         conv_bits: int = typer.Option(8, help="value bits of Conv layers"),
         codebook_epochs: int = typer.Option(0, help="epochs of codebook fine-tuning (kmeans)"),
+        budget: Optional[float] = typer.Option(None, help="accuracy budget in validation points: search per-layer "
+                                               "sparsity and code bits (then --sparsity/--bits/--conv-bits are not used)"),
         index: str = typer.Option("auto", help="auto | dense | bitmask | relative"),
         dense_dtype: str = typer.Option("float32", help="storage of biases/norms: float32 | float16"),
         config: Optional[Path] = typer.Option(None, "--config", help="PackConfig as YAML/JSON (overrides the options)"),
@@ -105,14 +107,18 @@ def register(app: typer.Typer) -> None:
             cfg = PackConfig.from_file(config)
         else:
             prune_cfg = PruneConfig(sparsity=sparsity, finetune_epochs=prune_epochs) if sparsity is not None else None
+            if budget is not None and sparsity is not None:
+                raise ConfigError("--budget searches the sparsity itself: drop --sparsity")
             cfg = PackConfig(quantization=quantization, bits=bits, conv_bits=conv_bits, codebook_epochs=codebook_epochs,
-                             index=index, dense_dtype=dense_dtype, prune=prune_cfg)
+                             index=index, dense_dtype=dense_dtype, prune=prune_cfg, budget=budget)
         output_file(out)
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
         before = accuracy(net, task, "test")
         result = run_pack(net, out, cfg, task=task)
         after = accuracy(result["model"], task, "test")
+        for note in getattr(result["model"], "slimkit_notes", []):
+            console.print(f"note: {note}", markup=False, highlight=False)
         parts = ", ".join(f"{k} {v:,}" for k, v in result["bytes"].items() if k != "total")
         console.print(f"test accuracy {100 * before:.2f}% -> {100 * after:.2f}%  wrote {out} "
                       f"({result['bytes']['total']:,} bytes: {parts})", markup=False, highlight=False)

@@ -134,6 +134,14 @@ class PackConfig(Config):
     level: zstd compression level (1..22).
     selector: which layers' weights are quantized (default: Linear and Conv2d).
     prune: optional unstructured pruning run first (the full Deep-Compression pipeline in one stage).
+    budget: accuracy budget in validation points (e.g. 0.3). When set, pack searches the per-layer
+        sparsity and code bits itself (`slimkit.prune.deep`: sensitivity scan, a pruning ladder
+        climbed with early-stopped recovery, fewest bits per layer) and `bits`, `conv_bits` and
+        `prune.sparsity` are not used; `prune` then only sets the recovery (default: distillation
+        from the unpruned model), and `codebook_epochs` is the most codebook fine-tuning per try.
+    sparsity_ladder / step_epochs / patience: the overall sparsities climbed, the most recovery
+        epochs per rung and the early-stopping patience (budget search).
+    bits_grid: code bits tried per layer; quant_share: the part of `budget` left to quantization.
     """
 
     technique: ClassVar[str] = "pack"
@@ -148,7 +156,27 @@ class PackConfig(Config):
     level: int = Field(19, ge=1, le=22)
     selector: Selector = Field(default_factory=Selector)
     prune: PruneConfig | None = None
+    budget: float | None = Field(None, ge=0.0)
+    sparsity_ladder: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.94, 0.96, 0.97, 0.98, 0.985, 0.99])
+    step_epochs: int = Field(10, ge=0)
+    patience: int = Field(2, ge=1)
+    bits_grid: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    quant_share: float = Field(1 / 3, gt=0.0, lt=1.0)
     seed: int = 0
+
+    @field_validator("sparsity_ladder")
+    @classmethod
+    def _check_ladder(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < s < 1.0 for s in value):
+            raise ValueError("sparsity_ladder needs sparsities in (0, 1)")
+        return sorted(value)
+
+    @field_validator("bits_grid")
+    @classmethod
+    def _check_bits(cls, value: list[int]) -> list[int]:
+        if not value or any(not 1 <= b <= 8 for b in value):
+            raise ValueError("bits_grid needs code bits in 1..8")
+        return sorted(set(value))
 
 
 class HeadPruneConfig(Config):

@@ -79,10 +79,37 @@ class _Codebooks:
             layer["codebook"].copy_(_to_half_grid(layer["codebook"]))  # the .slim stores it as float16
             get_submodule(model, name).weight.copy_(self.weight(name))
 
+    @torch.no_grad()
+    def read(self, model: nn.Module) -> None:
+        """Codebooks back from weights that `write` produced (after early stopping restored an epoch)."""
+        for name, layer in self.layers.items():
+            values = get_submodule(model, name).weight.detach()[layer["mask"]].to(layer["codebook"].dtype)
+            layer["codebook"].scatter_(0, layer["codes"], values)
 
-def _finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, config: PackConfig) -> nn.Module:
+
+def build_codebooks(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: dict[str, int],
+                    quantization: str = "kmeans") -> _Codebooks:
+    """Shared values of the non-zero weights of every layer in `layers` with `bits[name]`-bit codes
+    (at most 2**bits - 1 values: code 0 is the zero)."""
+    books = _Codebooks()
+    for name, module in layers:
+        weight = module.weight.detach()
+        values = weight[weight != 0].float()
+        if values.numel() == 0:
+            continue
+        if quantization == "kmeans":
+            centroids, codes = kmeans_1d(values, (1 << bits[name]) - 1)
+        else:
+            centroids, codes = linear_levels(values, bits[name])
+        books.add(name, weight, centroids, codes)
+    return books
+
+
+def finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, *, epochs: int, lr: float, seed: int = 0,
+                       patience: int | None = None) -> nn.Module:
     """Train the shared values (Deep Compression sec. 3.3): the gradient of a centroid is the sum of
-    the gradients of the weights that share it, which autograd gives through the gather."""
+    the gradients of the weights that share it, which autograd gives through the gather. With
+    `patience`, stops on validation accuracy and keeps the best epoch's codebooks."""
     from torch.func import functional_call
 
     from slimkit.core.trainer import TrainConfig, fit
@@ -94,9 +121,13 @@ def _finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, config:
         weights = {f"{name}.weight": books.weight(name) for name in books.layers}
         return task.loss(functional_call(m, weights, (x,)), y)
 
-    cfg = TrainConfig(epochs=config.codebook_epochs, lr=config.lr, seed=config.seed, device="cpu")
+    def shared_weights(m: nn.Module, epoch: int) -> None:
+        books.write(m)  # validation (and the best-epoch copy) see the weights the file will hold
+
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device="cpu", patience=patience)
     result = fit(model, task, cfg, loss=loss, extra_parameters=[b["codebook"] for b in books.layers.values()],
-                 description="pack: codebook fine-tune").model
+                 on_epoch=shared_weights, description="pack: codebook fine-tune").model
+    books.read(result)
     for p in result.parameters():
         p.requires_grad_(True)
     return result
@@ -105,35 +136,34 @@ def _finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, config:
 @chained("pack")
 def quantize_values(model: nn.Module, config: PackConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """The `pack` technique: (optional pruning,) shared-value quantization of the selected layers,
-    codebook fine-tuning; returns a new model whose weights are exactly what the `.slim` file holds."""
+    codebook fine-tuning; returns a new model whose weights are exactly what the `.slim` file holds.
+    With `config.budget`, per-layer sparsity and bits are searched instead (`slimkit.prune.deep`)."""
     config = config or PackConfig()
     if config.codebook_epochs > 0 and task is None:
         raise ConfigError("PackConfig codebook_epochs > 0 needs data: pass task= (or set codebook_epochs=0)")
     if config.codebook_epochs > 0 and config.quantization != "kmeans":
         raise ConfigError("PackConfig codebook_epochs applies to quantization='kmeans' only")
-    if config.prune is not None:
+    structure: dict[str, Any] = {}
+    trace = None
+    if config.budget is not None:
+        from slimkit.prune.deep import budget_search
+
+        new, structure, notes, trace = budget_search(model, config, task)
+        layers = prunable_layers(new, config.selector, what="pack")
+    elif config.prune is not None:
         from slimkit.prune.unstructured import prune_unstructured
 
         model = prune_unstructured(model, config.prune, task=task)
-    new = copy_model(model)
-    layers = prunable_layers(new, config.selector, what="pack")
-    notes = []
-    if config.quantization != "none":
-        books = _Codebooks()
-        for name, module in layers:
-            weight = module.weight.detach()
-            bits = config.conv_bits if isinstance(module, nn.modules.conv._ConvNd) else config.bits
-            values = weight[weight != 0].float()
-            if values.numel() == 0:
-                continue
-            if config.quantization == "kmeans":
-                centroids, codes = kmeans_1d(values, (1 << bits) - 1)  # code 0 stays the zero
-            else:
-                centroids, codes = linear_levels(values, bits)
-            books.add(name, weight, centroids, codes)
+    if config.budget is None:
+        new = copy_model(model)
+        layers = prunable_layers(new, config.selector, what="pack")
+        notes = []
+    if config.budget is None and config.quantization != "none":
+        bits = {n: config.conv_bits if isinstance(m, nn.modules.conv._ConvNd) else config.bits for n, m in layers}
+        books = build_codebooks(new, layers, bits, config.quantization)
         if config.codebook_epochs > 0:
             books.write(new)
-            new = _finetune_codebooks(new, books, task, config)
+            new = finetune_codebooks(new, books, task, epochs=config.codebook_epochs, lr=config.lr, seed=config.seed)
         books.write(new)
         notes.append(f"{config.quantization} shared values: {config.bits}-bit Linear, {config.conv_bits}-bit Conv "
                      "codes; float16 codebooks")
@@ -144,17 +174,21 @@ def quantize_values(model: nn.Module, config: PackConfig | None = None, *, task:
                 if tensor.dtype == torch.float32 and name not in quantized:
                     tensor.copy_(_to_half_grid(tensor))
         notes.append("other tensors (biases, norms) stored as float16")
-    record_stage(new, "pack", config, {})
+    record_stage(new, "pack", config, structure)
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + notes
+    if trace is not None:
+        new.slimkit_search = trace
     return new
 
 
 def pack(model: nn.Module, path: str | Path, config: PackConfig | None = None, *, task: Task | None = None) -> dict[str, Any]:
     """Deep-Compression pipeline into one `.slim` file: returns {"model": the packed model (what
-    `slimkit.load(path)` gives back), "bytes": {part: bytes}, "path": path}."""
+    `slimkit.load(path)` gives back), "bytes": {part: bytes}, "path": path, "search": the budget
+    search's trace (`PackConfig.budget`; None without)}."""
     config = config or PackConfig()
     from slimkit.prune.packed import write_packed
 
     packed = quantize_values(model, config, task=task)
     sizes = write_packed(packed, path, index=config.index, level=config.level)
-    return {"model": packed, "bytes": {k: v for k, v in sizes.items() if k != "path"}, "path": Path(path)}
+    return {"model": packed, "bytes": {k: v for k, v in sizes.items() if k != "path"}, "path": Path(path),
+            "search": getattr(packed, "slimkit_search", None)}

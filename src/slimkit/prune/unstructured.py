@@ -42,14 +42,14 @@ def _needs_task(config: PruneConfig) -> str | None:
 
 
 def recover_pruned(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, epochs: int,
-             on_step, description: str) -> nn.Module:
+                   on_step, description: str, patience: int | None = None) -> nn.Module:
     if epochs <= 0 or config.recovery == "none":
         return model
     if config.recovery == "distill":
         return recover(model, teacher, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                       description=description, augment=config.augment)
+                       description=description, augment=config.augment, patience=patience)
     return finetune(model, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                    description=description, augment=config.augment)
+                    description=description, augment=config.augment, patience=patience)
 
 
 class _Planner:

@@ -1,0 +1,169 @@
+"""Deep Compression under an accuracy budget: per-layer sparsity and code bits searched on validation.
+
+    small = slimkit.pack(model, "out/model.slim", slimkit.PackConfig(budget=0.3, codebook_epochs=5), task=task)
+
+What is searched, all on the task's validation split (the test split is never looked at):
+
+1. Sensitivity scan: every layer alone pruned to each sparsity of a grid, no training (one
+   validation pass per point). It ranks where zeros are cheapest.
+2. Pruning ladder: the overall sparsity climbs `sparsity_ladder`; at every rung the per-layer
+   sparsities come from the scan (`allocate_sparsity`: big, robust layers first), the weights
+   already zero stay zero, and the model is recovered (`prune.recovery`, by default distillation
+   from the unpruned model) for at most `step_epochs` epochs with early stopping (`patience`).
+   The climb stops at the first rung whose validation accuracy falls more than
+   (1 - `quant_share`) x `budget` points below the unpruned model's.
+3. Code bits: for every layer alone, the fewest bits of `bits_grid` whose k-means shared values cost
+   at most `quant_share` x `budget` points; then all layers together, codebooks fine-tuned for at
+   most `codebook_epochs` epochs with early stopping. If the whole model is more than `budget`
+   points below the unpruned one, every layer gets one bit more (up to 8), and then the next lower
+   rung is tried.
+
+Cost: one validation pass per scan point and per bits trial, plus at most `step_epochs` recovery
+epochs per rung climbed and `codebook_epochs` per quantization attempt; the trace (returned by
+`slimkit.pack` as "search" and kept on the model as `slimkit_search`) lists every step with its
+validation accuracy, epochs and seconds.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimkit.core.progress import progress_bar
+from slimkit.core.selector import Selector
+from slimkit.core.state import copy_model
+from slimkit.core.task import Task
+from slimkit.core.trainer import accuracy
+from slimkit.errors import ConfigError, InfeasibleError
+from slimkit.prune.config import PackConfig, PruneConfig
+from slimkit.prune.masks import MaskKeeper, apply_masks, importance_scores, layer_masks, prunable_layers, sparsity_of
+
+SCAN_GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]
+
+
+def _points(acc: float) -> float:
+    return 100.0 * acc
+
+
+def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], base: float,
+           trace: list[dict]) -> list[tuple[float, nn.Module, float]]:
+    """The pruning ladder: [(overall sparsity, model, validation accuracy)] of every rung accepted,
+    starting with the unpruned model."""
+    from slimkit.prune.sensitivity import allocate_sparsity, sensitivity_analysis
+    from slimkit.prune.unstructured import recover_pruned
+
+    recovery = config.prune or PruneConfig(recovery="distill")
+    t0 = time.perf_counter()
+    analysis = sensitivity_analysis(model, task, grid=SCAN_GRID, selector=Selector(include=names, types=[]))
+    trace.append({"step": "sensitivity scan", "points": len(names) * len(SCAN_GRID),
+                  "seconds": round(time.perf_counter() - t0, 1)})
+    allowed = (1.0 - config.quant_share) * config.budget
+    accepted = [(0.0, model, base)]
+    current = copy_model(model)
+    for target in config.sparsity_ladder:
+        t0 = time.perf_counter()
+        try:
+            per_layer = allocate_sparsity(analysis, target)
+        except InfeasibleError:
+            break  # the scan grid cannot reach this sparsity
+        # per-layer sparsities only grow along the ladder (the greedy allocation extends its path),
+        # so magnitude masks keep every weight already zero at zero
+        masks = layer_masks(importance_scores(current, names, "l1"), per_layer)
+        apply_masks(current, masks)
+        current = recover_pruned(current, model, task, recovery, config.step_epochs, MaskKeeper(masks),
+                                 f"pack: prune {100 * target:.1f}%", patience=config.patience)
+        apply_masks(current, masks)
+        acc = accuracy(current, task, "val")
+        ok = _points(base - acc) <= allowed + 1e-9
+        trace.append({"step": "prune", "sparsity": round(sparsity_of(current, names), 4), "val_accuracy": round(acc, 4),
+                      "within": ok, "seconds": round(time.perf_counter() - t0, 1)})
+        if not ok:
+            break
+        accepted.append((target, current, acc))
+        current = copy_model(current)
+    return accepted
+
+
+@torch.no_grad()
+def _bits_scan(model: nn.Module, task: Task, layers: list[tuple[str, nn.Module]], config: PackConfig,
+               pruned_acc: float) -> dict[str, int]:
+    """Fewest bits per layer (each alone quantized) within quant_share x budget of the pruned model."""
+    from slimkit.prune.pack import build_codebooks
+
+    allowed = config.quant_share * config.budget
+    grid = sorted(config.bits_grid)
+    chosen = {}
+    with progress_bar("pack: code bits", len(layers) * len(grid)) as advance:
+        for name, module in layers:
+            original = module.weight.detach().clone()
+            chosen[name] = grid[-1]
+            for bits in grid:
+                books = build_codebooks(model, [(name, module)], {name: bits})
+                books.write(model)
+                acc = accuracy(model, task, "val")
+                module.weight.copy_(original)
+                advance(1, layer=name)
+                if _points(pruned_acc - acc) <= allowed + 1e-9:
+                    chosen[name] = bits
+                    break
+    return chosen
+
+
+def _quantize(pruned: nn.Module, task: Task, layers_of, bits: dict[str, int], config: PackConfig) -> nn.Module:
+    from slimkit.prune.pack import build_codebooks, finetune_codebooks
+
+    new = copy_model(pruned)
+    books = build_codebooks(new, layers_of(new), bits)
+    books.write(new)
+    if config.codebook_epochs > 0:
+        new = finetune_codebooks(new, books, task, epochs=config.codebook_epochs, lr=config.lr, seed=config.seed,
+                                 patience=config.patience)
+    books.write(new)
+    return new
+
+
+def budget_search(model: nn.Module, config: PackConfig, task: Task | None) -> tuple[nn.Module, dict, list[str], list]:
+    """Prune and quantize `model` as far as `config.budget` allows (module docstring); returns
+    (model holding exactly the packed values, stage structure, notes, trace)."""
+    if task is None or task.val is None or task.metric != "accuracy":
+        raise ConfigError("PackConfig budget needs a classification task with a validation split (task=)")
+    if config.quantization != "kmeans":
+        raise ConfigError("PackConfig budget searches k-means code bits: use quantization='kmeans'")
+    layers_of = lambda m: prunable_layers(m, config.selector, what="pack")  # noqa: E731
+    names = [n for n, _ in layers_of(model)]
+    base = accuracy(model, task, "val")
+    trace: list[dict[str, Any]] = [{"step": "unpruned", "val_accuracy": round(base, 4)}]
+    rungs = _climb(model, task, config, names, base, trace)
+    result = None
+    for _, pruned, pruned_acc in reversed(rungs):
+        t0 = time.perf_counter()
+        bits = _bits_scan(pruned, task, layers_of(pruned), config, pruned_acc)
+        while True:
+            candidate = _quantize(pruned, task, layers_of, bits, config)
+            acc = accuracy(candidate, task, "val")
+            ok = _points(base - acc) <= config.budget + 1e-9
+            trace.append({"step": "quantize", "sparsity": round(sparsity_of(candidate, names), 4),
+                          "bits": dict(bits), "val_accuracy": round(acc, 4), "within": ok,
+                          "seconds": round(time.perf_counter() - t0, 1)})
+            if ok or all(b >= 8 for b in bits.values()):
+                break
+            bits = {n: min(8, b + 1) for n, b in bits.items()}
+            t0 = time.perf_counter()
+        if ok:
+            result = (candidate, bits, acc)
+            break
+    if result is None:
+        raise InfeasibleError(f"pack budget {config.budget} points: even the unpruned model with 8-bit shared values "
+                              f"is {_points(base - acc):.2f} points below on validation; raise the budget")
+    new, bits, acc = result
+    layers = {n: {"sparsity": round(sparsity_of(new, [n]), 4), "bits": bits[n]} for n in names}
+    structure = {"budget": config.budget, "layers": layers}
+    rungs_climbed = sum(1 for t in trace if t["step"] == "prune")
+    notes = [f"budget search ({config.budget} validation points): {100 * sparsity_of(new, names):.1f}% of the weights "
+             f"zero, validation {100 * base:.2f}% -> {100 * acc:.2f}%; per layer " +
+             ", ".join(f"{n} {100 * v['sparsity']:.1f}%/{v['bits']}-bit" for n, v in layers.items()) +
+             f"; searched {rungs_climbed} pruning rungs in {sum(t.get('seconds', 0) for t in trace):.0f} s"]
+    return new, structure, notes, trace
+
