@@ -124,3 +124,61 @@ def test_advisor_times_every_trial_side_by_side_and_its_prose_matches_the_table(
     vs = chosen["timing"]["vs_baseline"]
     cell = f"{vs['speedup']:.1f}</td><td>&#9733;" if vs["reliable"] else "&asymp;1</span></td><td>&#9733;"
     assert cell in html
+
+
+def test_screening_subset_and_scaled_rebuild_epochs(digits_task):
+    from slimkit.pipeline.advisor import build_stages, screening_task
+
+    screen, scale = screening_task(digits_task, AutoConfig(screen_images=500))
+    n = len(digits_task.train)
+    assert len(screen.train) == 500 and scale == pytest.approx(500 / n)
+    assert screen.val is digits_task.val and screen.test is digits_task.test  # validation stays whole
+    again, _ = screening_task(digits_task, AutoConfig(screen_images=500))
+    assert again.train.indices == screen.train.indices  # a fixed subset, not a new draw per call
+    same, one = screening_task(digits_task, AutoConfig(screen_images=None))
+    assert same is digits_task and one == 1.0
+    params = {"student": "lenet5@0.5", "structured": 0.5, "format": "pack", "sparsity": 0.8}
+    cfg = AutoConfig(student_epochs=120, recovery_epochs=10, prune_epochs=9, codebook_epochs=2)
+    full = build_stages(params, cfg, scale=0.1)
+    assert [s.config.get("epochs") for s in full[:1]] == [12]
+    assert full[1].config["finetune_epochs"] == 1 and full[2].config["codebook_epochs"] == 1
+    assert full[2].config["prune"]["finetune_epochs"] == 1
+
+
+def test_clock_stops_when_the_rebuild_would_not_fit():
+    from slimkit.pipeline.advisor import Clock
+
+    import time
+
+    assert Clock(None).allows("x")
+    clock = Clock(100.0, start=time.perf_counter() - 40)  # 60 s left
+    clock.reserve = 30.0
+    assert clock.allows("a")  # 60 >= 1.5 x 30
+    clock.reserve = 50.0
+    assert not clock.allows("after 3 of 16 trials") and clock.stopped == "after 3 of 16 trials"
+    clock.reserve = 0.0
+    assert not clock.allows("b") and clock.stopped == "after 3 of 16 trials"  # once stopped, stays stopped
+
+
+def test_advisor_respects_a_time_budget_on_a_subset(tmp_path, trained_lenet5, digits_task):
+    cfg = AutoConfig(max_accuracy_drop=100, **{**TINY, "trials": 12, "student_epochs": 4}, screen_images=600,
+                     time_budget_s=25.0)
+    result = advise(trained_lenet5, digits_task, cfg, tmp_path)
+    budget = result["sections"]["advisor"]["budget"]
+    assert budget["screen_images"] == 600 and budget["train_images"] == len(digits_task.train)
+    assert budget["trials_run"] < 12 and budget["stopped"]
+    reasons = result["sections"]["recommendation"]["reasons"]
+    assert any("searched on 600 of the" in r for r in reasons) and any("time budget 25 s" in r for r in reasons)
+    assert load_recipe(tmp_path / "recipe.yaml").stages  # rebuilt on the full data with scaled epochs
+
+
+def test_cli_time_budget_parsing_and_errors(tmp_path, capsys):
+    from slimkit.cli.main import main
+    from slimkit.pipeline.cli import parse_duration
+
+    assert (parse_duration("600"), parse_duration("10m"), parse_duration("1.5h"), parse_duration("90s")) == \
+        (600.0, 600.0, 5400.0, 90.0)
+    for bad, message in (("abc", "use seconds"), ("-5m", "must be positive"), ("0", "must be positive")):
+        assert main(["auto", "zoo:lenet5", "--time-budget", bad, "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

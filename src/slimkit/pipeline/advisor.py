@@ -32,14 +32,15 @@ from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
 from slimkit.pipeline.advisor_report import search_sections, describe, explain
 from slimkit.pipeline.advisor_space import (FORMATS, AutoConfig, build_stages, describe_student, parse_student,
-                                            student_candidates, student_key)
+                                            scaled_epochs, student_candidates, student_key)
 from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
 from slimkit.pipeline.sensitivity import analyse
 from slimkit.pipeline.stage import Timed, evaluate_stage, run_stage, time_side_by_side
 from slimkit.report import write_html, write_json
 
 __all__ = ["AutoConfig", "advise", "search", "feasible", "score", "pareto_front", "explain", "describe",
-           "describe_student", "parse_student", "student_key", "student_candidates", "build_stages", "FORMATS"]
+           "describe_student", "parse_student", "student_key", "student_candidates", "build_stages", "FORMATS",
+           "Clock", "screening_task", "scaled_epochs", "budget_notes"]
 
 
 class _Runner:
@@ -48,6 +49,7 @@ class _Runner:
     def __init__(self, model: nn.Module, task: Task, config: AutoConfig, work: Path):
         self.model, self.task, self.config, self.work = model, task, config, work
         self.cache: dict[str, nn.Module] = {}
+        self.seconds: dict[str, float] = {}  # prefix key -> seconds it took to compute
         self.timed: dict[int, Timed] = {}  # trial number -> what its latency was measured on
         self.eval_kw = dict(runtimes=(config.runtime,), threads=config.threads,
                             batch_sizes=(config.latency_batch_size,), split="val", latency_runs=20)
@@ -59,8 +61,16 @@ class _Runner:
         if key not in self.cache:
             parent = self._prefix_model(stages[:-1])
             stage = stages[-1]
+            t0 = time.perf_counter()
             self.cache[key] = registry.get(stage.technique).apply(parent, stage.technique_config(), task=self.task)
+            self.seconds[key] = time.perf_counter() - t0
         return self.cache[key]
+
+    def recipe_seconds(self, stages: list[Stage], own: float) -> float:
+        """What building `stages` from scratch costs: its shared prefixes (however they were cached) plus
+        `own`, the seconds of the trial's own evaluation."""
+        return own + sum(self.seconds.get(repr([s.to_dict() for s in stages[:i]]), 0.0)
+                         for i in range(1, len(stages) + 1))
 
     def evaluate(self, number: int, stages: list[Stage]):
         name = f"trial-{number:02d}"
@@ -108,19 +118,58 @@ def score(point: dict, base: dict) -> float:
     return math.log(point["size_bytes"] / base["size_bytes"]) + math.log(point["latency_ms"] / base["latency_ms"])
 
 
-def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tuple[dict, list[dict], list[dict]]:
+class Clock:
+    """The run's time budget: `left()` seconds (inf without a budget) and the largest recipe cost seen,
+    which is what the rebuild of the recommendation is expected to need."""
+
+    def __init__(self, budget_s: float | None, start: float | None = None):
+        self.budget_s, self.start = budget_s, time.perf_counter() if start is None else start
+        self.reserve = 0.0
+        self.stopped: str | None = None
+
+    def left(self) -> float:
+        return math.inf if self.budget_s is None else self.budget_s - (time.perf_counter() - self.start)
+
+    def allows(self, what: str) -> bool:
+        """False (and remembered) once the time left no longer covers the rebuild reserve."""
+        if self.stopped is None and self.left() < 1.5 * self.reserve:
+            self.stopped = what
+        return self.stopped is None
+
+
+def screening_task(task: Task, config: AutoConfig) -> tuple[Task, float]:
+    """The task the search trains on: at most `screen_images` training images (a fixed random subset),
+    validation and test whole. Returns (task, subset / full size)."""
+    import dataclasses
+
+    import torch
+    from torch.utils.data import Subset
+
+    n = len(task.train)  # type: ignore[arg-type]
+    if config.screen_images is None or n <= config.screen_images:
+        return task, 1.0
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[: config.screen_images]
+    subset = dataclasses.replace(task, train=Subset(task.train, sorted(keep.tolist())), calibration=task.calibration)
+    subset.info = {**task.info, "screening_subset": [config.screen_images, n]}
+    return subset, config.screen_images / n
+
+
+def search(model: nn.Module, task: Task, config: AutoConfig, work: Path,
+           clock: Clock | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Screen students, then run the multi-objective search; returns (baseline point, trial points,
-    student screening rows)."""
+    student screening rows). With a `clock`, stops starting work when the time left would not cover
+    rebuilding the most expensive recipe measured."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    clock = clock or Clock(None)
     runner = _Runner(model, task, config, work)
     base_metrics = runner.evaluate(0, [])
     acc, size, lat = _objectives(base_metrics, config)
     base = {"trial": 0, "params": {"student": "none", "structured": 1.0, "format": "fp32"}, "accuracy": acc,
             "size_bytes": size, "latency_ms": lat, "stages": [], "metrics": base_metrics.to_dict()}
 
-    kept, screening = screen_students(runner, base, config)
+    kept, screening = screen_students(runner, base, config, clock)
     students = ["none"] + kept
     structured = [1.0] + list(config.structured_targets)
     sparsities = [0.0] + list(config.sparsities)
@@ -142,6 +191,8 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
 
     with progress_bar("advisor search", config.trials) as advance:
         for _ in range(config.trials):
+            if points and not clock.allows(f"after {len(points)} of {config.trials} trials"):
+                break
             trial = study.ask()
             params = {"student": trial.suggest_categorical("student", students),
                       "structured": trial.suggest_categorical("structured", structured),
@@ -156,9 +207,12 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path) -> tupl
                 t0 = time.perf_counter()
                 metrics = runner.evaluate(trial.number + 1, stages)
                 a, s, latency = _objectives(metrics, config)
+                seconds = time.perf_counter() - t0
                 point = {"trial": trial.number + 1, "params": params, "accuracy": a, "size_bytes": s,
                          "latency_ms": latency, "stages": [st.to_dict() for st in stages],
-                         "metrics": metrics.to_dict(), "seconds": time.perf_counter() - t0}
+                         "metrics": metrics.to_dict(), "seconds": seconds,
+                         "recipe_seconds": runner.recipe_seconds(stages, seconds)}
+                clock.reserve = max(clock.reserve, point["recipe_seconds"])
                 seen[key] = point
                 points.append(point)
             study.tell(trial, [point["accuracy"], point["size_bytes"], point["latency_ms"]])
@@ -181,7 +235,8 @@ def side_by_side(runner: _Runner, base: dict, points: list[dict]) -> None:
             p["latency_ms"], p["timing"] = row["median_ms"], row
 
 
-def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[list[str], list[dict]]:
+def screen_students(runner: _Runner, base: dict, config: AutoConfig,
+                    clock: Clock | None = None) -> tuple[list[str], list[dict]]:
     """Train every candidate student twice, distilled from the model (soft targets) and on the hard
     labels alone, both on shifted images, and keep the better of the two (the trained students are
     shared with the trials). Keep up to `max_students`: the cheapest within the accuracy budget on
@@ -190,14 +245,20 @@ def screen_students(runner: _Runner, base: dict, config: AutoConfig) -> tuple[li
     from slimkit.core.progress import progress_bar
     from slimkit.core.trainer import accuracy
 
+    clock = clock or Clock(None)
     candidates = student_candidates(runner.model, runner.task) if config.max_students else []
     rows = []
     with progress_bar("advisor: screening students", 2 * len(candidates)) as advance:
         for key, macs in candidates:
+            # a student costs about what the cheapest one did (they are screened cheapest first)
+            if rows and not clock.allows(f"after screening {len(rows)} of {len(candidates)} students"):
+                break
             acc = {}
             for signal, k in (("kd", key), ("labels", key + "@labels")):
-                student = runner._prefix_model(build_stages({"student": k, "structured": 1.0, "format": "fp32"}, config))
+                stages = build_stages({"student": k, "structured": 1.0, "format": "fp32"}, config)
+                student = runner._prefix_model(stages)
                 acc[signal] = accuracy(student, runner.task, "val")
+                clock.reserve = max(clock.reserve, runner.recipe_seconds(stages, 0.0))
                 advance(1, acc=acc[signal])
             labels = acc["labels"] > acc["kd"]  # a tie goes to distillation
             rows.append({"student": key + "@labels" if labels else key, "macs": macs,
@@ -224,10 +285,17 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     work = out / "search"
     output_dir(work)
     t0 = time.perf_counter()
+    clock = Clock(config.time_budget_s, t0)
     console.print("[bold]advisor[/bold]: per-layer sensitivity (sparsity, rank, bit width)")
     sens = analyse(model, task)
-    console.print(f"[bold]advisor[/bold]: searching {config.trials} recipes")
-    base, points, screening = search(model, task, config, work)
+    screen, scale = screening_task(task, config)
+    n_full = len(task.train)  # type: ignore[arg-type]
+    console.print(f"[bold]advisor[/bold]: searching {config.trials} recipes"
+                  + (f" on {len(screen.train):,} of {n_full:,} training images" if scale < 1 else ""))
+    base, points, screening = search(model, screen, config, work, clock)
+    budget = {"screen_images": len(screen.train), "train_images": n_full, "epoch_scale": scale,
+              "time_budget_s": config.time_budget_s, "trials_run": len(points), "stopped": clock.stopped,
+              "search_seconds": time.perf_counter() - t0, "rebuild_estimate_s": clock.reserve}
     front = pareto_front(points + [base])
     candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
     chosen = candidates[0] if candidates else None
@@ -239,7 +307,7 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
                             {"name": task.name, "splits": task.info.get("splits"), "input_shape": list(task.input_shape)})
         result["sections"].update(sections)
         result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": time.perf_counter() - t0,
-                                         "recommendation": None}
+                                         "recommendation": None, "budget": budget}
         write_json(result, out / "result.json")
         write_html(result, out / "report.html")
         closest = min(points, key=lambda p: base["accuracy"] - p["accuracy"])
@@ -252,8 +320,9 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
             f"{100 * (base['accuracy'] - closest['accuracy']):.2f} points at {closest['size_bytes'] / 1024:.1f} KiB, "
             f"{closest['latency_ms']:.3f} ms (original: {base['size_bytes'] / 1024:.1f} KiB, {base['latency_ms']:.3f} ms); "
             f"every trial is in {out / 'report.html'}")
-    reasons = explain(sens, base, chosen, points, config, screening)
-    recipe = Recipe(name="auto", seed=config.seed, stages=[Stage.from_dict(s) for s in chosen["stages"]],
+    reasons = explain(sens, base, chosen, points, config, screening) + budget_notes(budget)
+    stages = build_stages(chosen["params"], config, scale) if scale < 1 else [Stage.from_dict(s) for s in chosen["stages"]]
+    recipe = Recipe(name="auto", seed=config.seed, stages=stages,
                     evaluation=Evaluation(runtimes=["torch", "ort"], threads=config.threads, batch_sizes=[1, 64]),
                     constraints=Constraints(max_accuracy_drop=config.max_accuracy_drop, max_size_kb=config.max_size_kb,
                                             max_latency_ms=config.max_latency_ms, latency_runtime=config.runtime,
@@ -271,9 +340,27 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
         f"reloadable model: <code>{html.escape(str(save_path))}</code>.</p></div>"), "reasons": reasons,
         "params": chosen["params"]}
     result["sections"].update(sections)
-    result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    if config.time_budget_s is not None and seconds > config.time_budget_s:
+        reasons.append(f"the run took {seconds:.0f} s, over the {config.time_budget_s:.0f} s time budget: rebuilding "
+                       f"the recommendation on the full data took longer than the {clock.reserve:.0f} s estimated")
+    result["sections"]["advisor"] = {"config": config.to_dict(), "seconds": seconds,
+                                     "budget": {**budget, "rebuild_seconds": seconds - budget["search_seconds"]}}
     write_json(result, out / "result.json")
     write_html(result, out / "report.html")
     return result
+
+
+def budget_notes(budget: dict) -> list[str]:
+    """What the search ran on and when it stopped, in words (report and CLI)."""
+    notes = []
+    if budget["epoch_scale"] < 1:
+        notes.append(f"searched on {budget['screen_images']:,} of the {budget['train_images']:,} training images "
+                     f"(validation whole); the recommendation was rebuilt on all of them with its epochs scaled by "
+                     f"{budget['epoch_scale']:.3f}, so it saw as many examples as in the search")
+    if budget["stopped"]:
+        notes.append(f"time budget {budget['time_budget_s']:.0f} s: the search stopped {budget['stopped']}, keeping "
+                     f"{budget['rebuild_estimate_s']:.0f} s (x1.5) for the rebuild")
+    return notes
 
 

@@ -26,6 +26,12 @@ class AutoConfig(Config):
         teacher on small data.
     max_students: students kept for the search after screening (every candidate student is trained
         twice, distilled and on the labels alone; the cheapest within the accuracy budget go on).
+    screen_images: the search (student screening and every trial) trains on at most this many
+        training images (a fixed random subset; validation stays whole); the recommendation is then
+        rebuilt on all of them with its epochs scaled by subset / full size, so it sees as many
+        examples as in the search. None: the search uses every image.
+    time_budget_s: wall-clock budget of the whole run (CLI `--time-budget 10m`); the search stops
+        starting trials when what remains would not cover rebuilding the most expensive recipe seen.
     """
 
     max_accuracy_drop: float = Field(0.5, ge=0)
@@ -42,7 +48,14 @@ class AutoConfig(Config):
     prune_epochs: int = Field(9, ge=0)
     codebook_epochs: int = Field(2, ge=0)
     max_students: int = Field(3, ge=0)
+    screen_images: int | None = Field(2000, ge=100)
+    time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
+
+
+def scaled_epochs(epochs: int, scale: float) -> int:
+    """Epochs on the full data that see as many examples as `epochs` on the screening subset."""
+    return 0 if epochs <= 0 else max(1, round(epochs * scale))
 
 
 # -- candidate recipes --------------------------------------------------------------------------
@@ -93,8 +106,11 @@ def describe_student(key: str) -> str:
     return f"{name} at width {width:g}" + (f" on {pool}x{pool}-averaged input" if pool > 1 else "")
 
 
-def build_stages(params: dict[str, Any], config: AutoConfig) -> list[Stage]:
-    """The recipe stages of one point of the search space."""
+def build_stages(params: dict[str, Any], config: AutoConfig, scale: float = 1.0) -> list[Stage]:
+    """The recipe stages of one point of the search space; `scale` multiplies every training budget
+    (the rebuild on the full data after a search on a subset)."""
+    config = config.model_copy(update={k: scaled_epochs(getattr(config, k), scale) for k in
+                                       ("student_epochs", "recovery_epochs", "prune_epochs", "codebook_epochs")})
     stages = []
     if params["student"] != "none":
         name, width, pool, labels = parse_student(params["student"])

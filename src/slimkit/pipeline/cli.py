@@ -10,6 +10,21 @@ from slimkit.cli.common import TrustFactoryOpt, console, load_model, load_task
 from slimkit.core.io import output_dir
 
 
+def parse_duration(text: str) -> float:
+    """"600", "600s", "10m", "1.5h" -> seconds (a ConfigError names the bad value)."""
+    from slimkit.errors import ConfigError
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise ConfigError(f"--time-budget {text!r}: use seconds, or a number with s, m or h (e.g. 10m)") from None
+    if not seconds > 0:
+        raise ConfigError(f"--time-budget {text!r} must be positive")
+    return seconds
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def compress(
@@ -52,6 +67,10 @@ def register(app: typer.Typer) -> None:
         runtime: str = typer.Option("ort", help="ort | torch: where latency is measured"),
         batch_size: int = typer.Option(64, help="batch size of the latency objective"),
         trials: int = typer.Option(16, help="recipes the search evaluates"),
+        time_budget: Optional[str] = typer.Option(None, "--time-budget", help="wall-clock budget of the whole run, "
+                                                  "e.g. 600s, 10m, 1.5h; the search stops early to keep it"),
+        screen_images: int = typer.Option(2000, help="training images the search trains on (the recommendation "
+                                          "is rebuilt on all of them); 0: all"),
         seed: int = typer.Option(0, help="random seed"),
         out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="output folder"),
     ) -> None:
@@ -59,7 +78,9 @@ def register(app: typer.Typer) -> None:
         from slimkit.pipeline.advisor import AutoConfig, advise, describe
 
         config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
-                            runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed)
+                            runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed,
+                            time_budget_s=parse_duration(time_budget) if time_budget else None,
+                            screen_images=screen_images or None)
         output_dir(out)
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, seed=seed, trust_factory=trust_factory,

@@ -157,7 +157,7 @@ class PackConfig(Config):
     selector: Selector = Field(default_factory=Selector)
     prune: PruneConfig | None = None
     budget: float | None = Field(None, ge=0.0)
-    sparsity_ladder: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.94, 0.96, 0.97, 0.98, 0.985, 0.99])
+    sparsity_ladder: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.94, 0.96, 0.97, 0.98, 0.985, 0.99])
     step_epochs: int = Field(10, ge=0)
     patience: int = Field(2, ge=1)
     bits_grid: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8])

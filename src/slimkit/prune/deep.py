@@ -10,8 +10,8 @@ What is searched, all on the task's validation split (the test split is never lo
    sparsities come from the scan (`allocate_sparsity`: big, robust layers first), the weights
    already zero stay zero, and the model is recovered (`prune.recovery`, by default distillation
    from the unpruned model) for at most `step_epochs` epochs with early stopping (`patience`).
-   The climb stops at the first rung whose validation accuracy falls more than
-   (1 - `quant_share`) x `budget` points below the unpruned model's.
+   A rung whose validation accuracy falls more than (1 - `quant_share`) x `budget` points below
+   the unpruned model's gets one more recovery round; if it still misses, the climb stops there.
 3. Code bits: for every layer alone, the fewest bits of `bits_grid` whose k-means shared values cost
    at most `quant_share` x `budget` points; then all layers together, codebooks fine-tuned for at
    most `codebook_epochs` epochs with early stopping. If the whole model is more than `budget`
@@ -19,9 +19,9 @@ What is searched, all on the task's validation split (the test split is never lo
    rung is tried.
 
 Cost: one validation pass per scan point and per bits trial, plus at most `step_epochs` recovery
-epochs per rung climbed and `codebook_epochs` per quantization attempt; the trace (returned by
-`slimkit.pack` as "search" and kept on the model as `slimkit_search`) lists every step with its
-validation accuracy, epochs and seconds.
+epochs per rung climbed (twice that on a rung that misses) and `codebook_epochs` per
+quantization attempt; the trace (returned by `slimkit.pack` as "search" and kept on the model as
+`slimkit_search`) lists every step with its validation accuracy, recovery rounds and seconds.
 """
 from __future__ import annotations
 
@@ -72,13 +72,18 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
         # so magnitude masks keep every weight already zero at zero
         masks = layer_masks(importance_scores(current, names, "l1"), per_layer)
         apply_masks(current, masks)
-        current = recover_pruned(current, model, task, recovery, config.step_epochs, MaskKeeper(masks),
-                                 f"pack: prune {100 * target:.1f}%", patience=config.patience)
-        apply_masks(current, masks)
-        acc = accuracy(current, task, "val")
-        ok = _points(base - acc) <= allowed + 1e-9
+        rounds = 0
+        while True:  # a rung that misses the budget gets one more recovery round before the climb stops
+            rounds += 1
+            current = recover_pruned(current, model, task, recovery, config.step_epochs, MaskKeeper(masks),
+                                     f"pack: prune {100 * target:.1f}%", patience=config.patience)
+            apply_masks(current, masks)
+            acc = accuracy(current, task, "val")
+            ok = _points(base - acc) <= allowed + 1e-9
+            if ok or rounds == 2 or config.step_epochs == 0:
+                break
         trace.append({"step": "prune", "sparsity": round(sparsity_of(current, names), 4), "val_accuracy": round(acc, 4),
-                      "within": ok, "seconds": round(time.perf_counter() - t0, 1)})
+                      "within": ok, "recovery_rounds": rounds, "seconds": round(time.perf_counter() - t0, 1)})
         if not ok:
             break
         accepted.append((target, current, acc))
