@@ -15,7 +15,6 @@ Sections (one table each, all rows in the JSON):
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
