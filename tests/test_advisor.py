@@ -160,13 +160,21 @@ def test_clock_stops_when_the_rebuild_would_not_fit():
     assert not clock.allows("b") and clock.stopped == "after 3 of 16 trials"  # once stopped, stays stopped
 
 
-def test_advisor_respects_a_time_budget_on_a_subset(tmp_path, trained_lenet5, digits_task):
+def test_advisor_respects_a_time_budget_on_a_subset(tmp_path, trained_lenet5, digits_task, monkeypatch):
+    from slimkit.pipeline.advisor import Clock
+
+    # The budget runs out at the fourth check whatever this CPU's speed (a real 25 s clock made the test
+    # depend on the machine: a fast one ran all 12 trials inside it).
+    checks: list[str] = []
+    real_allows = Clock.allows
+    monkeypatch.setattr(Clock, "allows", lambda self, what: checks.append(what) or real_allows(self, what))
+    monkeypatch.setattr(Clock, "left", lambda self: 1e9 if len(checks) < 4 else 0.0)
     cfg = AutoConfig(max_accuracy_drop=100, **{**TINY, "trials": 12, "student_epochs": 4}, screen_images=600,
                      time_budget_s=25.0)
     result = advise(trained_lenet5, digits_task, cfg, tmp_path)
     budget = result["sections"]["advisor"]["budget"]
     assert budget["screen_images"] == 600 and budget["train_images"] == len(digits_task.train)
-    assert budget["trials_run"] < 12 and budget["stopped"]
+    assert budget["trials_run"] < 12 and budget["stopped"] == checks[3]  # stopped at the check that ran out
     reasons = result["sections"]["recommendation"]["reasons"]
     assert any("searched on 600 of the" in r for r in reasons) and any("time budget 25 s" in r for r in reasons)
     assert load_recipe(tmp_path / "recipe.yaml").stages  # rebuilt on the full data with scaled epochs

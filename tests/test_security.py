@@ -42,9 +42,10 @@ def _hostile_slim(path: Path, marker: Path) -> Path:
     data = path.read_bytes()
     magic, version, header_len, _ = packed._PREFIX.unpack_from(data)
     header = data[packed._PREFIX.size:packed._PREFIX.size + header_len]
-    meta = json.loads(zstd.ZstdDecompressor().decompress(header, max_output_size=64 << 20))
+    dictionary = packed._header_dictionary(version)  # what a reader of this version decompresses against
+    meta = json.loads(zstd.ZstdDecompressor(dict_data=dictionary).decompress(header, max_output_size=64 << 20))
     meta["manifest"]["source"] = _hostile_source(marker)
-    new_header = zstd.ZstdCompressor().compress(json.dumps(meta).encode())
+    new_header = zstd.ZstdCompressor(dict_data=dictionary).compress(json.dumps(meta).encode())
     body = data[packed._PREFIX.size + header_len:]
     path.write_bytes(packed._PREFIX.pack(magic, version, len(new_header), zlib.crc32(new_header)) + new_header + body)
     return path
