@@ -239,3 +239,10 @@ def test_registered_with_demo_config(trained_lenet5, digits_task):
     tech = registry.get("factorize")
     assert tech.restore is not None
     assert isinstance(tech.demo(trained_lenet5, digits_task), LowRankConfig)
+
+
+def test_factorize_recovery_patience(trained_mlp, digits_task):
+    small = factorize(trained_mlp, LowRankConfig(energy=0.9, recovery="finetune", recovery_epochs=4,
+                                                 recovery_lr=1e-12, recovery_patience=1), task=digits_task)
+    assert small.slimkit_recovery["ran"] == 2
+    assert any("factorize recovery (finetune) stopped after 2 of 4 epochs" in n for n in small.slimkit_notes)

@@ -148,3 +148,36 @@ def test_data_needed_is_a_config_error(trained_lenet5):
         sk.prune(trained_lenet5, PruneConfig(importance="taylor", recovery="none"))
     with pytest.raises(ConfigError, match="task"):
         sk.prune(trained_lenet5, PruneConfig(finetune_epochs=1))
+
+
+def test_auto_patience_resolution(digits_task):
+    from dataclasses import replace
+
+    from slimkit.core.trainer import auto_patience
+
+    assert auto_patience("auto", 5, digits_task) == 5 and auto_patience("auto", 30, digits_task) == 10
+    assert auto_patience("auto", 30, replace(digits_task, val=None)) is None  # nothing to stop on
+    assert auto_patience(3, 30, digits_task) == 3 and auto_patience(None, 30, digits_task) is None
+    with pytest.raises(ConfigError, match="patience"):
+        PruneConfig(patience=0)
+
+
+@pytest.mark.parametrize("recovery", ["finetune", "distill"])
+def test_prune_recovery_stops_early_and_says_so(trained_mlp, digits_task, recovery):
+    # lr 1e-12: no epoch improves on the first, so patience 1 stops after the second (a tie does not reset it)
+    cfg = dict(sparsity=0.5, finetune_epochs=6, lr=1e-12, recovery=recovery)
+    stopped = sk.prune(trained_mlp, PruneConfig(**cfg, patience=1), task=digits_task)
+    assert stopped.slimkit_recovery["ran"] == 2 and stopped.slimkit_recovery["best_epoch"] == 2
+    assert any("stopped after 2 of 6 epochs" in n for n in stopped.slimkit_notes)
+    full = sk.prune(trained_mlp, PruneConfig(**cfg, patience=None), task=digits_task)
+    assert full.slimkit_recovery["ran"] == 6 and not any("recovery" in n for n in full.slimkit_notes)
+    assert stopped.slimkit_state["stages"][-1]["config"]["patience"] == 1  # recorded: reloading rebuilds it
+    # the next stage's copy carries no stale record: a stage without recovery notes nothing
+    again = sk.prune(stopped, PruneConfig(sparsity=0.6, recovery="none"), task=digits_task)
+    assert not any("recovery" in n for n in again.slimkit_notes[len(stopped.slimkit_notes):])
+
+
+def test_gradual_schedule_ignores_patience(trained_mlp, digits_task):
+    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.5, schedule="gradual", finetune_epochs=3, lr=1e-12,
+                                               patience=1), task=digits_task)
+    assert pruned.slimkit_recovery["ran"] == 3  # an earlier epoch would be a less sparse model

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import TrustFactoryOpt
+from slimkit.cli.common import PATIENCE_HELP, TrustFactoryOpt, parse_patience
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         include: list[str] = typer.Option(["*"], "--include", help="layer name patterns to convert (repeatable)"),
         exclude: list[str] = typer.Option([], "--exclude", help="layer name patterns to leave alone (repeatable)"),
         recovery: str = typer.Option("distill", help="distill | finetune | none"),
-        recovery_epochs: int = typer.Option(2, "--recovery-epochs", help="epochs of recovery training"),
+        recovery_epochs: int = typer.Option(2, "--recovery-epochs", help="epochs of recovery training (at most)"),
+        patience: str = typer.Option("auto", help=PATIENCE_HELP),
         config: Optional[Path] = typer.Option(None, "--config", help="SeparableConfig as YAML/JSON (replaces the options above)"),
         out: Path = typer.Option(Path("slimkit-out/separable.safetensors"), "--out", "-o", help="where to save the model"),
     ) -> None:
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
             cfg = SeparableConfig(block=block, depth_multiplier=depth_multiplier, expansion=expansion,
                                   min_in_channels=min_in_channels, init=init,
                                   selector={"include": include, "exclude": exclude}, recovery=recovery,
-                                  recovery_epochs=recovery_epochs)
+                                  recovery_epochs=recovery_epochs, recovery_patience=parse_patience(patience))
         output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from slimkit.core.config import Config
 from slimkit.core.selector import Selector
+from slimkit.core.trainer import Patience
 
 
 class SeparableConfig(Config):
@@ -27,6 +28,8 @@ class SeparableConfig(Config):
     only_if_smaller: leave a layer alone (and report it) when the block would not have fewer
       parameters and MACs than the convolution.
     recovery: "distill" (KD from the original model), "finetune" or "none".
+    recovery_patience: early stopping of the recovery on validation accuracy, keeping the best epoch
+        ("auto", a number of epochs or None; see PruneConfig.patience).
     """
 
     technique: ClassVar[str] = "separable"
@@ -43,3 +46,4 @@ class SeparableConfig(Config):
     recovery: Literal["none", "distill", "finetune"] = "distill"
     recovery_epochs: int = Field(2, ge=0)
     recovery_lr: float = Field(1e-3, gt=0)
+    recovery_patience: Patience = "auto"

@@ -26,6 +26,24 @@ TrustFactoryOpt = typer.Option(
          "and run. Only for files whose origin you trust; zoo models and NAS architectures never need it.")
 
 
+PATIENCE_HELP = "early stopping of the recovery on validation (best epoch kept): epochs, auto or none"
+
+
+def parse_patience(value: str, option: str = "--patience") -> int | str | None:
+    """A --patience value: a number of epochs (>= 1), "auto" or "none"."""
+    from slimkit.errors import ConfigError
+
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{option}: expected a number of epochs >= 1, 'auto' or 'none', got {value!r}")
+    return number
+
+
 def load_task(ref: str) -> Task:
     """`digits`, `mnist:DIR`, `npz:FILE`, `imagefolder:DIR`."""
     from slimkit.data import resolve

@@ -16,7 +16,7 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,19 @@ class TrainConfig(Config):
     device: str = "auto"
     grad_clip: float | None = Field(None, gt=0)
     deterministic: bool = True
+
+
+# early stopping as the stages' configs take it: epochs, "auto" (see `auto_patience`) or None (off)
+Patience = Union[Annotated[int, Field(ge=1)], Literal["auto"], None]
+
+
+def auto_patience(patience: int | str | None, epochs: int, task: Task | None) -> int | None:
+    """The early-stopping patience a run uses: "auto" is max(5, epochs // 3) epochs where the task has a
+    validation split (so `epochs` is a maximum and the best validation epoch's weights are kept; with
+    fewer epochs than that it only keeps the best epoch), None without one; numbers and None as given."""
+    if patience == "auto":
+        return max(5, epochs // 3) if task is not None and task.val is not None else None
+    return patience  # type: ignore[return-value]
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

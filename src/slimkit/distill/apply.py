@@ -152,9 +152,9 @@ def train_student(student: nn.Module, teacher: nn.Module, task: Task, config: Di
 
 def resolved_patience(config: DistillConfig, task: Task) -> int | None:
     """Early-stopping patience of a run: "auto" is max(5, epochs // 3) where there is a validation split."""
-    if config.patience == "auto":
-        return max(5, config.epochs // 3) if task.val is not None else None
-    return config.patience
+    from slimkit.core.trainer import auto_patience
+
+    return auto_patience(config.patience, config.epochs, task)
 
 
 def train_tuned(student: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, *,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import TrustFactoryOpt
+from slimkit.cli.common import TrustFactoryOpt, parse_patience
 
 from slimkit.errors import ConfigError
 
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         else:
             cfg = DistillConfig(temperature=_number_or_auto(temperature, "--temperature"),
                                 alpha=_number_or_auto(alpha, "--alpha"), epochs=epochs, lr=lr, seed=seed, device=device,
-                                patience=None if patience == "none" else _number_or_auto(patience, "--patience", int),
+                                patience=parse_patience(patience),
                                 teacher_device=teacher_device, cache_teacher=cache_teacher, augment=augment,
                                 max_shift=max_shift, features=[parse_feature(f) for f in feature])
         if teacher.startswith("zoo:") and not teacher_weights and random_init(teacher[4:]):

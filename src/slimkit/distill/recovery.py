@@ -2,7 +2,9 @@
 
 Every technique that loses accuracy (pruning, factorization, separable conversion, QAT) offers
 `recovery="distill"`, which calls `recover` here; `recovery="finetune"` calls the plain trainer.
-Neither records a stage: recovery is part of the stage that called it.
+Neither records a stage: recovery is part of the stage that called it. With `patience` (a number or
+"auto", see `slimkit.core.trainer.auto_patience`) they stop on validation accuracy and keep the best
+epoch; what ran is left on the returned model as `slimkit_recovery`, and `recovery_note` says it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable
 import torch.nn as nn
 
 from slimkit.core.task import Task
-from slimkit.core.trainer import TrainConfig, fit
+from slimkit.core.trainer import Patience, TrainConfig, auto_patience, fit
 
 StepHook = Callable[[nn.Module, int], None]
 
@@ -21,7 +23,7 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
             on_step: StepHook | None = None, description: str = "recover (KD)", on_epoch: StepHook | None = None,
             teacher_device: str | None = None, cache_teacher: bool = False, features: list | None = None,
             optimizer: str = "adam", weight_decay: float = 0.0, batch_size: int | None = None,
-            augment: str = "none", max_shift: int = 2, patience: int | None = None) -> nn.Module:
+            augment: str = "none", max_shift: int = 2, patience: Patience = None) -> nn.Module:
     """Fine-tune `student` with soft targets from the frozen `teacher`; returns a new model.
 
     Neither model is modified (the teacher runs from its own eval-mode copy). `on_step(model, step)`
@@ -37,8 +39,10 @@ def recover(student: nn.Module, teacher: nn.Module, task: Task, *, epochs: int =
                            teacher_device=teacher_device, cache_teacher=cache_teacher and augment == "none",
                            features=list(features or []), optimizer=optimizer, weight_decay=weight_decay,
                            batch_size=batch_size, augment=augment, max_shift=max_shift, patience=patience)
-    model, _ = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
-                             description=description)
+    model, info = train_student(student, teacher, task, config, on_step=on_step, on_epoch=on_epoch,
+                                description=description)
+    model.slimkit_recovery = {"model": id(model), "method": "distill", "epochs": epochs, "ran": len(info["history"]),
+                              "patience": info["patience"], "best_epoch": info["best_epoch"]}
     return model
 
 
@@ -46,15 +50,36 @@ def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3,
              device: str = "auto", on_step: StepHook | None = None, description: str = "fine-tune",
              on_epoch: StepHook | None = None, optimizer: str = "adam", weight_decay: float = 0.0,
              batch_size: int | None = None, augment: str = "none", max_shift: int = 2,
-             patience: int | None = None) -> nn.Module:
+             patience: Patience = None) -> nn.Module:
     """Plain fine-tuning on the task's loss (the alternative to `recover`); returns a new model.
     `augment="shift"` trains on images shifted by up to `max_shift` pixels; `patience` as in `recover`."""
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, optimizer=optimizer,
-                      weight_decay=weight_decay, batch_size=batch_size, patience=patience)
+                      weight_decay=weight_decay, batch_size=batch_size,
+                      patience=auto_patience(patience, epochs, task))
     loss = None
     if augment == "shift":
         from slimkit.distill.augment import random_shift
 
         def loss(m: nn.Module, x, y):
             return task.loss(m(random_shift(x, max_shift)), y)
-    return fit(model, task, cfg, loss=loss, on_step=on_step, on_epoch=on_epoch, description=description).model
+    result = fit(model, task, cfg, loss=loss, on_step=on_step, on_epoch=on_epoch, description=description)
+    result.model.slimkit_recovery = {"model": id(result.model), "method": "finetune", "epochs": epochs,
+                                     "ran": len(result.history),
+                                     "patience": cfg.patience, "best_epoch": result.best_epoch}
+    return result.model
+
+
+def recovery_note(model: nn.Module, stage: str) -> list[str]:
+    """[one line on what `stage`'s recovery ran and which epoch it kept] when it stopped early or kept an
+    earlier epoch than the last; [] otherwise (or without a recovery)."""
+    info = getattr(model, "slimkit_recovery", None)
+    if not info or info["model"] != id(model):  # none, or a copy carrying an earlier recovery's record
+        return []
+    if not info["patience"] or info["best_epoch"] is None:
+        return []
+    if info["ran"] == info["epochs"] and info["best_epoch"] == info["ran"]:
+        return []
+    stopped = f"stopped after {info['ran']} of {info['epochs']} epochs" if info["ran"] < info["epochs"] \
+        else f"ran {info['ran']} epochs"
+    return [f"{stage} recovery ({info['method']}) {stopped} and kept the best validation epoch, "
+            f"{info['best_epoch']} (early stopping, patience {info['patience']})"]

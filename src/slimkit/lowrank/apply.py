@@ -255,7 +255,7 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
     record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
     if config.recovery != "none" and config.recovery_epochs > 0 and layers:
-        new = _recover(new, model, task, config.recovery, config.recovery_epochs, config.recovery_lr)
+        new = _recover(new, model, task, config)
     return new
 
 
@@ -271,12 +271,18 @@ def _with_bias(kind: str, layer: nn.Module, rank, module: nn.Module) -> nn.Modul
     return biased.to(layer.weight.device)
 
 
-def _recover(student: nn.Module, teacher: nn.Module, task: Task, how: str, epochs: int, lr: float) -> nn.Module:
+def _recover(student: nn.Module, teacher: nn.Module, task: Task, config: LowRankConfig) -> nn.Module:
     from slimkit.distill import finetune, recover
+    from slimkit.distill.recovery import recovery_note
 
-    if how == "distill":
-        return recover(student, teacher, task, epochs=epochs, lr=lr, description="factorize: recover (KD)")
-    return finetune(student, task, epochs=epochs, lr=lr, description="factorize: fine-tune")
+    notes = student.slimkit_notes
+    kw = {"epochs": config.recovery_epochs, "lr": config.recovery_lr, "patience": config.recovery_patience}
+    if config.recovery == "distill":
+        new = recover(student, teacher, task, description="factorize: recover (KD)", **kw)
+    else:
+        new = finetune(student, task, description="factorize: fine-tune", **kw)
+    new.slimkit_notes = notes + recovery_note(new, "factorize")
+    return new
 
 
 def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import TrustFactoryOpt
+from slimkit.cli.common import PATIENCE_HELP, TrustFactoryOpt, parse_patience
 
 
 def print_layer_table(title: str, layers: dict, skipped: dict, rank_key: str = "rank") -> None:
@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         include: list[str] = typer.Option(["*"], "--include", help="layer name patterns to factorize (repeatable)"),
         exclude: list[str] = typer.Option([], "--exclude", help="layer name patterns to leave alone (repeatable)"),
         recovery: str = typer.Option("none", help="none | distill | finetune"),
-        recovery_epochs: int = typer.Option(2, "--recovery-epochs", help="epochs of recovery training"),
+        recovery_epochs: int = typer.Option(2, "--recovery-epochs", help="epochs of recovery training (at most)"),
+        patience: str = typer.Option("auto", help=PATIENCE_HELP),
         config: Optional[Path] = typer.Option(None, "--config", help="LowRankConfig as YAML/JSON (replaces the options above)"),
         out: Path = typer.Option(Path("slimkit-out/factorized.safetensors"), "--out", "-o", help="where to save the model"),
     ) -> None:
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
             cfg = LowRankConfig(rank_selection=selection, energy=energy, param_ratio=param_ratio, rank=rank,
                                 max_accuracy_drop=max_accuracy_drop, conv_method=conv_method,
                                 selector={"include": include, "exclude": exclude}, recovery=recovery,
-                                recovery_epochs=recovery_epochs)
+                                recovery_epochs=recovery_epochs, recovery_patience=parse_patience(patience))
         output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)

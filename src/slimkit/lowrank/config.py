@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from slimkit.core.config import Config
 from slimkit.core.selector import Selector
+from slimkit.core.trainer import Patience
 
 
 class LowRankConfig(Config):
@@ -32,6 +33,8 @@ class LowRankConfig(Config):
       (a 1x1 conv or Linear; not spatial SVD's 1xk) is refit by least squares on calibration activations so the layer reproduces the original
       output given the already-factorized layers before it. Needs a task.
     recovery: "distill" (KD from the original model), "finetune" or "none"; needs a task.
+    recovery_patience: early stopping of the recovery on validation accuracy, keeping the best epoch
+        ("auto", a number of epochs or None; see PruneConfig.patience).
     """
 
     technique: ClassVar[str] = "factorize"
@@ -50,6 +53,7 @@ class LowRankConfig(Config):
     recovery: Literal["none", "distill", "finetune"] = "none"
     recovery_epochs: int = Field(2, ge=0)
     recovery_lr: float = Field(1e-3, gt=0)
+    recovery_patience: Patience = "auto"
 
     @field_validator("ranks")
     @classmethod

@@ -26,17 +26,20 @@ from pydantic import Field, field_validator
 
 from slimkit.core import registry
 from slimkit.core.config import Config
+from slimkit.core.trainer import Patience
 from slimkit.errors import ConfigError
 
 
 class Recovery(Config):
-    """Recover accuracy after a stage: fine-tune on labels, or distill from the original model."""
+    """Recover accuracy after a stage: fine-tune on labels, or distill from the original model;
+    `patience` stops early on validation accuracy and keeps the best epoch (as PruneConfig.patience)."""
 
     method: Literal["finetune", "distill", "none"] = "distill"
     epochs: int = Field(2, ge=0)
     lr: float = Field(1e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
+    patience: Patience = "auto"
 
 
 class Evaluation(Config):

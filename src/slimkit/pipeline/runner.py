@@ -57,9 +57,10 @@ def _apply_recovery(model: nn.Module, original: nn.Module, task: Task, stage, se
     hook = keep_zeros(model)
     if rec.method == "distill":
         return recover(model, original, task, epochs=rec.epochs, lr=rec.lr, temperature=rec.temperature,
-                       alpha=rec.alpha, seed=seed, on_step=hook, description=f"recover {stage.technique}")
+                       alpha=rec.alpha, seed=seed, on_step=hook, description=f"recover {stage.technique}",
+                       patience=rec.patience)
     return finetune(model, task, epochs=rec.epochs, lr=rec.lr, seed=seed, on_step=hook,
-                    description=f"fine-tune {stage.technique}")
+                    description=f"fine-tune {stage.technique}", patience=rec.patience)
 
 
 def check_constraints(recipe: Recipe, baseline: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:

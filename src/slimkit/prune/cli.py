@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from slimkit.cli.common import TrustFactoryOpt
+from slimkit.cli.common import PATIENCE_HELP, TrustFactoryOpt, parse_patience
 
 
 def _selector(include: Optional[list[str]], exclude: Optional[list[str]]):
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         target_macs: float = typer.Option(0.5, help="structured: fraction of the MACs to keep"),
         epochs: int = typer.Option(5, help="fine-tuning epochs after pruning"),
         recovery: Optional[str] = typer.Option(None, help="finetune | distill | none"),
+        patience: str = typer.Option("auto", help=PATIENCE_HELP),
         include: Optional[list[str]] = typer.Option(None, help="layer-name patterns to prune (default all)"),
         exclude: Optional[list[str]] = typer.Option(None, help="layer-name patterns to leave alone"),
         config: Optional[Path] = typer.Option(None, "--config", help="PruneConfig / StructuredPruneConfig as YAML/JSON (overrides the options)"),
@@ -50,11 +51,11 @@ def register(app: typer.Typer) -> None:
         elif structured:
             cfg = StructuredPruneConfig(target_macs=target_macs, scope=scope or "uniform", importance=importance or "l2",
                                         finetune_epochs=epochs, recovery=recovery or "distill",
-                                        selector=_selector(include, exclude))
+                                        patience=parse_patience(patience), selector=_selector(include, exclude))
         else:
             cfg = PruneConfig(sparsity=sparsity, scope=scope or "global", pattern=pattern, importance=importance or "l1",
                               schedule=schedule, finetune_epochs=epochs, recovery=recovery or "finetune",
-                              selector=_selector(include, exclude))
+                              patience=parse_patience(patience), selector=_selector(include, exclude))
         out = Path(out)
         if isinstance(cfg, StructuredPruneConfig):
             path = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")

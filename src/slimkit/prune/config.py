@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from slimkit.core.config import Config
 from slimkit.core.selector import Selector
+from slimkit.core.trainer import Patience
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -43,6 +44,10 @@ class PruneConfig(Config):
         sparsity rising geometrically) or "gradual" (polynomial AGP ramp during fine-tuning).
     recovery: "finetune" (task loss), "distill" (soft targets from the unpruned model) or "none".
     finetune_epochs / lr: fine-tuning budget (all rounds together).
+    patience: early stopping on validation accuracy, keeping the best epoch's weights: "auto" (default;
+        max(5, epochs // 3) where the task has a validation split), a number of epochs, or None (off).
+        `finetune_epochs` is then a maximum. Not used by schedule="gradual" (its sparsity rises during
+        fine-tuning, so an earlier epoch is a less sparse model).
     augment: "shift" recovers on images shifted by up to 2 pixels (see DistillConfig.augment).
     """
 
@@ -58,6 +63,7 @@ class PruneConfig(Config):
     recovery: Literal["finetune", "distill", "none"] = "finetune"
     finetune_epochs: int = Field(5, ge=0)
     lr: float = Field(1e-3, gt=0)
+    patience: Patience = "auto"
     augment: Literal["none", "shift"] = "none"
     taylor_batches: int = Field(8, ge=1)
     sensitivity_grid: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
@@ -102,7 +108,7 @@ class StructuredPruneConfig(Config):
         "taylor" (first-order |w x grad| over `taylor_batches` batches).
     selector: layers never pruned (exclude patterns); the classifier layer is always kept.
     round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly shapes).
-    recovery / finetune_epochs / lr / augment: as in PruneConfig.
+    recovery / finetune_epochs / lr / patience / augment: as in PruneConfig.
     """
 
     technique: ClassVar[str] = "prune_structured"
@@ -116,6 +122,7 @@ class StructuredPruneConfig(Config):
     recovery: Literal["finetune", "distill", "none"] = "distill"
     finetune_epochs: int = Field(5, ge=0)
     lr: float = Field(1e-3, gt=0)
+    patience: Patience = "auto"
     augment: Literal["none", "shift"] = "none"
     taylor_batches: int = Field(8, ge=1)
     selector: Selector = Field(default_factory=Selector)
@@ -189,7 +196,7 @@ class HeadPruneConfig(Config):
     ffn: fraction of feed-forward (intermediate) neurons removed in every layer.
     Importance is the L2 norm of what a head or neuron owns: a head's query/key/value rows and its
     output-projection columns; a neuron's intermediate row and output column. The lowest go.
-    recovery / finetune_epochs / lr / augment: as in PruneConfig (needs a classification task; an
+    recovery / finetune_epochs / lr / patience / augment: as in PruneConfig (needs a classification task; an
         embedding encoder is pruned without recovery, "none").
     """
 
@@ -200,5 +207,6 @@ class HeadPruneConfig(Config):
     recovery: Literal["finetune", "distill", "none"] = "none"
     finetune_epochs: int = Field(0, ge=0)
     lr: float = Field(1e-4, gt=0)
+    patience: Patience = "auto"
     augment: Literal["none", "shift"] = "none"
     seed: int = 0

@@ -17,6 +17,7 @@ from slimkit.core.selector import get_submodule
 from slimkit.core.registry import chained
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
+from slimkit.distill.recovery import recovery_note
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
 from slimkit.evaluate.metrics import count_macs
 from slimkit.prune.config import StructuredPruneConfig
@@ -165,7 +166,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig | None = No
     record_stage(new, "prune_structured", config, structure)
     note = (f"structured: {len(changed)} layers shrunk, MACs {info['macs_before']:,} -> {info['macs_after']:,} "
             f"({info['macs_after'] / info['macs_before']:.2f}x), physically smaller dense model")
-    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + [note]
+    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + [note] + recovery_note(new, "structured")
     return new
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from slimkit.core.registry import chained
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
-from slimkit.distill.recovery import finetune, recover
+from slimkit.distill.recovery import finetune, recover, recovery_note
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import PruneConfig
 from slimkit.prune.masks import (
@@ -42,9 +42,13 @@ def _needs_task(config: PruneConfig) -> str | None:
 
 
 def recover_pruned(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, epochs: int,
-                   on_step, description: str, patience: int | None = None) -> nn.Module:
+                   on_step, description: str, patience: int | str | None = "config") -> nn.Module:
+    """The recovery `config` names (distill from `teacher`, fine-tune, none), with `config.patience` unless
+    `patience` says otherwise (None: off)."""
     if epochs <= 0 or config.recovery == "none":
         return model
+    if patience == "config":
+        patience = config.patience
     if config.recovery == "distill":
         return recover(model, teacher, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
                        description=description, augment=config.augment, patience=patience)
@@ -125,6 +129,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
         masks = planner.masks(new, 1.0)
         apply_masks(new, masks)
         new = recover_pruned(new, teacher, task, config, config.finetune_epochs, MaskKeeper(masks), "prune: fine-tune")
+        notes += recovery_note(new, "prune")
     elif config.schedule == "iterative":
         epochs_left = config.finetune_epochs
         for k in range(1, config.steps + 1):
@@ -168,4 +173,6 @@ def _gradual(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConf
             state["masks"] = planner.masks(m, min(1.0, step / ramp_end), importance="l1")
         apply_masks(m, state["masks"])
 
-    return recover_pruned(model, teacher, task, config, config.finetune_epochs, on_step, "prune: gradual")
+    # no early stopping: an earlier epoch's weights are a less sparse model
+    return recover_pruned(model, teacher, task, config, config.finetune_epochs, on_step, "prune: gradual",
+                          patience=None)
