@@ -171,7 +171,6 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
     record_stage(new, "separable", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
     if config.recovery != "none" and config.recovery_epochs > 0 and layers:
-        notes = new.slimkit_notes
         from slimkit.distill import finetune, recover
         from slimkit.distill.recovery import recovery_note
 
@@ -181,7 +180,7 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
         else:
             new = finetune(new, task, epochs=config.recovery_epochs, lr=config.recovery_lr,
                            description="separable: fine-tune", patience=config.recovery_patience)
-        new.slimkit_notes = notes + recovery_note(new, "separable")
+        new.slimkit_notes = new.slimkit_notes + recovery_note(new, "separable")  # the copy kept them
     return new
 
 

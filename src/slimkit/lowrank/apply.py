@@ -275,13 +275,12 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, config: LowRank
     from slimkit.distill import finetune, recover
     from slimkit.distill.recovery import recovery_note
 
-    notes = student.slimkit_notes
     kw = {"epochs": config.recovery_epochs, "lr": config.recovery_lr, "patience": config.recovery_patience}
     if config.recovery == "distill":
         new = recover(student, teacher, task, description="factorize: recover (KD)", **kw)
     else:
         new = finetune(student, task, description="factorize: fine-tune", **kw)
-    new.slimkit_notes = notes + recovery_note(new, "factorize")
+    new.slimkit_notes = new.slimkit_notes + recovery_note(new, "factorize")  # the copy kept them
     return new
 
 
