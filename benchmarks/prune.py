@@ -87,9 +87,9 @@ def section_unstructured(task, args, rows, checks, baselines):
         base = baselines[name]
         base_acc = test_acc(base, task)
         configs = {
-            "slimkit global": PruneConfig(sparsity=sparsity, scope="global", finetune_epochs=args.ft, lr=1e-3),
+            "slimkit global": PruneConfig(sparsity=sparsity, scope="global", recovery={"epochs": args.ft, "lr": 1e-3}),
             "slimkit layer-wise (sensitivity)": PruneConfig(sparsity=sparsity, scope="sensitivity",
-                                                            finetune_epochs=args.ft, lr=1e-3),
+                                                            recovery={"epochs": args.ft, "lr": 1e-3}),
         }
         for label, cfg in configs.items():
             t0 = time.perf_counter()
@@ -219,8 +219,8 @@ def section_structured(task, args, rows, checks, baselines, out_dir: Path):
         t0 = time.perf_counter()
         tried = {}
         for importance in ("l2", "taylor"):
-            cfg = StructuredPruneConfig(target_macs=0.5, scope=scope, importance=importance, recovery="distill",
-                                        finetune_epochs=args.sft, lr=1e-3, round_to=16)
+            cfg = StructuredPruneConfig(target_macs=0.5, scope=scope, importance=importance,
+                                        recovery={"method": "distill", "epochs": args.sft, "lr": 1e-3}, round_to=16)
             candidate = sk.prune(base, cfg, task=task)
             tried[importance] = (accuracy(candidate, task, "val"), candidate, cfg)
         importance = max(tried, key=lambda k: tried[k][0])  # ties: L2, the first tried
@@ -269,7 +269,7 @@ def section_structured(task, args, rows, checks, baselines, out_dir: Path):
 def section_nm(task, args, rows, checks, baselines, out_dir: Path):
     base = baselines["lenet300_100"]
     base_acc = test_acc(base, task)
-    pruned = sk.prune(base, PruneConfig(pattern="2:4", finetune_epochs=args.ft, lr=1e-3), task=task)
+    pruned = sk.prune(base, PruneConfig(pattern="2:4", recovery={"epochs": args.ft, "lr": 1e-3}), task=task)
     layers = [(n, m) for n, m in pruned.named_modules() if isinstance(m, nn.Linear)]
     exact = all(bool(((m.weight.reshape(-1, 4) == 0).sum(1) >= 2).all()) and check_nm(m.weight, 2, 4) for _, m in layers)
     groups = sum(m.weight.numel() // 4 for _, m in layers)

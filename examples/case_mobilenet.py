@@ -27,8 +27,9 @@ def main() -> None:
     task = sk.data.digits()
     vgg = fit(sk.zoo.for_task("vgg_small", task), task, TrainConfig(epochs=args.epochs, lr=2e-3),
               description="train vgg_small").model
-    mobile = sk.separable(vgg, sk.SeparableConfig(block=args.block, recovery="distill",
-                                                  recovery_epochs=args.recovery_epochs), task=task)
+    mobile = sk.separable(vgg, sk.SeparableConfig(block=args.block,
+                                                  recovery={"method": "distill", "epochs": args.recovery_epochs}),
+                          task=task)
     report = sk.arch.conversion_report(mobile)
     for name, info in report["layers"].items():
         print(f"converted {name}: {info['params_before']:,} -> {info['params_after']:,} params, "

@@ -92,7 +92,7 @@ def test_student_keys_round_trip_into_distill_stages():
     key = student_key("lenet300_100", 0.5, 2, labels=True)
     assert parse_student(key) == ("lenet300_100", 0.5, 2, True)
     assert parse_student(student_key("lenet5", 0.25)) == ("lenet5", 0.25, 1, False)
-    params = {"student": key, "structured": 1.0, "format": "int8"}
+    params = {"student": key, "prune_structured": "none", "format": "quantize:int8"}
     distill_stage, quant_stage = build_stages(params, AutoConfig())
     cfg = distill_stage.technique_config()
     assert cfg.alpha == 0.0 and cfg.student_kwargs == {"input_pool": 2} and cfg.augment == "shift"
@@ -114,11 +114,10 @@ def test_advisor_times_every_trial_side_by_side_and_its_prose_matches_the_table(
     reasons = result["sections"]["recommendation"]["reasons"]
     headline = next(r for r in reasons if r.startswith("Recommended"))
     assert describe_speedup(chosen["timing"]["vs_baseline"]) in headline  # the table's own figures
-    int8 = [r for r in reasons if r.startswith("int8 QDQ")]
+    int8 = [r for r in reasons if r.startswith("int8 static quantization")]
     for line in int8:  # a twin comparison: recomputed from the two rows of the same call
-        p = next(q for q in points if q["params"]["format"] == "int8")
-        twin = next((q for q in points if q["params"]["format"] == "fp32" and q["params"]["student"] == p["params"]["student"]
-                     and q["params"]["structured"] == p["params"]["structured"]), base)
+        p = next(q for q in points if q["params"]["format"] == "quantize:int8")
+        twin = next((q for q in points if q["params"] == {**p["params"], "format": "fp32"}), base)
         assert describe_speedup(speedup(twin["timing"], p["timing"]), "fp32 on the same network") in line
     html = (out / "report.html").read_text()
     vs = chosen["timing"]["vs_baseline"]
@@ -137,12 +136,12 @@ def test_screening_subset_and_scaled_rebuild_epochs(digits_task):
     assert again.train.indices == screen.train.indices  # a fixed subset, not a new draw per call
     same, one = screening_task(digits_task, AutoConfig(screen_images=None))
     assert same is digits_task and one == 1.0
-    params = {"student": "lenet5@0.5", "structured": 0.5, "format": "pack", "sparsity": 0.8}
-    cfg = AutoConfig(student_epochs=120, recovery_epochs=10, prune_epochs=9, codebook_epochs=2)
+    params = {"student": "lenet5@0.5", "prune_structured": "macs50", "format": "pack:prune80"}
+    cfg = AutoConfig(student_epochs=120, recovery_epochs=10, prune_epochs=9, codebook_epochs=2, sparsities=[0.8])
     full = build_stages(params, cfg, scale=0.1)
     assert [s.config.get("epochs") for s in full[:1]] == [12]
-    assert full[1].config["finetune_epochs"] == 1 and full[2].config["codebook_epochs"] == 1
-    assert full[2].config["prune"]["finetune_epochs"] == 1
+    assert full[1].config["recovery"]["epochs"] == 1 and full[2].config["codebook_epochs"] == 1
+    assert full[2].config["prune"]["recovery"]["epochs"] == 1
 
 
 def test_clock_stops_when_the_rebuild_would_not_fit():

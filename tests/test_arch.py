@@ -46,7 +46,7 @@ def test_least_squares_init_beats_data_free_init(trained_lenet5, digits_task):
 def test_conversion_with_recovery_keeps_accuracy(trained_lenet5, digits_task):
     from slimkit.core.trainer import accuracy
 
-    model = separable(trained_lenet5, SeparableConfig(recovery="distill", recovery_epochs=1, calibration_samples=128),
+    model = separable(trained_lenet5, SeparableConfig(recovery={"epochs": 1}, calibration_samples=128),
                       task=digits_task)
     assert isinstance(model.features[3], DepthwiseSeparableConv)
     skipped = conversion_report(model)["skipped"]

@@ -16,9 +16,9 @@ from slimkit.quantize import QuantConfig
 
 # cheap configs: no recovery training (the contract is about structure, not accuracy)
 CONFIGS = {
-    "prune": lambda: PruneConfig(sparsity=0.5, finetune_epochs=0),
-    "prune_structured": lambda: StructuredPruneConfig(target_macs=0.7, recovery="none", finetune_epochs=0),
-    "pack": lambda: PackConfig(prune=PruneConfig(sparsity=0.5, finetune_epochs=0), codebook_epochs=0),
+    "prune": lambda: PruneConfig(sparsity=0.5, recovery="none"),
+    "prune_structured": lambda: StructuredPruneConfig(target_macs=0.7, recovery="none"),
+    "pack": lambda: PackConfig(prune=PruneConfig(sparsity=0.5, recovery="none"), codebook_epochs=0),
     "factorize": lambda: LowRankConfig(energy=0.9),
     "separable": lambda: sk.arch.SeparableConfig(calibration_samples=64, only_if_smaller=False),
     "distill": lambda: sk.distill.DistillConfig(epochs=1, cache_teacher=True),

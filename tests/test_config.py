@@ -79,3 +79,31 @@ def test_config_subclass_is_data():
     assert Demo.from_yaml(d.to_yaml()) == d
     with pytest.raises(ConfigError, match=r"Demo\.selector\.includ: unknown key"):
         Demo.from_dict({"selector": {"includ": ["x"]}})
+
+
+def test_every_recovering_stage_takes_one_recovery_config():
+    """One `RecoveryConfig` for every stage: the method alone or a partial mapping is completed from the
+    stage's own defaults; earlier releases' flat keys (saved files, old recipes) are folded in."""
+    from slimkit.arch import SeparableConfig
+    from slimkit.core.recovery import RecoveryConfig
+    from slimkit.lowrank import LowRankConfig
+    from slimkit.prune import HeadPruneConfig, PruneConfig, StructuredPruneConfig
+
+    assert PruneConfig().recovery == RecoveryConfig(method="finetune", epochs=5)
+    assert PruneConfig(recovery="distill").recovery == RecoveryConfig(method="distill", epochs=5)
+    assert StructuredPruneConfig(recovery={"epochs": 1}).recovery == RecoveryConfig(method="distill", epochs=1)
+    assert HeadPruneConfig().recovery.active is False
+    assert LowRankConfig(recovery="finetune").recovery == RecoveryConfig(method="finetune", epochs=2)
+    assert SeparableConfig(recovery=RecoveryConfig(method="none")).recovery.method == "none"
+    old = PruneConfig.from_dict({"sparsity": 0.5, "recovery": "distill", "finetune_epochs": 3, "lr": 2e-3,
+                                 "patience": None, "augment": "shift"})
+    assert old.recovery == RecoveryConfig(method="distill", epochs=3, lr=2e-3, patience=None, augment="shift")
+    assert PruneConfig.from_dict(old.to_dict()) == old  # written back in the new form
+    assert LowRankConfig.from_dict({"recovery": "distill", "recovery_epochs": 4, "recovery_lr": 1e-4,
+                                    "recovery_patience": 2}).recovery == RecoveryConfig(epochs=4, lr=1e-4, patience=2)
+    with pytest.raises(ConfigError, match=r"PruneConfig\.recovery\.epoch: unknown key"):
+        PruneConfig(recovery={"epoch": 3})
+    with pytest.raises(ConfigError, match=r"PruneConfig\.recovery\.method"):
+        PruneConfig(recovery="distil")
+    with pytest.raises(ConfigError, match=r"SeparableConfig\.recovery\.patience"):
+        SeparableConfig(recovery={"patience": 0})

@@ -214,7 +214,7 @@ def test_data_aware_refit_reduces_conv_error_and_reloads(trained_lenet5, digits_
 def test_recovery_by_finetuning_keeps_accuracy(trained_mlp, digits_task):
     from slimkit.core.trainer import accuracy
 
-    small = factorize(trained_mlp, LowRankConfig(energy=0.99, data_aware=True, recovery="finetune", recovery_epochs=1),
+    small = factorize(trained_mlp, LowRankConfig(energy=0.99, data_aware=True, recovery={"method": "finetune", "epochs": 1}),
                       task=digits_task)
     assert sk.evaluate.count_params(small)["params"] < sk.evaluate.count_params(trained_mlp)["params"] / 2
     assert accuracy(small, digits_task, "test") >= accuracy(trained_mlp, digits_task, "test") - 0.03
@@ -242,7 +242,7 @@ def test_registered_with_demo_config(trained_lenet5, digits_task):
 
 
 def test_factorize_recovery_patience(trained_mlp, digits_task):
-    small = factorize(trained_mlp, LowRankConfig(energy=0.9, recovery="finetune", recovery_epochs=4,
-                                                 recovery_lr=1e-12, recovery_patience=1), task=digits_task)
+    small = factorize(trained_mlp, LowRankConfig(energy=0.9, recovery={"method": "finetune", "epochs": 4,
+                                                                       "lr": 1e-12, "patience": 1}), task=digits_task)
     assert small.slimkit_recovery["ran"] == 2
     assert any("factorize recovery (finetune) stopped after 2 of 4 epochs" in n for n in small.slimkit_notes)

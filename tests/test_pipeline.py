@@ -24,12 +24,12 @@ stages:
   - technique: prune
     config:
       sparsity: 0.5
-      finetune_epochs: 1
+      recovery: {epochs: 1}
   - technique: prune
     name: more
     config:
       sparsity: 0.8
-      finetune_epochs: 1
+      recovery: {epochs: 1}
     recovery:
       method: finetune
       epochs: 1
@@ -42,7 +42,7 @@ def test_recipe_python_and_yaml_are_the_same_objects():
     recipe = load_recipe(RECIPE)
     assert isinstance(recipe.stages[0].technique_config(), PruneConfig)
     assert recipe.stages[1].technique_config().sparsity == 0.8
-    again = Recipe.from_stages([PruneConfig(sparsity=0.5, finetune_epochs=1)])
+    again = Recipe.from_stages([PruneConfig(sparsity=0.5, recovery={"epochs": 1})])
     assert again.stages[0].technique_config() == recipe.stages[0].technique_config()
     assert load_recipe(recipe.to_dict()).digest() == recipe.digest()
 
@@ -51,7 +51,7 @@ def test_recipe_python_and_yaml_are_the_same_objects():
     (("technique: prune\n    name: more", "technique: prnue\n    name: more"), "unknown technique 'prnue'"),
     (("sparsity: 0.8", "sparsity: 1.5"), "stage 2 (more), line 17: PruneConfig.sparsity"),
     (("sparsity: 0.8", "sparsty: 0.8"), "stage 2 (more), line 17: PruneConfig.sparsty: unknown key"),
-    (("finetune_epochs: 1\n    recovery", "finetune_epochs: many\n    recovery"), "line 18: PruneConfig.finetune_epochs"),
+    (("{epochs: 1}\n    recovery", "{epochs: many}\n    recovery"), "line 18: PruneConfig.recovery.epochs"),
     (("method: finetune\n      epochs: 1", "method: finetune\n      epochs: -1"), "stage 2 (more), line 21: Stage.recovery.epochs"),
     (("max_size_kb: 1000", "max_size_kib: 1000"), "line 8: Recipe.constraints.max_size_kib: unknown key"),
 ])
@@ -171,7 +171,7 @@ def test_sensitivity_pruning_stage_reports_its_curves(tmp_path, trained_lenet5, 
     """A prune stage with scope="sensitivity" carries its per-layer curves and the chosen allocation
     into the stage entry, and the report draws them as a heatmap."""
     recipe = Recipe.from_dict({"name": "sens", "evaluation": {"runtimes": ["torch"], "batch_sizes": [1]}, "stages": [
-        {"technique": "prune", "config": {"sparsity": 0.8, "scope": "sensitivity", "finetune_epochs": 0,
+        {"technique": "prune", "config": {"sparsity": 0.8, "scope": "sensitivity", "recovery": "none",
                                           "sensitivity_grid": [0.5, 0.9, 0.98]}}]})
     result = slimkit.compress(trained_lenet5, recipe, digits_task, tmp_path)
     sens = result["stages"][1]["sensitivity"]

@@ -47,7 +47,7 @@ def test_layer_scope_and_per_layer_map():
 
 
 def test_masks_gone_after_finalize_and_zeros_survive_finetune(trained_mlp, digits_task):
-    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.9, finetune_epochs=2), task=digits_task)
+    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.9, recovery={"epochs": 2}), task=digits_task)
     state = pruned.state_dict()
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
     for m in pruned.modules():
@@ -96,7 +96,7 @@ def test_taylor_importance_differs_from_magnitude(trained_mlp, digits_task):
 
 @pytest.mark.parametrize("schedule", ["iterative", "gradual"])
 def test_schedules_reach_target(trained_mlp, digits_task, schedule):
-    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.8, schedule=schedule, steps=2, finetune_epochs=2),
+    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.8, schedule=schedule, steps=2, recovery={"epochs": 2}),
                       task=digits_task)
     stage = pruned.slimkit_state["stages"][-1]
     assert stage["structure"]["sparsity"] == pytest.approx(0.8, abs=2e-3)
@@ -147,7 +147,7 @@ def test_data_needed_is_a_config_error(trained_lenet5):
     with pytest.raises(ConfigError, match="taylor"):
         sk.prune(trained_lenet5, PruneConfig(importance="taylor", recovery="none"))
     with pytest.raises(ConfigError, match="task"):
-        sk.prune(trained_lenet5, PruneConfig(finetune_epochs=1))
+        sk.prune(trained_lenet5, PruneConfig(recovery={"epochs": 1}))
 
 
 def test_auto_patience_resolution(digits_task):
@@ -159,25 +159,25 @@ def test_auto_patience_resolution(digits_task):
     assert auto_patience("auto", 30, replace(digits_task, val=None)) is None  # nothing to stop on
     assert auto_patience(3, 30, digits_task) == 3 and auto_patience(None, 30, digits_task) is None
     with pytest.raises(ConfigError, match="patience"):
-        PruneConfig(patience=0)
+        PruneConfig(recovery={"patience": 0})
 
 
 @pytest.mark.parametrize("recovery", ["finetune", "distill"])
 def test_prune_recovery_stops_early_and_says_so(trained_mlp, digits_task, recovery):
     # lr 1e-12: no epoch improves on the first, so patience 1 stops after the second (a tie does not reset it)
-    cfg = dict(sparsity=0.5, finetune_epochs=6, lr=1e-12, recovery=recovery)
-    stopped = sk.prune(trained_mlp, PruneConfig(**cfg, patience=1), task=digits_task)
+    cfg = dict(method=recovery, epochs=6, lr=1e-12)
+    stopped = sk.prune(trained_mlp, PruneConfig(sparsity=0.5, recovery={**cfg, "patience": 1}), task=digits_task)
     assert stopped.slimkit_recovery["ran"] == 2 and stopped.slimkit_recovery["best_epoch"] == 2
     assert any("stopped after 2 of 6 epochs" in n for n in stopped.slimkit_notes)
-    full = sk.prune(trained_mlp, PruneConfig(**cfg, patience=None), task=digits_task)
+    full = sk.prune(trained_mlp, PruneConfig(sparsity=0.5, recovery={**cfg, "patience": None}), task=digits_task)
     assert full.slimkit_recovery["ran"] == 6 and not any("recovery" in n for n in full.slimkit_notes)
-    assert stopped.slimkit_state["stages"][-1]["config"]["patience"] == 1  # recorded: reloading rebuilds it
+    assert stopped.slimkit_state["stages"][-1]["config"]["recovery"]["patience"] == 1  # recorded: reloading rebuilds it
     # the next stage's copy carries no stale record: a stage without recovery notes nothing
     again = sk.prune(stopped, PruneConfig(sparsity=0.6, recovery="none"), task=digits_task)
     assert not any("recovery" in n for n in again.slimkit_notes[len(stopped.slimkit_notes):])
 
 
 def test_gradual_schedule_ignores_patience(trained_mlp, digits_task):
-    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.5, schedule="gradual", finetune_epochs=3, lr=1e-12,
-                                               patience=1), task=digits_task)
+    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.5, schedule="gradual",
+                                               recovery={"epochs": 3, "lr": 1e-12, "patience": 1}), task=digits_task)
     assert pruned.slimkit_recovery["ran"] == 3  # an earlier epoch would be a less sparse model

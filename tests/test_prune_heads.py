@@ -79,7 +79,7 @@ def test_recovery_trains_the_pruned_classifier():
     task = tensor_task("tokens", x[:40], y[:40], x[40:], y[40:], num_classes=3)
     model = Classifier()
     plain = sk.prune(model, HeadPruneConfig(heads=0.5))
-    recovered = sk.prune(model, HeadPruneConfig(heads=0.5, recovery="finetune", finetune_epochs=2, lr=1e-2), task=task)
+    recovered = sk.prune(model, HeadPruneConfig(heads=0.5, recovery={"method": "finetune", "epochs": 2, "lr": 1e-2}), task=task)
     attn = attention_blocks(recovered)[0][1]
     assert attn.num_attention_heads == 2 and attn.query.out_features == 16
     assert not torch.equal(recovered.fc.weight, plain.fc.weight)  # it was trained after pruning
@@ -91,7 +91,7 @@ def test_errors(tiny_encoder):
     with pytest.raises(ConfigError, match="heads"):
         HeadPruneConfig(heads=1.0)
     with pytest.raises(ConfigError, match="needs data"):
-        sk.prune(tiny_encoder, HeadPruneConfig(recovery="finetune", finetune_epochs=1))
+        sk.prune(tiny_encoder, HeadPruneConfig(recovery={"method": "finetune", "epochs": 1}))
 
 
 def test_minilm_heads_and_ffn_pruned_save_and_reload(tmp_path):

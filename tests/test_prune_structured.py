@@ -45,7 +45,7 @@ def test_recovery_keeps_accuracy_and_input_untouched(trained_lenet5, digits_task
     from slimkit.core.trainer import accuracy
 
     shapes = [p.shape for p in trained_lenet5.parameters()]
-    small = sk.prune(trained_lenet5, StructuredPruneConfig(target_macs=0.5, finetune_epochs=2), task=digits_task)
+    small = sk.prune(trained_lenet5, StructuredPruneConfig(target_macs=0.5, recovery={"epochs": 2}), task=digits_task)
     assert [p.shape for p in trained_lenet5.parameters()] == shapes
     assert small.features[0].out_channels < 6
     assert small.classifier[-1].out_features == 10  # the classifier is never pruned

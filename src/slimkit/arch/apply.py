@@ -25,6 +25,7 @@ from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidua
 from slimkit.core import registry
 from slimkit.core.layers import pair
 from slimkit.core.progress import progress_bar
+from slimkit.core.recovery import recover, recovery_note
 from slimkit.core.registry import Technique, chained
 from slimkit.core.selector import get_submodule, select, set_submodule
 from slimkit.core.state import copy_model, record_stage
@@ -132,7 +133,7 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
     structure and as notes on the model.
     """
     config = config or SeparableConfig()
-    if task is None and (config.init == "least_squares" or config.recovery != "none"):
+    if task is None and (config.init == "least_squares" or config.recovery.active):
         raise ConfigError("SeparableConfig: init='least_squares' and recovery need a task "
                           "(pass task=..., or use init='svd', recovery='none')")
     new = copy_model(model)
@@ -170,16 +171,9 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
     new.train(was_training)
     record_stage(new, "separable", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
-    if config.recovery != "none" and config.recovery_epochs > 0 and layers:
-        from slimkit.distill import finetune, recover
-        from slimkit.distill.recovery import recovery_note
-
-        if config.recovery == "distill":
-            new = recover(new, teacher, task, epochs=config.recovery_epochs, lr=config.recovery_lr,
-                          description="separable: recover (KD)", patience=config.recovery_patience)
-        else:
-            new = finetune(new, task, epochs=config.recovery_epochs, lr=config.recovery_lr,
-                           description="separable: fine-tune", patience=config.recovery_patience)
+    if layers:
+        verb = "recover (KD)" if config.recovery.method == "distill" else "fine-tune"
+        new = recover(new, teacher, task, config.recovery, description=f"separable: {verb}")
         new.slimkit_notes = new.slimkit_notes + recovery_note(new, "separable")  # the copy kept them
     return new
 
@@ -217,7 +211,7 @@ def restore(model: nn.Module, config: SeparableConfig, structure: dict[str, Any]
 
 
 def _demo(model: nn.Module, task: Task) -> SeparableConfig:
-    return SeparableConfig(recovery="distill", recovery_epochs=2)
+    return SeparableConfig(recovery={"method": "distill", "epochs": 2})
 
 
 registry.register(Technique(

@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
         else:
             cfg = SeparableConfig(block=block, depth_multiplier=depth_multiplier, expansion=expansion,
                                   min_in_channels=min_in_channels, init=init,
-                                  selector={"include": include, "exclude": exclude}, recovery=recovery,
-                                  recovery_epochs=recovery_epochs, recovery_patience=parse_patience(patience))
+                                  selector={"include": include, "exclude": exclude},
+                                  recovery={"method": recovery, "epochs": recovery_epochs,
+                                            "patience": parse_patience(patience)})
         output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)

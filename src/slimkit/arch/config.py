@@ -5,12 +5,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from slimkit.core.config import Config
+from slimkit.core.recovery import LAYER_SWAP_KEYS, RecoveringConfig, RecoveryConfig, recovery_field
 from slimkit.core.selector import Selector
-from slimkit.core.trainer import Patience
 
 
-class SeparableConfig(Config):
+class SeparableConfig(RecoveringConfig):
     """How to rewrite standard kxk convolutions into MobileNet-style blocks.
 
     block: "separable" (depthwise kxk -> pointwise 1x1, MobileNetV1) or "inverted_residual"
@@ -27,12 +26,12 @@ class SeparableConfig(Config):
     calibration_samples: images used for the least-squares fit. ridge: relative Tikhonov term.
     only_if_smaller: leave a layer alone (and report it) when the block would not have fewer
       parameters and MACs than the convolution.
-    recovery: "distill" (KD from the original model), "finetune" or "none".
-    recovery_patience: early stopping of the recovery on validation accuracy, keeping the best epoch
-        ("auto", a number of epochs or None; see PruneConfig.patience).
+    recovery: `RecoveryConfig` (default: distill from the original model, at most 2 epochs,
+        early-stopped on validation).
     """
 
     technique: ClassVar[str] = "separable"
+    legacy_recovery_keys: ClassVar = LAYER_SWAP_KEYS
 
     block: Literal["separable", "inverted_residual"] = "separable"
     depth_multiplier: int = Field(1, ge=1)
@@ -43,7 +42,4 @@ class SeparableConfig(Config):
     calibration_samples: int = Field(256, ge=1)
     ridge: float = Field(1e-4, ge=0)
     only_if_smaller: bool = True
-    recovery: Literal["none", "distill", "finetune"] = "distill"
-    recovery_epochs: int = Field(2, ge=0)
-    recovery_lr: float = Field(1e-3, gt=0)
-    recovery_patience: Patience = "auto"
+    recovery: RecoveryConfig = recovery_field("distill", epochs=2)

@@ -47,13 +47,13 @@ def record_stage(model: nn.Module, technique: str, config: Any, structure: dict[
 
 # What a technique says about its result, for reports: set on the model as attributes by the technique,
 # written into the last stage record by `slimkit.save` (its "report" entry) and set again on load, so a
-# reloaded model reports what the fresh one did.
-REPORT_ATTRS = {"notes": "slimkit_notes", "simulated": "slimkit_simulated",
-                "sensitivity": "slimkit_sensitivity", "blame": "slimkit_blame"}
+# reloaded model reports what the fresh one did. Every technique has notes and `simulated`; the keys of
+# its own report sections (`Technique.sections`, e.g. prune's "sensitivity") are added when it registers.
+REPORT_ATTRS = {"notes": "slimkit_notes", "simulated": "slimkit_simulated"}
 
 
 def report_payload(model: nn.Module) -> dict[str, Any]:
-    """The report entries `model` carries (notes, simulated, sensitivity, blame), those it has."""
+    """The report entries `model` carries (notes, simulated, the registered techniques' section payloads)."""
     return {key: getattr(model, attr) for key, attr in REPORT_ATTRS.items() if getattr(model, attr, None) is not None}
 
 
@@ -68,6 +68,9 @@ def stages_with_report(model: nn.Module) -> list[dict[str, Any]]:
 
 def apply_report(model: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
     """Set the report attributes stored in the last stage record (a file written by `slimkit.save`)."""
+    from slimkit.core.registry import load_all
+
+    load_all()  # every technique's section keys are known
     if records:
         for key, value in (records[-1].get("report") or {}).items():
             if key in REPORT_ATTRS:

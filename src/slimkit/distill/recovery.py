@@ -4,7 +4,8 @@ Every technique that loses accuracy (pruning, factorization, separable conversio
 `recovery="distill"`, which calls `recover` here; `recovery="finetune"` calls the plain trainer.
 Neither records a stage: recovery is part of the stage that called it. With `patience` (a number or
 "auto", see `slimkit.core.trainer.auto_patience`) they stop on validation accuracy and keep the best
-epoch; what ran is left on the returned model as `slimkit_recovery`, and `recovery_note` says it.
+epoch; what ran is left on the returned model as `slimkit_recovery`, and `slimkit.core.recovery.recovery_note`
+says it. Stages call them through `slimkit.core.recovery.recover` with their `RecoveryConfig`.
 """
 from __future__ import annotations
 
@@ -67,19 +68,3 @@ def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3,
                                      "ran": len(result.history),
                                      "patience": cfg.patience, "best_epoch": result.best_epoch}
     return result.model
-
-
-def recovery_note(model: nn.Module, stage: str) -> list[str]:
-    """[one line on what `stage`'s recovery ran and which epoch it kept] when it stopped early or kept an
-    earlier epoch than the last; [] otherwise (or without a recovery)."""
-    info = getattr(model, "slimkit_recovery", None)
-    if not info or info["model"] != id(model):  # none, or a copy carrying an earlier recovery's record
-        return []
-    if not info["patience"] or info["best_epoch"] is None:
-        return []
-    if info["ran"] == info["epochs"] and info["best_epoch"] == info["ran"]:
-        return []
-    stopped = f"stopped after {info['ran']} of {info['epochs']} epochs" if info["ran"] < info["epochs"] \
-        else f"ran {info['ran']} epochs"
-    return [f"{stage} recovery ({info['method']}) {stopped} and kept the best validation epoch, "
-            f"{info['best_epoch']} (early stopping, patience {info['patience']})"]

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.progress import progress_bar
+from slimkit.core.recovery import recover, recovery_note
 from slimkit.core.registry import Technique, chained
 from slimkit.core.selector import get_submodule, select, set_submodule
 from slimkit.core.state import copy_model, record_stage
@@ -164,7 +165,7 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
     The per-layer ranks and skipped layers are recorded in the stage structure and as notes.
     """
     config = config or LowRankConfig()
-    if (config.rank_selection == "sensitivity" or config.recovery != "none" or config.data_aware) and task is None:
+    if (config.rank_selection == "sensitivity" or config.recovery.active or config.data_aware) and task is None:
         raise ConfigError("LowRankConfig: rank_selection='sensitivity', data_aware and recovery need a task (pass task=...)")
     new = copy_model(model)
     selected = select(new, config.selector, default_types=(nn.Linear, nn.Conv2d), what="factorize")
@@ -254,8 +255,10 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
         new.train(was_training)
     record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
     new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
-    if config.recovery != "none" and config.recovery_epochs > 0 and layers:
-        new = _recover(new, model, task, config)
+    if layers:
+        verb = "recover (KD)" if config.recovery.method == "distill" else "fine-tune"
+        new = recover(new, model, task, config.recovery, description=f"factorize: {verb}")
+        new.slimkit_notes = new.slimkit_notes + recovery_note(new, "factorize")  # the copy kept them
     return new
 
 
@@ -269,19 +272,6 @@ def _with_bias(kind: str, layer: nn.Module, rank, module: nn.Module) -> nn.Modul
     with torch.no_grad():
         last_layer(biased).bias.zero_()
     return biased.to(layer.weight.device)
-
-
-def _recover(student: nn.Module, teacher: nn.Module, task: Task, config: LowRankConfig) -> nn.Module:
-    from slimkit.distill import finetune, recover
-    from slimkit.distill.recovery import recovery_note
-
-    kw = {"epochs": config.recovery_epochs, "lr": config.recovery_lr, "patience": config.recovery_patience}
-    if config.recovery == "distill":
-        new = recover(student, teacher, task, description="factorize: recover (KD)", **kw)
-    else:
-        new = finetune(student, task, description="factorize: fine-tune", **kw)
-    new.slimkit_notes = new.slimkit_notes + recovery_note(new, "factorize")  # the copy kept them
-    return new
 
 
 def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
@@ -316,7 +306,7 @@ def restore(model: nn.Module, config: LowRankConfig, structure: dict[str, Any]) 
 
 
 def _demo(model: nn.Module, task: Task) -> LowRankConfig:
-    return LowRankConfig(energy=0.9, recovery="distill", recovery_epochs=2)
+    return LowRankConfig(energy=0.9, recovery={"method": "distill", "epochs": 2})
 
 
 registry.register(Technique(

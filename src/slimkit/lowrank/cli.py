@@ -63,8 +63,9 @@ def register(app: typer.Typer) -> None:
             selection = rank_selection or ("fixed" if rank is not None else "energy")
             cfg = LowRankConfig(rank_selection=selection, energy=energy, param_ratio=param_ratio, rank=rank,
                                 max_accuracy_drop=max_accuracy_drop, conv_method=conv_method,
-                                selector={"include": include, "exclude": exclude}, recovery=recovery,
-                                recovery_epochs=recovery_epochs, recovery_patience=parse_patience(patience))
+                                selector={"include": include, "exclude": exclude},
+                                recovery={"method": recovery, "epochs": recovery_epochs,
+                                          "patience": parse_patience(patience)})
         output_file(out)  # before the work: an unwritable --out must not cost the run
         task = load_task(data)
         net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)

@@ -5,12 +5,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from slimkit.core.config import Config
+from slimkit.core.recovery import LAYER_SWAP_KEYS, RecoveringConfig, RecoveryConfig, recovery_field
 from slimkit.core.selector import Selector
-from slimkit.core.trainer import Patience
 
 
-class LowRankConfig(Config):
+class LowRankConfig(RecoveringConfig):
     """How to factorize Linear and Conv2d layers.
 
     rank_selection:
@@ -32,12 +31,12 @@ class LowRankConfig(Config):
       SVD ranks stay weight-based). Then, layer by layer, the last factor of every factorized layer
       (a 1x1 conv or Linear; not spatial SVD's 1xk) is refit by least squares on calibration activations so the layer reproduces the original
       output given the already-factorized layers before it. Needs a task.
-    recovery: "distill" (KD from the original model), "finetune" or "none"; needs a task.
-    recovery_patience: early stopping of the recovery on validation accuracy, keeping the best epoch
-        ("auto", a number of epochs or None; see PruneConfig.patience).
+    recovery: `RecoveryConfig` (default "none"; "distill" learns soft targets from the original model,
+        "finetune" the labels; either needs a task).
     """
 
     technique: ClassVar[str] = "factorize"
+    legacy_recovery_keys: ClassVar = LAYER_SWAP_KEYS
 
     rank_selection: Literal["energy", "ratio", "vbmf", "sensitivity", "fixed"] = "energy"
     energy: float = Field(0.95, gt=0, le=1)
@@ -50,10 +49,7 @@ class LowRankConfig(Config):
     only_if_smaller: bool = True
     data_aware: bool = False
     calibration_samples: int = Field(512, ge=1)
-    recovery: Literal["none", "distill", "finetune"] = "none"
-    recovery_epochs: int = Field(2, ge=0)
-    recovery_lr: float = Field(1e-3, gt=0)
-    recovery_patience: Patience = "auto"
+    recovery: RecoveryConfig = recovery_field("none", epochs=2)
 
     @field_validator("ranks")
     @classmethod

@@ -6,9 +6,10 @@
    (`sensitivity.analyse`), on the validation split.
 2. Search (Optuna, NSGA-II, three objectives: validation accuracy, bytes of the deployable file,
    latency on the target runtime) over recipes built from the registered techniques:
-   distillation into a cheaper student, structured pruning to a MACs target, and a deployable
-   format — fp32 ONNX, int8 QDQ ONNX, or a packed `.slim` file (unstructured sparsity + k-means
-   weight sharing + zstd) that loads into a dense model. Expensive prefixes (a trained student,
+   distillation into a cheaper zoo student (the advisor's own dimension), then each technique's
+   `Technique.candidates` (today structured pruning to a MACs target) and a deployable format from
+   the final techniques' candidates — fp32 ONNX, int8 QDQ ONNX, or a packed `.slim` file (unstructured
+   sparsity + k-means weight sharing + zstd) that loads into a dense model (`advisor_space`). Expensive prefixes (a trained student,
    a pruned network) are computed once and shared by the trials that start with them.
 3. The Pareto front, and one recommendation: among the candidates that meet every constraint on
    validation data, the one with the smallest product of size and latency relative to the original.
@@ -31,15 +32,16 @@ from slimkit.core.progress import console
 from slimkit.core.task import Task
 from slimkit.errors import InfeasibleError
 from slimkit.pipeline.advisor_report import search_sections, describe, explain
-from slimkit.pipeline.advisor_space import (FORMATS, AutoConfig, build_stages, describe_student, parse_student,
-                                            scaled_epochs, student_candidates, student_key)
+from slimkit.pipeline.advisor_space import (FP32, AutoConfig, base_params, build_stages, describe_student,
+                                            parse_student, scaled_epochs, student_candidates, student_key,
+                                            technique_space)
 from slimkit.pipeline.recipe import Constraints, Evaluation, Recipe, Stage
 from slimkit.pipeline.sensitivity import analyse
 from slimkit.pipeline.stage import Timed, evaluate_stage, run_stage, time_side_by_side
 from slimkit.report import write_html, write_json
 
 __all__ = ["AutoConfig", "advise", "search", "feasible", "score", "pareto_front", "explain", "describe",
-           "describe_student", "parse_student", "student_key", "student_candidates", "build_stages", "FORMATS",
+           "describe_student", "parse_student", "student_key", "student_candidates", "build_stages", "technique_space",
            "Clock", "screening_task", "scaled_epochs", "budget_notes"]
 
 
@@ -166,24 +168,16 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path,
     runner = _Runner(model, task, config, work)
     base_metrics = runner.evaluate(0, [])
     acc, size, lat = _objectives(base_metrics, config)
-    base = {"trial": 0, "params": {"student": "none", "structured": 1.0, "format": "fp32"}, "accuracy": acc,
+    base = {"trial": 0, "params": base_params(config), "accuracy": acc,
             "size_bytes": size, "latency_ms": lat, "stages": [], "metrics": base_metrics.to_dict()}
 
     kept, screening = screen_students(runner, base, config, clock)
     students = ["none"] + kept
-    structured = [1.0] + list(config.structured_targets)
-    sparsities = [0.0] + list(config.sparsities)
+    dims, formats = technique_space(config)
+    choices = {name: ["none"] + list(offered) for name, offered in dims.items()}
     sampler = optuna.samplers.NSGAIISampler(seed=config.seed, population_size=max(4, config.trials // 3))
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
-    # Start from the points most likely to be on the front: each student in int8 and packed at the
-    # lowest sparsity (a student is already small), the original packed at the highest sparsity and
-    # pruned to the lowest MACs target.
-    lowest = sparsities[1] if len(sparsities) > 1 else 0.0
-    seeds = [p for s in kept for p in ({"student": s, "structured": 1.0, "format": "int8"},
-                                         {"student": s, "structured": 1.0, "format": "pack", "sparsity": lowest})]
-    seeds += [{"student": "none", "structured": 1.0, "format": "pack", "sparsity": sparsities[-1]},
-              {"student": "none", "structured": structured[-1], "format": "pack", "sparsity": sparsities[-1]}]
-    for params in seeds[: config.trials]:
+    for params in seed_points(kept, choices, list(formats))[: config.trials]:
         study.enqueue_trial(params)
     points: list[dict] = []
     seen: dict[str, dict] = {}
@@ -195,10 +189,8 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path,
                 break
             trial = study.ask()
             params = {"student": trial.suggest_categorical("student", students),
-                      "structured": trial.suggest_categorical("structured", structured),
-                      "format": trial.suggest_categorical("format", list(FORMATS))}
-            if params["format"] == "pack":
-                params["sparsity"] = trial.suggest_categorical("sparsity", sparsities)
+                      **{name: trial.suggest_categorical(name, c) for name, c in choices.items()},
+                      "format": trial.suggest_categorical("format", [FP32] + list(formats))}
             key = repr(sorted(params.items()))
             if key in seen:  # the sampler proposed a point already measured: reuse it
                 point = seen[key]
@@ -219,6 +211,24 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path,
             advance(1, acc=point["accuracy"], kb=point["size_bytes"] / 1024)
     side_by_side(runner, base, points)
     return base, points, screening
+
+
+def seed_points(students: list[str], choices: dict[str, list[str]], formats: list[str]) -> list[dict]:
+    """The first points tried, those most likely to be on the front: each kept student in a light candidate
+    of each format (its second, where it offers several: candidates come mildest first and the first is
+    often "nothing more", e.g. packing unpruned); the original in each format's most aggressive one, alone
+    and after every other technique's most aggressive candidate."""
+    plain = {name: "none" for name in choices}
+    by_technique: dict[str, list[str]] = {}
+    for fmt in formats:
+        by_technique.setdefault(fmt.split(":", 1)[0], []).append(fmt)
+    light = [f[1] if len(f) > 1 else f[0] for f in by_technique.values()]
+    heavy = [f[-1] for f in by_technique.values()]
+    seeds = [{"student": s, **plain, "format": f} for s in students for f in light]
+    seeds += [{"student": "none", **plain, "format": f} for f in heavy]
+    if choices:
+        seeds += [{"student": "none", **{n: c[-1] for n, c in choices.items()}, "format": f} for f in heavy]
+    return seeds
 
 
 def side_by_side(runner: _Runner, base: dict, points: list[dict]) -> None:
@@ -255,7 +265,7 @@ def screen_students(runner: _Runner, base: dict, config: AutoConfig,
                 break
             acc = {}
             for signal, k in (("kd", key), ("labels", key + "@labels")):
-                stages = build_stages({"student": k, "structured": 1.0, "format": "fp32"}, config)
+                stages = build_stages({"student": k}, config)
                 student = runner._prefix_model(stages)
                 acc[signal] = accuracy(student, runner.task, "val")
                 clock.reserve = max(clock.reserve, runner.recipe_seconds(stages, 0.0))

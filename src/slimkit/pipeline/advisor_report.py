@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 
 from slimkit.evaluate.latency import describe_speedup, speedup
-from slimkit.pipeline.advisor_space import AutoConfig, describe_student, parse_student
+from slimkit.core import registry
+from slimkit.pipeline.advisor_space import FP32, AutoConfig, describe_params, describe_student
 from slimkit.report.html import figure_png, heatmap, latency_cell
 
 # -- explanation --------------------------------------------------------------------------------
@@ -65,28 +66,31 @@ def explain(sens: dict[str, dict], base: dict, chosen: dict, points: list[dict],
     if low_rank_ok:
         lines.append(f"Layers {', '.join(low_rank_ok)} keep accuracy with 80% of their singular-value energy.")
 
-    # runtime facts from the trials: int8 vs fp32 on the same network
+    # runtime facts from the trials: a format that runs on ONNX Runtime vs fp32 on the same network
     for p in points:
-        if p["params"]["format"] == "int8":
-            twin = next((q for q in points if q["params"]["format"] == "fp32" and q["params"]["student"] == p["params"]["student"]
-                         and q["params"]["structured"] == p["params"]["structured"]), None)
-            ref = twin or (base if p["params"]["student"] == "none" and p["params"]["structured"] == 1.0 else None)
-            if ref is not None and "timing" in ref and "timing" in p:
-                s = speedup(ref["timing"], p["timing"])  # both from the one side-by-side comparison
-                why = (" (on layers this small the quantize/dequantize overhead decides)"
-                       if s["reliable"] and s["speedup"] < 1 else "")
-                lines.append(f"int8 QDQ in {config.runtime} ran {describe_speedup(s, 'fp32 on the same network')} "
-                             f"(batch {config.latency_batch_size}, {config.threads} thread, timed side by side){why}.")
-                break
+        fmt = p["params"]["format"]
+        if fmt == FP32 or registry.get(fmt.split(":", 1)[0]).runtime != "ort":
+            continue
+        twin = next((q for q in points if q["params"] == {**p["params"], "format": FP32}), None)
+        ref = twin or (base if {**p["params"], "format": FP32} == base["params"] else None)
+        if ref is not None and "timing" in ref and "timing" in p:
+            s = speedup(ref["timing"], p["timing"])  # both from the one side-by-side comparison
+            why = (" (on layers this small the quantize/dequantize overhead decides)"
+                   if s["reliable"] and s["speedup"] < 1 else "")
+            lines.append(f"{describe_params({'format': fmt})} in {config.runtime} ran "
+                         f"{describe_speedup(s, 'fp32 on the same network')} (batch {config.latency_batch_size}, "
+                         f"{config.threads} thread, timed side by side){why}.")
+            break
     size_x = base["size_bytes"] / chosen["size_bytes"]
     drop = 100 * (base["accuracy"] - chosen["accuracy"])
     desc = describe(chosen["params"])
     lines.append(f"Recommended: {desc}. On validation data it is {size_x:.1f}x smaller on disk and "
                  f"{_speed_words(chosen)} in {config.runtime} (batch {config.latency_batch_size}, timed side by side "
                  f"with the original), accuracy {-drop:+.2f} points (budget: a drop of at most {config.max_accuracy_drop}).")
-    if chosen["params"]["format"] == "pack":
-        lines.append("The packed .slim file is what ships; slimkit.load() unpacks it into a dense model, which runs in "
-                     "ONNX Runtime as fp32 (the latency above is that model's).")
+    fmt = chosen["params"]["format"]
+    if fmt != FP32 and registry.get(fmt.split(":", 1)[0]).runtime == "torch":
+        lines.append("The file this format writes is what ships; slimkit.load() turns it into a dense model, which "
+                     "runs in ONNX Runtime as fp32 (the latency above is that model's).")
     return lines
 
 
@@ -106,21 +110,7 @@ def _faster_cell(point: dict) -> str:
 
 
 def describe(params: dict) -> str:
-    parts = []
-    if params["student"] != "none":
-        student = describe_student(params["student"])
-        parts.append(f"train {student} on the labels" if parse_student(params["student"])[3] else f"distill into {student}")
-    if params["structured"] < 1.0:
-        parts.append(f"remove channels down to {int(100 * params['structured'])}% of the MACs")
-    if params["format"] == "int8":
-        parts.append("int8 static quantization (ONNX QDQ, per-channel)")
-    elif params["format"] == "pack":
-        sp = params.get("sparsity", 0.0)
-        parts.append((f"prune {int(100 * sp)}% of the weights, " if sp else "") + "5/8-bit k-means weight sharing, "
-                     "packed .slim")
-    else:
-        parts.append("fp32 ONNX")
-    return ", then ".join(parts)
+    return describe_params(params)
 
 
 # -- plots --------------------------------------------------------------------------------------

@@ -1,5 +1,12 @@
-"""The advisor's search space: its config, the candidate students, and the recipe a point of the space
-stands for (`build_stages`)."""
+"""The advisor's search space: its config, the candidate students, the techniques' own candidates, and the
+recipe a point of the space stands for (`build_stages`).
+
+A point is {"student": zoo student key or "none", <technique>: candidate label or "none" for every
+registered technique that offers candidates and may be followed by others, "format": "fp32" or
+"<technique>:<label>" of a final technique (quantize, pack: a model has one output format)}. The students
+are the advisor's own dimension (zoo architectures, each screened by training it); every other dimension
+comes from `Technique.candidates`, so a newly registered technique joins the search without edits here.
+"""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -11,7 +18,7 @@ from slimkit.core.config import Config
 from slimkit.core.task import Task
 from slimkit.pipeline.recipe import Stage
 
-FORMATS = ("fp32", "int8", "pack")
+FP32 = "fp32"
 
 
 class AutoConfig(Config):
@@ -106,36 +113,77 @@ def describe_student(key: str) -> str:
     return f"{name} at width {width:g}" + (f" on {pool}x{pool}-averaged input" if pool > 1 else "")
 
 
+def technique_space(config: AutoConfig) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """(non-final dimensions {technique: {label: config}}, formats {"technique:label": config}) that the
+    registered techniques offer for `config`'s budgets, in the techniques' order."""
+    from slimkit.core import registry
+
+    dims: dict[str, dict[str, dict]] = {}
+    formats: dict[str, dict] = {}
+    for t in registry.techniques():
+        if t.candidates is None:
+            continue
+        offered = t.candidates(config)
+        if t.next == ():
+            formats.update({f"{t.name}:{label}": cfg for label, cfg in offered.items()})
+        elif offered:
+            dims[t.name] = offered
+    return dims, formats
+
+
+def base_params(config: AutoConfig, student: str = "none") -> dict[str, str]:
+    """The point that changes nothing but (optionally) the student."""
+    dims, _ = technique_space(config)
+    return {"student": student, **{name: "none" for name in dims}, "format": FP32}
+
+
 def build_stages(params: dict[str, Any], config: AutoConfig, scale: float = 1.0) -> list[Stage]:
     """The recipe stages of one point of the search space; `scale` multiplies every training budget
-    (the rebuild on the full data after a search on a subset)."""
+    (the rebuild on the full data after a search on a subset). Dimensions missing from `params` are
+    "none" (format: fp32)."""
     config = config.model_copy(update={k: scaled_epochs(getattr(config, k), scale) for k in
                                        ("student_epochs", "recovery_epochs", "prune_epochs", "codebook_epochs")})
     stages = []
-    if params["student"] != "none":
-        name, width, pool, labels = parse_student(params["student"])
+    student = params.get("student", "none")
+    if student != "none":
+        name, width, pool, labels = parse_student(student)
         # alpha 0: the student learns the hard labels only (the teacher is not consulted)
         stages.append(Stage(technique="distill", config={
             "student": f"zoo:{name}", "width": width, "epochs": config.student_epochs, "lr": 2e-3,
             "alpha": 0.0 if labels else 0.9, "temperature": 4.0, "augment": "shift", "max_shift": 1, "seed": config.seed,
             **({"student_kwargs": {"input_pool": pool}} if pool > 1 else {})}))
-    if params["structured"] < 1.0:
-        stages.append(Stage(technique="prune_structured", config={
-            "target_macs": params["structured"], "finetune_epochs": config.recovery_epochs, "lr": 2e-3,
-            "recovery": "distill", "seed": config.seed}))
-    if params["format"] == "int8":
-        # speed_check off: the advisor times every candidate itself and never recommends one slower than the
-        # original, and an "int8" candidate must be int8 (the check could hand back a float model)
-        stages.append(Stage(technique="quantize", config={"weights": "int8", "activations": "uint8",
-                                                          "per_channel": True, "mode": "static",
-                                                          "speed_check": False}))
-    elif params["format"] == "pack":
-        prune = None
-        if params.get("sparsity", 0.0) > 0:
-            # iterative prune / fine-tune rounds: one-shot 90% with a short fine-tune cost several points
-            prune = {"sparsity": params["sparsity"], "scope": "global", "schedule": "iterative", "steps": 3,
-                     "finetune_epochs": config.prune_epochs, "recovery": "distill", "seed": config.seed}
-        stages.append(Stage(technique="pack", config={"quantization": "kmeans", "bits": 5, "conv_bits": 8,
-                                                      "codebook_epochs": config.codebook_epochs, "prune": prune,
-                                                      "seed": config.seed}))
+    dims, formats = technique_space(config)
+    for name, offered in dims.items():
+        label = params.get(name, "none")
+        if label != "none":
+            stages.append(Stage(technique=name, config=offered[label]))
+    fmt = params.get("format", FP32)
+    if fmt != FP32:
+        stages.append(Stage(technique=fmt.split(":", 1)[0], config=formats[fmt]))
     return stages
+
+
+def describe_params(params: dict[str, Any]) -> str:
+    """A point of the space in words: each technique's own description of its candidate."""
+    from slimkit.core import registry
+
+    parts = []
+    student = params.get("student", "none")
+    if student != "none":
+        parts.append(f"train {describe_student(student)} on the labels" if parse_student(student)[3]
+                     else f"distill into {describe_student(student)}")
+    for name, label in params.items():
+        if name in ("student", "format") or label == "none":
+            continue
+        parts.append(_describe(registry.get(name), label))
+    fmt = params.get("format", FP32)
+    if fmt == FP32:
+        parts.append("fp32 ONNX")
+    else:
+        name, label = fmt.split(":", 1)
+        parts.append(_describe(registry.get(name), label))
+    return ", then ".join(parts)
+
+
+def _describe(technique, label: str) -> str:
+    return technique.describe(label) if technique.describe is not None else f"{technique.name} ({label})"

@@ -26,20 +26,8 @@ from pydantic import Field, field_validator
 
 from slimkit.core import registry
 from slimkit.core.config import Config
-from slimkit.core.trainer import Patience
+from slimkit.core.recovery import RecoveryConfig
 from slimkit.errors import ConfigError
-
-
-class Recovery(Config):
-    """Recover accuracy after a stage: fine-tune on labels, or distill from the original model;
-    `patience` stops early on validation accuracy and keeps the best epoch (as PruneConfig.patience)."""
-
-    method: Literal["finetune", "distill", "none"] = "distill"
-    epochs: int = Field(2, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
-    patience: Patience = "auto"
 
 
 class Evaluation(Config):
@@ -63,7 +51,7 @@ class Stage(Config):
     technique: str
     name: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
-    recovery: Recovery | None = None
+    recovery: RecoveryConfig | None = None  # after the stage, distilling from the original model
 
     @field_validator("technique")
     @classmethod
@@ -132,7 +120,8 @@ def _validate_stages(data: dict[str, Any], root: yaml.Node | None, origin: str) 
         except ConfigError as err:
             msg = str(err)
             key = _offending_key(msg)
-            path = ["stages", i] + (["config"] + key if key and key[0] not in Stage.model_fields else key)
+            # `Stage.recovery.epochs` is the stage's own block; `PruneConfig.recovery.epochs` is in its config
+            path = ["stages", i] + (key if msg.startswith("Stage.") else ["config"] + key)
             raise ConfigError(f"{where}, line {_line_of(root, path)}: {msg}") from None
 
 

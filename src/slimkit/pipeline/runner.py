@@ -22,10 +22,10 @@ from slimkit.core import registry
 from slimkit.core.artifact import load, save
 from slimkit.core.io import output_dir, write_text
 from slimkit.core.progress import console
+from slimkit.core.recovery import recover
 from slimkit.core.state import get_state
 from slimkit.core.task import Task
 from slimkit.core.trainer import seed_everything
-from slimkit.distill.recovery import finetune, recover
 from slimkit.errors import ConfigError
 from slimkit.pipeline.recipe import Recipe, load_recipe
 from slimkit.pipeline.stage import Timed, evaluate_stage, retime, run_stage
@@ -49,18 +49,11 @@ def keep_zeros(model: nn.Module):
 
 
 def _apply_recovery(model: nn.Module, original: nn.Module, task: Task, stage, seed: int) -> nn.Module:
-    rec = stage.recovery
-    if rec is None or rec.method == "none" or rec.epochs == 0:
+    if stage.recovery is None or not stage.recovery.active:
         return model
-    if not any(p.requires_grad for p in model.parameters()):
-        return model
-    hook = keep_zeros(model)
-    if rec.method == "distill":
-        return recover(model, original, task, epochs=rec.epochs, lr=rec.lr, temperature=rec.temperature,
-                       alpha=rec.alpha, seed=seed, on_step=hook, description=f"recover {stage.technique}",
-                       patience=rec.patience)
-    return finetune(model, task, epochs=rec.epochs, lr=rec.lr, seed=seed, on_step=hook,
-                    description=f"fine-tune {stage.technique}", patience=rec.patience)
+    verb = "recover" if stage.recovery.method == "distill" else "fine-tune"
+    return recover(model, original, task, stage.recovery, seed=seed, on_step=keep_zeros(model),
+                   description=f"{verb} {stage.technique}")
 
 
 def check_constraints(recipe: Recipe, baseline: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:

@@ -76,9 +76,7 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
     entry = stage_entry(name, technique=technique.name, family=technique.family, config=config.to_dict(),
                         metrics=metrics.to_dict(), artifact=str(artifact), runtime=technique.runtime,
                         simulated=simulated, notes=metrics.notes, seconds=seconds)
-    for key in ("sensitivity", "blame"):  # per-layer curves (prune scope="sensitivity"), error shares (blame=True)
-        if key in report:
-            entry[key] = report[key]
+    entry.update({key: value for key, value in report.items() if key not in ("notes", "simulated")})  # sections
     return StageOutcome(new, entry, artifact, metrics)
 
 

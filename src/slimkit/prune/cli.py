@@ -50,12 +50,14 @@ def register(app: typer.Typer) -> None:
             cfg = cls.from_file(config)
         elif structured:
             cfg = StructuredPruneConfig(target_macs=target_macs, scope=scope or "uniform", importance=importance or "l2",
-                                        finetune_epochs=epochs, recovery=recovery or "distill",
-                                        patience=parse_patience(patience), selector=_selector(include, exclude))
+                                        recovery={"method": recovery or "distill", "epochs": epochs,
+                                                  "patience": parse_patience(patience)},
+                                        selector=_selector(include, exclude))
         else:
             cfg = PruneConfig(sparsity=sparsity, scope=scope or "global", pattern=pattern, importance=importance or "l1",
-                              schedule=schedule, finetune_epochs=epochs, recovery=recovery or "finetune",
-                              patience=parse_patience(patience), selector=_selector(include, exclude))
+                              schedule=schedule, recovery={"method": recovery or "finetune", "epochs": epochs,
+                                                           "patience": parse_patience(patience)},
+                              selector=_selector(include, exclude))
         out = Path(out)
         if isinstance(cfg, StructuredPruneConfig):
             path = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
@@ -107,7 +109,7 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             cfg = PackConfig.from_file(config)
         else:
-            prune_cfg = PruneConfig(sparsity=sparsity, finetune_epochs=prune_epochs) if sparsity is not None else None
+            prune_cfg = PruneConfig(sparsity=sparsity, recovery={"epochs": prune_epochs}) if sparsity is not None else None
             if budget is not None and sparsity is not None:
                 raise ConfigError("--budget searches the sparsity itself: drop --sparsity")
             cfg = PackConfig(quantization=quantization, bits=bits, conv_bits=conv_bits, codebook_epochs=codebook_epochs,

@@ -8,8 +8,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from slimkit.core.config import Config
+from slimkit.core.recovery import PRUNE_KEYS, RecoveringConfig, RecoveryConfig, recovery_field
 from slimkit.core.selector import Selector
-from slimkit.core.trainer import Patience
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -27,7 +27,7 @@ def parse_nm(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-class PruneConfig(Config):
+class PruneConfig(RecoveringConfig):
     """Unstructured or N:M weight pruning; the zeros are real (masks removed at the end).
 
     sparsity: fraction of the selected weights set to zero, in [0, 1).
@@ -42,16 +42,14 @@ class PruneConfig(Config):
         "taylor" (|weight x gradient| accumulated over `taylor_batches` training batches).
     schedule: "oneshot" (prune, then fine-tune), "iterative" (`steps` rounds of prune + fine-tune,
         sparsity rising geometrically) or "gradual" (polynomial AGP ramp during fine-tuning).
-    recovery: "finetune" (task loss), "distill" (soft targets from the unpruned model) or "none".
-    finetune_epochs / lr: fine-tuning budget (all rounds together).
-    patience: early stopping on validation accuracy, keeping the best epoch's weights: "auto" (default;
-        max(5, epochs // 3) where the task has a validation split), a number of epochs, or None (off).
-        `finetune_epochs` is then a maximum. Not used by schedule="gradual" (its sparsity rises during
-        fine-tuning, so an earlier epoch is a less sparse model).
-    augment: "shift" recovers on images shifted by up to 2 pixels (see DistillConfig.augment).
+    recovery: `RecoveryConfig` (default: fine-tune on the task's loss, at most 5 epochs for all rounds
+        together, early-stopped on validation; "distill" learns soft targets from the unpruned model).
+        Early stopping is not used by schedule="gradual" (its sparsity rises during fine-tuning, so an
+        earlier epoch is a less sparse model).
     """
 
     technique: ClassVar[str] = "prune"
+    legacy_recovery_keys: ClassVar = PRUNE_KEYS
 
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     scope: Literal["global", "layer", "sensitivity"] = "global"
@@ -60,11 +58,7 @@ class PruneConfig(Config):
     importance: Literal["l1", "l2", "taylor"] = "l1"
     schedule: Literal["oneshot", "iterative", "gradual"] = "oneshot"
     steps: int = Field(3, ge=1)
-    recovery: Literal["finetune", "distill", "none"] = "finetune"
-    finetune_epochs: int = Field(5, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    patience: Patience = "auto"
-    augment: Literal["none", "shift"] = "none"
+    recovery: RecoveryConfig = recovery_field("finetune", epochs=5)
     taylor_batches: int = Field(8, ge=1)
     sensitivity_grid: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     selector: Selector = Field(default_factory=Selector)
@@ -96,7 +90,7 @@ class PruneConfig(Config):
         return parse_nm(self.pattern)
 
 
-class StructuredPruneConfig(Config):
+class StructuredPruneConfig(RecoveringConfig):
     """Remove whole channels / neurons (a physically smaller dense model), via torch-pruning's
     dependency graph so residual adds, depthwise convs and concatenations stay consistent.
 
@@ -108,10 +102,11 @@ class StructuredPruneConfig(Config):
         "taylor" (first-order |w x grad| over `taylor_batches` batches).
     selector: layers never pruned (exclude patterns); the classifier layer is always kept.
     round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly shapes).
-    recovery / finetune_epochs / lr / patience / augment: as in PruneConfig.
+    recovery: `RecoveryConfig` (default: distill from the unpruned model, at most 5 epochs).
     """
 
     technique: ClassVar[str] = "prune_structured"
+    legacy_recovery_keys: ClassVar = PRUNE_KEYS
 
     target_macs: float | None = Field(0.5, gt=0.0, lt=1.0)
     ratio: float = Field(0.5, gt=0.0, lt=1.0)
@@ -119,11 +114,7 @@ class StructuredPruneConfig(Config):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     max_steps: int = Field(40, ge=1)
     round_to: int | None = Field(None, ge=1)
-    recovery: Literal["finetune", "distill", "none"] = "distill"
-    finetune_epochs: int = Field(5, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    patience: Patience = "auto"
-    augment: Literal["none", "shift"] = "none"
+    recovery: RecoveryConfig = recovery_field("distill", epochs=5)
     taylor_batches: int = Field(8, ge=1)
     selector: Selector = Field(default_factory=Selector)
     seed: int = 0
@@ -186,7 +177,7 @@ class PackConfig(Config):
         return sorted(set(value))
 
 
-class HeadPruneConfig(Config):
+class HeadPruneConfig(RecoveringConfig):
     """Structured pruning of Transformer encoder layers (BERT-style: an attention module with `query`,
     `key`, `value` Linear children and `attention_head_size`, its `output.dense` projection, and an
     `intermediate.dense` / `output.dense` feed-forward pair): whole attention heads and whole
@@ -196,17 +187,14 @@ class HeadPruneConfig(Config):
     ffn: fraction of feed-forward (intermediate) neurons removed in every layer.
     Importance is the L2 norm of what a head or neuron owns: a head's query/key/value rows and its
     output-projection columns; a neuron's intermediate row and output column. The lowest go.
-    recovery / finetune_epochs / lr / patience / augment: as in PruneConfig (needs a classification task; an
-        embedding encoder is pruned without recovery, "none").
+    recovery: `RecoveryConfig` (default "none"; training needs a classification task, an embedding
+        encoder is pruned without recovery).
     """
 
     technique: ClassVar[str] = "prune_heads"
+    legacy_recovery_keys: ClassVar = PRUNE_KEYS
 
     heads: float = Field(0.5, ge=0.0, lt=1.0)
     ffn: float = Field(0.0, ge=0.0, lt=1.0)
-    recovery: Literal["finetune", "distill", "none"] = "none"
-    finetune_epochs: int = Field(0, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    patience: Patience = "auto"
-    augment: Literal["none", "shift"] = "none"
+    recovery: RecoveryConfig = recovery_field("none", epochs=0, lr=1e-4)
     seed: int = 0

@@ -52,7 +52,7 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
     """The pruning ladder: [(overall sparsity, model, validation accuracy)] of every rung accepted,
     starting with the unpruned model."""
     from slimkit.prune.sensitivity import allocate_sparsity, sensitivity_analysis
-    from slimkit.prune.unstructured import recover_pruned
+    from slimkit.core.recovery import recover
 
     recovery = config.prune or PruneConfig(recovery="distill")
     t0 = time.perf_counter()
@@ -75,8 +75,9 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
         rounds = 0
         while True:  # a rung that misses the budget gets one more recovery round before the climb stops
             rounds += 1
-            current = recover_pruned(current, model, task, recovery, config.step_epochs, MaskKeeper(masks),
-                                     f"pack: prune {100 * target:.1f}%", patience=config.patience)
+            current = recover(current, model, task, recovery.recovery, seed=recovery.seed, on_step=MaskKeeper(masks),
+                              epochs=config.step_epochs, patience=config.patience,
+                              description=f"pack: prune {100 * target:.1f}%")
             apply_masks(current, masks)
             acc = accuracy(current, task, "val")
             ok = _points(base - acc) <= allowed + 1e-9

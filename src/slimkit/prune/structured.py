@@ -17,11 +17,10 @@ from slimkit.core.selector import get_submodule
 from slimkit.core.registry import chained
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
-from slimkit.distill.recovery import recovery_note
+from slimkit.core.recovery import recover, recovery_note
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
 from slimkit.evaluate.metrics import count_macs
 from slimkit.prune.config import StructuredPruneConfig
-from slimkit.prune.unstructured import recover_pruned
 
 # attributes that describe a layer's channel counts; restored together with the parameter shapes
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
@@ -161,7 +160,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig | None = No
         p.requires_grad_(True)
     after = layer_shapes(new)
     changed = {n: spec for n, spec in after.items() if before.get(n) != spec}
-    new = recover_pruned(new, model, task, config, config.finetune_epochs, None, "prune_structured: recover")
+    new = recover(new, model, task, config.recovery, seed=config.seed, description="prune_structured: recover")
     structure = {"modules": changed, **info}
     record_stage(new, "prune_structured", config, structure)
     note = (f"structured: {len(changed)} layers shrunk, MACs {info['macs_before']:,} -> {info['macs_after']:,} "

@@ -20,7 +20,7 @@ from slimkit.core.task import Task
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import HeadPruneConfig
 from slimkit.prune.structured import layer_shapes, restore_structured
-from slimkit.prune.unstructured import recover_pruned
+from slimkit.core.recovery import recover
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear]]:
@@ -121,7 +121,7 @@ def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task
             f"prune_heads: {type(model).__name__} has no BERT-style attention (a module with query/key/value "
             "Linear children and attention_head_size) and no intermediate/output feed-forward pair; for CNNs use "
             "StructuredPruneConfig")
-    if config.recovery != "none" and config.finetune_epochs > 0 and task is None:
+    if config.recovery.active and task is None:
         raise ConfigError("prune_heads with recovery needs data: pass task=, or set recovery: none")
     before = layer_shapes(new)
     params_before = sum(p.numel() for p in new.parameters())
@@ -131,8 +131,7 @@ def prune_heads(model: nn.Module, config: HeadPruneConfig | None = None, *, task
         p.requires_grad_(True)
     after = layer_shapes(new)
     changed = {n: spec for n, spec in after.items() if before.get(n) != spec}
-    if config.recovery != "none" and config.finetune_epochs > 0:
-        new = recover_pruned(new, model, task, config, config.finetune_epochs, None, "prune_heads: recover")
+    new = recover(new, model, task, config.recovery, seed=config.seed, description="prune_heads: recover")
     params_after = sum(p.numel() for p in new.parameters())
     record_stage(new, "prune_heads", config, {"modules": changed, "attention": attrs, "heads_removed": heads_removed,
                                               "ffn_neurons": neurons, "params_before": params_before,

@@ -13,7 +13,7 @@ import torch.nn as nn
 from slimkit.core.registry import chained
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
-from slimkit.distill.recovery import finetune, recover, recovery_note
+from slimkit.core.recovery import recover, recovery_note
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import PruneConfig
 from slimkit.prune.masks import (
@@ -36,24 +36,9 @@ def _needs_task(config: PruneConfig) -> str | None:
         return "importance='taylor'"
     if config.scope == "sensitivity":
         return "scope='sensitivity'"
-    if config.recovery != "none" and config.finetune_epochs > 0:
-        return f"recovery={config.recovery!r} with finetune_epochs={config.finetune_epochs}"
+    if config.recovery.active:
+        return f"recovery {config.recovery.method!r} for {config.recovery.epochs} epoch(s)"
     return None
-
-
-def recover_pruned(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, epochs: int,
-                   on_step, description: str, patience: int | str | None = "config") -> nn.Module:
-    """The recovery `config` names (distill from `teacher`, fine-tune, none), with `config.patience` unless
-    `patience` says otherwise (None: off)."""
-    if epochs <= 0 or config.recovery == "none":
-        return model
-    if patience == "config":
-        patience = config.patience
-    if config.recovery == "distill":
-        return recover(model, teacher, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                       description=description, augment=config.augment, patience=patience)
-    return finetune(model, task, epochs=epochs, lr=config.lr, seed=config.seed, on_step=on_step,
-                    description=description, augment=config.augment, patience=patience)
 
 
 class _Planner:
@@ -89,9 +74,9 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
     reason = _needs_task(config)
     if reason and task is None:
         raise ConfigError(f"PruneConfig {reason} needs data: pass task= (or set recovery='none')")
-    if config.schedule == "gradual" and (config.recovery == "none" or config.finetune_epochs == 0):
-        raise ConfigError("PruneConfig schedule='gradual' prunes during fine-tuning: set finetune_epochs > 0 "
-                          "and recovery to 'finetune' or 'distill'")
+    if config.schedule == "gradual" and not config.recovery.active:
+        raise ConfigError("PruneConfig schedule='gradual' prunes during fine-tuning: set recovery.epochs > 0 "
+                          "and recovery.method to 'finetune' or 'distill'")
     teacher = model
     new = copy_model(model)
     layers = prunable_layers(new, config.selector)
@@ -128,16 +113,18 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
     if config.nm is not None or config.schedule == "oneshot":
         masks = planner.masks(new, 1.0)
         apply_masks(new, masks)
-        new = recover_pruned(new, teacher, task, config, config.finetune_epochs, MaskKeeper(masks), "prune: fine-tune")
+        new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=MaskKeeper(masks),
+                      description="prune: fine-tune")
         notes += recovery_note(new, "prune")
     elif config.schedule == "iterative":
-        epochs_left = config.finetune_epochs
+        epochs_left = config.recovery.epochs
         for k in range(1, config.steps + 1):
             masks = planner.masks(new, k / config.steps)
             apply_masks(new, masks)
             epochs = epochs_left // (config.steps - k + 1)
             epochs_left -= epochs
-            new = recover_pruned(new, teacher, task, config, epochs, MaskKeeper(masks), f"prune: round {k}/{config.steps}")
+            new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=MaskKeeper(masks),
+                          epochs=epochs, description=f"prune: round {k}/{config.steps}")
     else:  # gradual
         new = _gradual(new, teacher, task, config, planner)
         masks = planner.masks(new, 1.0, importance="l1")
@@ -162,7 +149,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
 def _gradual(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConfig, planner: _Planner) -> nn.Module:
     """Fine-tune while the sparsity follows the AGP ramp over the first 3/4 of the steps, then
     fine-tune with the final mask for the rest."""
-    total = len(task.loader("train")) * config.finetune_epochs
+    total = len(task.loader("train")) * config.recovery.epochs
     ramp_end = max(1, int(0.75 * total))
     every = max(1, ramp_end // 20)  # re-prune ~20 times along the ramp
     state = {"masks": planner.masks(model, 0.0, importance="l1")}
@@ -174,5 +161,5 @@ def _gradual(model: nn.Module, teacher: nn.Module, task: Task, config: PruneConf
         apply_masks(m, state["masks"])
 
     # no early stopping: an earlier epoch's weights are a less sparse model
-    return recover_pruned(model, teacher, task, config, config.finetune_epochs, on_step, "prune: gradual",
-                          patience=None)
+    return recover(model, teacher, task, config.recovery, seed=config.seed, on_step=on_step,
+                   description="prune: gradual", patience=None)

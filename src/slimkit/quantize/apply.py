@@ -26,6 +26,7 @@ from slimkit.quantize.gptq import gptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
 from slimkit.quantize.modules import ActQuant, QuantEmbedding, QuantWeightLayer, deployable, nbits_exportable
+from slimkit.quantize.report import blame_section
 
 
 def _build(model: nn.Module, config: QuantConfig, *, bits: dict[str, int] | None = None,
@@ -295,11 +296,20 @@ def _demo(model: nn.Module, task) -> QuantConfig:
                        blame=True)
 
 
+def _candidates(auto) -> dict[str, dict]:
+    """What the advisor tries: static int8 with per-channel weights. speed_check off: the advisor times every
+    candidate itself and never recommends one slower than the original, and an "int8" candidate must be int8
+    (the check could hand back a float model)."""
+    return {"int8": {"weights": "int8", "activations": "uint8", "per_channel": True, "mode": "static",
+                     "speed_check": False}}
+
+
 registry.register(Technique(
     name="quantize", family="quantization", config_cls=QuantConfig, apply=quantize,
     summary="int8/int16/int4 weights and activations (static, dynamic, weight-only), calibrated; ONNX QDQ on int8 kernels",
     restore=restore, demo=_demo, write_artifact=_write_artifact, runtime="ort", order=80,
-    next=()))  # final: its wrapped layers must not be selected by another technique
+    sections={"blame": blame_section}, candidates=_candidates,
+    describe=lambda label: "int8 static quantization (ONNX QDQ, per-channel)", next=()))  # final: its wrapped layers must not be selected by another technique
 
 
 def _register_exporter() -> None:

@@ -99,60 +99,6 @@ def heatmap(analysis: dict, title: str, value_label: str) -> str:
     return figure_png(fig)
 
 
-def _sensitivity_sections(stages: list[dict]) -> str:
-    """One heatmap per stage that measured per-layer sensitivity (its curves are in the stage entry)."""
-    parts = []
-    for s in stages:
-        sens = s.get("sensitivity")
-        if not sens or not sens.get("curves"):
-            continue
-        image = heatmap(sens, "accuracy drop vs sparsity (one layer at a time, validation split)", "sparsity")
-        parts.append(f"<h2>per-layer sensitivity: {html.escape(str(s.get('name')))}</h2>"
-                     f'<div class=plots><img alt="sensitivity heatmap" src="{image}"></div>'
-                     "<p class=sub>Each row prunes one layer alone; the allocation under the global target "
-                     "prunes robust, large layers most (the chosen sparsity is in the row label).</p>")
-    return "".join(parts)
-
-
-def blame_chart(result: dict, top: int = 12) -> str:
-    """Horizontal bars: output SQNR gain (dB) if each of the `top` worst tensors (activations red,
-    layer weights blue) were float."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"][:top][::-1]
-    labels = [r["tensor"] if len(r["tensor"]) <= 60 else r["tensor"][:57] + "..." for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
-    colors = ["#2c6fbb" if r.get("kind") == "weights" else "#c0392b" for r in rows]
-    ax.barh(range(len(rows)), [r["gain_db"] for r in rows], color=colors)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.set_xlabel("output SQNR gain if this tensor were float (dB); red: activation, blue: weights")
-    title = [f"output SQNR {result['sqnr_db']:.1f} dB"]
-    if result.get("weights_only_sqnr_db") is not None:
-        title.append(f"activations float: {result['weights_only_sqnr_db']:.1f} dB")
-    if result.get("activations_only_sqnr_db") is not None:
-        title.append(f"weights float: {result['activations_only_sqnr_db']:.1f} dB")
-    ax.set_title("; ".join(title), fontsize=10)
-    return figure_png(fig)
-
-
-def _blame_sections(stages: list[dict]) -> str:
-    """One bar chart per stage that measured which tensors carry its quantization error."""
-    parts = []
-    for s in stages:
-        if not (s.get("blame") or {}).get("rows"):
-            continue
-        parts.append(f"<h2>which tensor is to blame: {html.escape(str(s.get('name')))}</h2>"
-                     f'<div class=plots><img alt="blame chart" src="{blame_chart(s["blame"])}"></div>'
-                     "<p class=sub>Each bar puts one tensor back in float (an activation quantizer switched off, "
-                     "or one layer's weights unrounded), the rest as deployed, and measures the output's SQNR "
-                     "against the float model on a calibration batch; the title gives the SQNR with every "
-                     "activation, and with every weight, in float.</p>")
-    return "".join(parts)
-
-
 def _scatter(stages: list[dict], x_of, xlabel: str, title: str) -> str | None:
     import matplotlib
 
@@ -265,6 +211,15 @@ def _noise_warning(stages: list[dict], env: dict) -> str:
             "</div>")
 
 
+def stage_sections(stages: list[dict]) -> str:
+    """The sections techniques render from what their stages reported (`Technique.sections`: payload
+    key -> renderer of one stage entry), in stage order."""
+    from slimkit.core.registry import report_sections
+
+    renderers = report_sections()
+    return "".join(render(s) for s in stages for key, render in renderers.items() if s.get(key))
+
+
 def render_html(result: dict[str, Any]) -> str:
     stages = result.get("stages", [])
     ok = [s for s in stages if not s.get("error")]
@@ -276,7 +231,7 @@ def render_html(result: dict[str, Any]) -> str:
     env_rows = "".join(f"<tr><td class=l>{html.escape(str(k))}</td><td class=l>{html.escape(str(v))}</td></tr>"
                        for k, v in env.items())
     model, data = result.get("model", {}), result.get("data", {})
-    sections = _sensitivity_sections(stages) + _blame_sections(stages) + "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
+    sections = stage_sections(stages) + "".join(_section(k, v) for k, v in (result.get("sections") or {}).items())
     title = f"slimkit report: {html.escape(str(model.get('name', 'model')))} on {html.escape(str(data.get('name', 'data')))}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
