@@ -2,13 +2,15 @@
 
 Every script writes `{"benchmark", "environment", "rows", "checks"}` (DESIGN.md, performance
 protocol); checks are computed from the rows of the same run, and the script exits 0 even when a
-check fails.
+check fails. `benchmarks/results_md.py` turns the current JSONs into benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +30,8 @@ def environment(**extra: Any) -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # what benchmarks/results_md.py shows as the command that wrote the JSON
+        "command": " ".join(["python", *(shlex.quote(a) for a in sys.argv)]),
     }
     from slimkit.core.cpu import cpu_isa
 

@@ -23,6 +23,7 @@ _LAZY = {
     "Task": "slimkit.core.task",
     "Config": "slimkit.core.config",
     "Selector": "slimkit.core.selector",
+    "RecoveryConfig": "slimkit.core.recovery",
     "save": "slimkit.core.artifact",
     "load": "slimkit.core.artifact",
     "register_builder": "slimkit.core.artifact",

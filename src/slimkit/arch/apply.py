@@ -25,12 +25,12 @@ from slimkit.arch.modules import BLOCKS, DepthwiseSeparableConv, InvertedResidua
 from slimkit.core import registry
 from slimkit.core.layers import pair
 from slimkit.core.progress import progress_bar
-from slimkit.core.recovery import recover, recovery_note
 from slimkit.core.registry import Technique, chained
-from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.selector import select, set_submodule
+from slimkit.core.state import copy_model
+from slimkit.core.swap import SwapPlan, exact_names, restore_swaps, swap_report
 from slimkit.core.task import Task
-from slimkit.errors import ConfigError, UnsupportedLayerError
+from slimkit.errors import ConfigError
 from slimkit.lowrank.refit import refit_last_layer
 
 
@@ -140,9 +140,7 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
     teacher = copy_model(model).eval()  # the reference outputs; the user's model keeps its mode
     teacher_layers = dict(teacher.named_modules())
     selected = select(new, config.selector, default_types=(nn.Conv2d,), what="separable")
-    named = {p for p in config.selector.include if not any(ch in p for ch in "*?[")}
-    layers: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
+    plan = SwapPlan("separable", "convert", exact_names(config.selector))
     was_training = new.training
     new.eval()
     with progress_bar("separable: convert", len(selected)) as advance:
@@ -155,9 +153,7 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
                 if not (p1 < p0 and m1 < m0):
                     reason = f"{config.block} block would not be smaller ({p1:,} vs {p0:,} params, {m1:,} vs {m0:,} MACs)"
             if reason is not None:
-                if name in named and unsupported_reason(layer, config) is not None:
-                    raise UnsupportedLayerError(f"separable: cannot convert layer {name!r}: {reason}")
-                skipped[name] = reason
+                plan.skip(name, reason, unsupported=unsupported_reason(layer, config) is not None)
                 continue
             block = svd_init(layer, BLOCKS[config.block].like(layer, _width(config)))
             block.eval()
@@ -167,47 +163,25 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
                                     "macs_before": block_cost(layer)[1], "macs_after": block_cost(layer, config)[1]}
             if config.init == "least_squares":
                 info["relative_error"] = round(fit_projection(teacher, teacher_layers[name], new, block, task, config), 6)
-            layers[name] = info
+            plan.layers[name] = info
     new.train(was_training)
-    record_stage(new, "separable", config, {"layers": layers, "skipped": skipped})
-    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
-    if layers:
-        verb = "recover (KD)" if config.recovery.method == "distill" else "fine-tune"
-        new = recover(new, teacher, task, config.recovery, description=f"separable: {verb}")
-        new.slimkit_notes = new.slimkit_notes + recovery_note(new, "separable")  # the copy kept them
-    return new
+    return plan.finish(new, model, config, task, teacher=teacher, done="convolution(s) converted", line=_line)
 
 
-def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
-    if not layers:
-        notes = ["separable: no layer was converted (see skipped layers)"]
-    else:
-        p0 = sum(v["params_before"] for v in layers.values())
-        p1 = sum(v["params_after"] for v in layers.values())
-        notes = [f"separable: {len(layers)} convolution(s) converted ({p0:,} -> {p1:,} params in those layers)"]
-    notes += [f"separable: {n}: {v['block']} (width {v['width']})"
-              + (f", least-squares relative error {v['relative_error']:.4f}" if "relative_error" in v else "")
-              for n, v in layers.items()]
-    notes += [f"separable: skipped {n}: {why}" for n, why in skipped.items()]
-    return notes
+def _line(info: dict[str, Any]) -> str:
+    return f"{info['block']} (width {info['width']})" + (
+        f", least-squares relative error {info['relative_error']:.4f}" if "relative_error" in info else "")
 
 
 def conversion_report(model: nn.Module) -> dict[str, Any]:
     """The structure of the last separable stage applied to `model` ({"layers": ..., "skipped": ...})."""
-    from slimkit.core.state import last_stage
-
-    stage = last_stage(model, "separable")
-    return stage["structure"] if stage else {"layers": {}, "skipped": {}}
+    return swap_report(model, "separable")
 
 
 def restore(model: nn.Module, config: SeparableConfig, structure: dict[str, Any]) -> nn.Module:
     """Rebuild the converted architecture on a freshly built model (weights are loaded afterwards)."""
-    for name, info in structure.get("layers", {}).items():
-        block = info["block"]
-        if block not in BLOCKS:
-            raise ConfigError(f"separable stage: unknown block {block!r} for layer {name!r}")
-        set_submodule(model, name, BLOCKS[block].like(get_submodule(model, name), info["width"]))
-    return model
+    return restore_swaps(model, structure, "separable", BLOCKS, "block",
+                         lambda cls, layer, info: cls.like(layer, info["width"]))
 
 
 def _demo(model: nn.Module, task: Task) -> SeparableConfig:

@@ -109,6 +109,22 @@ def recover(model: nn.Module, teacher: nn.Module, task: Task, recovery: Recovery
     return finetune(model, task, **kw)
 
 
+def keep_zeros(model: nn.Module) -> StepHook:
+    """An `on_step` hook that holds every weight that is exactly zero now at zero: recovery training must
+    not undo pruning (a pruned weight that drifts back is a model that is no longer sparse)."""
+    import torch
+
+    masks = {name: p.detach() != 0 for name, p in model.named_parameters() if p.dim() > 1 and (p == 0).any()}
+
+    def hook(m: nn.Module, step: int) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in masks:
+                    p.mul_(masks[name].to(p.device))
+
+    return hook
+
+
 def recovery_note(model: nn.Module, stage: str) -> list[str]:
     """[one line on what `stage`'s recovery ran and which epoch it kept] when it stopped early or kept an
     earlier epoch than the last; [] otherwise (or without a recovery)."""

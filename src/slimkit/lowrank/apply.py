@@ -18,12 +18,12 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.progress import progress_bar
-from slimkit.core.recovery import recover, recovery_note
 from slimkit.core.registry import Technique, chained
-from slimkit.core.selector import get_submodule, select, set_submodule
-from slimkit.core.state import copy_model, record_stage
+from slimkit.core.selector import select, set_submodule
+from slimkit.core.state import copy_model
+from slimkit.core.swap import SwapPlan, exact_names, restore_swaps, swap_report
 from slimkit.core.task import Task
-from slimkit.errors import ConfigError, SelectorError, UnsupportedLayerError
+from slimkit.errors import ConfigError, SelectorError
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.decompose import (
     cost,
@@ -151,11 +151,6 @@ def _is_smaller(kind: str, layer: nn.Module, rank) -> bool:
     return p1 < p0 and m1 < m0
 
 
-def _named_layers(model: nn.Module, config: LowRankConfig) -> set[str]:
-    exact = {p for p in config.selector.include if not any(ch in p for ch in "*?[")}
-    return exact | set(config.ranks)
-
-
 @chained("factorize")
 def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Task | None = None) -> nn.Module:
     """Return a copy of `model` with its selected Linear/Conv2d layers replaced by low-rank factors.
@@ -174,7 +169,7 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
         if name not in names:
             raise SelectorError(f"factorize: ranks names layer {name!r}, which is not a selected Linear/Conv2d layer "
                                 f"of {type(model).__name__}")
-    named = _named_layers(new, config)
+    plan = SwapPlan("factorize", "factorize", exact_names(config.selector) | set(config.ranks))
     baseline = None
     if config.rank_selection == "sensitivity":
         from slimkit.core.trainer import accuracy
@@ -187,17 +182,13 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
         moments = input_moments(new, candidates, task.calibration_batches(max_samples=config.calibration_samples))
         responses = {n: response_basis(method_for(m, config)[0], m, moments[n]) for n, m in candidates.items()
                      if n in moments}
-    layers: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
     plans: list[tuple[str, str, nn.Module, Any]] = []
     with progress_bar("factorize: choose ranks", len(selected)) as advance:
         for name, layer in selected:
             advance(1)
             kind, reason = method_for(layer, config)
             if kind is None:
-                if name in named:
-                    raise UnsupportedLayerError(f"factorize: cannot factorize layer {name!r}: {reason}")
-                skipped[name] = reason
+                plan.skip(name, reason)
                 continue
             if name in config.ranks:
                 rank = _as_rank(kind, config.ranks[name])
@@ -208,21 +199,21 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
                 rank = _as_rank(kind, config.rank)
                 problem = _validate_rank(name, kind, layer, rank)
                 if problem:
-                    skipped[name] = problem
+                    plan.skip(name, problem, unsupported=False)
                     continue
             elif config.rank_selection == "sensitivity":
                 rank = _sensitivity_rank(new, name, kind, layer, config, task, baseline, responses.get(name))
                 if rank is None:
-                    skipped[name] = (f"no candidate rank keeps validation accuracy within "
-                                     f"{100 * config.max_accuracy_drop:.2f} points (or none is smaller)")
+                    plan.skip(name, f"no candidate rank keeps validation accuracy within "
+                                    f"{100 * config.max_accuracy_drop:.2f} points (or none is smaller)", unsupported=False)
                     continue
             else:
                 rank = _rank_by_rule(kind, layer, config, response=responses.get(name))
             if config.only_if_smaller and not _is_smaller(kind, layer, rank):
                 p0, m0 = cost(None, layer)
                 p1, m1 = cost(kind, layer, rank)
-                skipped[name] = (f"{kind} rank {rank} would not be smaller ({p1:,} vs {p0:,} params, "
-                                 f"{m1:,} vs {m0:,} MACs per output)")
+                plan.skip(name, f"{kind} rank {rank} would not be smaller ({p1:,} vs {p0:,} params, "
+                                f"{m1:,} vs {m0:,} MACs per output)", unsupported=False)
                 continue
             plans.append((name, kind, layer, rank))
     if config.data_aware and plans:
@@ -244,22 +235,17 @@ def factorize(model: nn.Module, config: LowRankConfig | None = None, *, task: Ta
                                                last_layer(replacement), task, samples=config.calibration_samples,
                                                ridge=1e-4)
             replacement.train(layer.training)
-            layers[name] = _describe(kind, layer, rank, response)
+            info = plan.layers[name] = _describe(kind, layer, rank, response)
             if response is not None:
-                layers[name]["basis"] = "responses"
+                info["basis"] = "responses"
             if refit_error is not None:
-                layers[name]["bias"] = True  # mean correction / least-squares refit live in the bias
-                layers[name]["refit_relative_error"] = round(refit_error, 6)
+                info["bias"] = True  # mean correction / least-squares refit live in the bias
+                info["refit_relative_error"] = round(refit_error, 6)
             advance(1)
     if config.data_aware and plans:
         new.train(was_training)
-    record_stage(new, "factorize", config, {"layers": layers, "skipped": skipped})
-    new.slimkit_notes = list(getattr(model, "slimkit_notes", []) or []) + _notes(layers, skipped)
-    if layers:
-        verb = "recover (KD)" if config.recovery.method == "distill" else "fine-tune"
-        new = recover(new, model, task, config.recovery, description=f"factorize: {verb}")
-        new.slimkit_notes = new.slimkit_notes + recovery_note(new, "factorize")  # the copy kept them
-    return new
+    return plan.finish(new, model, config, task, teacher=model, done="layer(s) factorized",
+                       line=lambda v: f"{v['kind']} rank {v['rank']}")
 
 
 def _with_bias(kind: str, layer: nn.Module, rank, module: nn.Module) -> nn.Module:
@@ -274,35 +260,15 @@ def _with_bias(kind: str, layer: nn.Module, rank, module: nn.Module) -> nn.Modul
     return biased.to(layer.weight.device)
 
 
-def _notes(layers: dict[str, dict], skipped: dict[str, str]) -> list[str]:
-    p0 = sum(v["params_before"] for v in layers.values())
-    p1 = sum(v["params_after"] for v in layers.values())
-    notes = [f"factorize: {len(layers)} layer(s) factorized ({p0:,} -> {p1:,} params in those layers)"]
-    if not layers:
-        notes[0] = "factorize: no layer was factorized (see skipped layers)"
-    notes += [f"factorize: {n}: {v['kind']} rank {v['rank']}" for n, v in layers.items()]
-    notes += [f"factorize: skipped {n}: {why}" for n, why in skipped.items()]
-    return notes
-
-
 def factorization_report(model: nn.Module) -> dict[str, Any]:
     """The structure of the last factorize stage applied to `model` ({"layers": ..., "skipped": ...})."""
-    from slimkit.core.state import last_stage
-
-    stage = last_stage(model, "factorize")
-    return stage["structure"] if stage else {"layers": {}, "skipped": {}}
+    return swap_report(model, "factorize")
 
 
 def restore(model: nn.Module, config: LowRankConfig, structure: dict[str, Any]) -> nn.Module:
     """Rebuild the factorized architecture on a freshly built model (weights are loaded afterwards)."""
-    for name, info in structure.get("layers", {}).items():
-        layer = get_submodule(model, name)
-        kind = info["kind"]
-        if kind not in KINDS:
-            raise ConfigError(f"factorize stage: unknown factorization kind {kind!r} for layer {name!r}")
-        extra = {"bias": info["bias"]} if "bias" in info else {}
-        set_submodule(model, name, KINDS[kind].like(layer, info["rank"], **extra))
-    return model
+    return restore_swaps(model, structure, "factorize", KINDS, "kind", lambda cls, layer, info: cls.like(
+        layer, info["rank"], **({"bias": info["bias"]} if "bias" in info else {})))
 
 
 def _demo(model: nn.Module, task: Task) -> LowRankConfig:

@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.artifact import load, save
 from slimkit.core.io import output_dir, write_text
 from slimkit.core.progress import console
-from slimkit.core.recovery import recover
+from slimkit.core.recovery import keep_zeros, recover
 from slimkit.core.state import get_state
 from slimkit.core.task import Task
 from slimkit.core.trainer import seed_everything
@@ -32,20 +31,6 @@ from slimkit.pipeline.stage import Timed, evaluate_stage, retime, run_stage
 from slimkit.report import new_result, stage_entry, write_html, write_json
 
 STATE_FILE = "state.json"
-
-
-def keep_zeros(model: nn.Module):
-    """An on_step hook that holds every weight that is exactly zero now at zero: recovery training
-    must not undo pruning (a pruned weight that drifts back is a model that is no longer sparse)."""
-    masks = {name: p.detach() != 0 for name, p in model.named_parameters() if p.dim() > 1 and (p == 0).any()}
-
-    def hook(m: nn.Module, step: int) -> None:
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name in masks:
-                    p.mul_(masks[name].to(p.device))
-
-    return hook
 
 
 def _apply_recovery(model: nn.Module, original: nn.Module, task: Task, stage, seed: int) -> nn.Module:

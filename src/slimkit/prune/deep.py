@@ -38,7 +38,7 @@ from slimkit.core.task import Task
 from slimkit.core.trainer import accuracy
 from slimkit.errors import ConfigError, InfeasibleError
 from slimkit.prune.config import PackConfig, PruneConfig
-from slimkit.prune.masks import MaskKeeper, apply_masks, importance_scores, layer_masks, prunable_layers, sparsity_of
+from slimkit.prune.masks import apply_masks, importance_scores, layer_masks, prunable_layers, sparsity_of
 
 SCAN_GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]
 
@@ -52,7 +52,7 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
     """The pruning ladder: [(overall sparsity, model, validation accuracy)] of every rung accepted,
     starting with the unpruned model."""
     from slimkit.prune.sensitivity import allocate_sparsity, sensitivity_analysis
-    from slimkit.core.recovery import recover
+    from slimkit.core.recovery import keep_zeros, recover
 
     recovery = config.prune or PruneConfig(recovery="distill")
     t0 = time.perf_counter()
@@ -75,8 +75,8 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
         rounds = 0
         while True:  # a rung that misses the budget gets one more recovery round before the climb stops
             rounds += 1
-            current = recover(current, model, task, recovery.recovery, seed=recovery.seed, on_step=MaskKeeper(masks),
-                              epochs=config.step_epochs, patience=config.patience,
+            current = recover(current, model, task, recovery.recovery, seed=recovery.seed,
+                              on_step=keep_zeros(current), epochs=config.step_epochs, patience=config.patience,
                               description=f"pack: prune {100 * target:.1f}%")
             apply_masks(current, masks)
             acc = accuracy(current, task, "val")

@@ -144,17 +144,6 @@ def apply_masks(model: nn.Module, masks: Masks) -> nn.Module:
     return model
 
 
-class MaskKeeper:
-    """`on_step` hook for the shared trainer: re-applies the masks after every optimizer step so
-    pruned weights stay exactly zero during fine-tuning."""
-
-    def __init__(self, masks: Masks):
-        self.masks = masks
-
-    def __call__(self, model: nn.Module, step: int) -> None:
-        apply_masks(model, self.masks)
-
-
 def sparsity_of(model: nn.Module, names: list[str]) -> float:
     """Fraction of zeros over the weights of the named layers."""
     total = zeros = 0

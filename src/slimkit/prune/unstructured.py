@@ -13,11 +13,10 @@ import torch.nn as nn
 from slimkit.core.registry import chained
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
-from slimkit.core.recovery import recover, recovery_note
+from slimkit.core.recovery import keep_zeros, recover, recovery_note
 from slimkit.errors import ConfigError, UnsupportedLayerError
 from slimkit.prune.config import PruneConfig
 from slimkit.prune.masks import (
-    MaskKeeper,
     apply_masks,
     check_nm,
     global_masks,
@@ -113,7 +112,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
     if config.nm is not None or config.schedule == "oneshot":
         masks = planner.masks(new, 1.0)
         apply_masks(new, masks)
-        new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=MaskKeeper(masks),
+        new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=keep_zeros(new),
                       description="prune: fine-tune")
         notes += recovery_note(new, "prune")
     elif config.schedule == "iterative":
@@ -123,7 +122,7 @@ def prune_unstructured(model: nn.Module, config: PruneConfig | None = None, *, t
             apply_masks(new, masks)
             epochs = epochs_left // (config.steps - k + 1)
             epochs_left -= epochs
-            new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=MaskKeeper(masks),
+            new = recover(new, teacher, task, config.recovery, seed=config.seed, on_step=keep_zeros(new),
                           epochs=epochs, description=f"prune: round {k}/{config.steps}")
     else:  # gradual
         new = _gradual(new, teacher, task, config, planner)

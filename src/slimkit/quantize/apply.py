@@ -25,7 +25,8 @@ from slimkit.quantize import ptq
 from slimkit.quantize.gptq import gptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
-from slimkit.quantize.modules import ActQuant, QuantEmbedding, QuantWeightLayer, deployable, nbits_exportable
+from slimkit.quantize.embedding import QuantEmbedding
+from slimkit.quantize.modules import ActQuant, QuantWeightLayer, deployable, nbits_exportable
 from slimkit.quantize.report import blame_section
 
 
@@ -158,7 +159,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
 
 def _table_note(tables: dict) -> str:
     """What happened to the embedding tables, in words."""
-    from slimkit.quantize.modules import gather_block_exportable
+    from slimkit.quantize.embedding import gather_block_exportable
 
     n = sum(m.weight.numel() for m in tables.values())
     packed = [name for name, m in tables.items() if gather_block_exportable(m.spec)]

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from slimkit.core.selector import Selector, select, set_submodule
 from slimkit.quantize import numerics as nq
-from slimkit.quantize.modules import ActQuant, QuantConv, QuantEmbedding, QuantLinear, QuantWeightLayer
+from slimkit.quantize.embedding import QuantEmbedding
+from slimkit.quantize.modules import ActQuant, QuantConv, QuantLinear, QuantWeightLayer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
