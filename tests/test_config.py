@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from slimkit.core.config import Config
@@ -107,3 +109,21 @@ def test_every_recovering_stage_takes_one_recovery_config():
         PruneConfig(recovery="distil")
     with pytest.raises(ConfigError, match=r"SeparableConfig\.recovery\.patience"):
         SeparableConfig(recovery={"patience": 0})
+
+
+def test_compact_dict_keeps_only_what_differs_and_rebuilds_the_same_config():
+    """`compact_dict` (what a .slim header stores) drops defaults, nested configs included, and rebuilds an
+    equal config, also where a stage's default recovery differs from RecoveryConfig's own defaults."""
+    from slimkit.lowrank import LowRankConfig
+    from slimkit.prune import PackConfig, PruneConfig
+    from slimkit.quantize import QuantConfig
+
+    configs = [PruneConfig(), PruneConfig(recovery="distill"), PruneConfig(sparsity=0.8, recovery={"epochs": 2}),
+               PackConfig(prune=PruneConfig(sparsity=0.8, recovery={"method": "distill", "epochs": 3}), budget=0.3),
+               LowRankConfig(recovery="finetune", selector={"exclude": ["fc"]}), QuantConfig(weights="int4")]
+    for config in configs:
+        compact = config.compact_dict()
+        assert type(config).from_dict(compact) == config, compact
+        assert len(json.dumps(compact)) < len(json.dumps(config.to_dict()))
+    assert PruneConfig().compact_dict() == {}
+    assert PruneConfig(recovery="distill").compact_dict() == {"recovery": {"method": "distill"}}

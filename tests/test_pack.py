@@ -52,6 +52,17 @@ def test_lossless_sparse_pack_is_exact_and_small(tmp_path, pruned_lenet5, digits
     assert sizes["total"] < dense / 3  # 90% zeros stored sparse, fp32 values
 
 
+def test_packed_header_keeps_each_stage_config_exactly(tmp_path, trained_lenet5, digits_task):
+    """The header stores configs without their defaults; reading rebuilds the same configs, including a
+    recovery whose method differs from the stage's default (finetune) but not from RecoveryConfig's."""
+    config = PruneConfig(sparsity=0.6, recovery={"method": "distill", "epochs": 0})
+    pruned = sk.prune(trained_lenet5, config, task=digits_task)
+    write_packed(pruned, tmp_path / "m.slim")
+    stage = sk.load(tmp_path / "m.slim").slimkit_state["stages"][-1]
+    assert stage["config"] == {"sparsity": 0.6, "recovery": {"method": "distill", "epochs": 0}}
+    assert PruneConfig.from_dict(stage["config"]) == config
+
+
 @pytest.mark.parametrize("quantization", ["kmeans", "linear"])
 def test_pack_unpack_allclose_and_shared_values(tmp_path, pruned_lenet5, digits_task, quantization):
     result = sk.pack(pruned_lenet5, tmp_path / "q.slim", PackConfig(quantization=quantization, bits=5, conv_bits=8))

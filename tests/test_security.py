@@ -174,11 +174,16 @@ def test_nothing_outside_the_trusted_path_imports_a_name_it_was_given():
     assert dynamic == {
         "__init__.py": {r"import_module\(": 2},
         "cli/main.py": {r"import_module\(": 2},
-        "core/registry.py": {r"import_module\(": 1},
+        "core/registry.py": {r"import_module\(": 2},  # slimkit's families; plugins the user installed or named
         "core/artifact.py": {r"import_module\(": 1, r"resolve_factory\(": 3},
         "search/__init__.py": {r"import_module\(": 2},
         "zoo/pretrained.py": {r"import_module\(": 1},
     }
+    registry = (SRC / "core" / "registry.py").read_text()
+    loading = registry[registry.index("def load_all"):registry.index("def plugin_modules")]
+    assert "importlib.import_module(module)" in loading and "for module in plugin_modules():" in loading
+    plugins = registry[registry.index("def plugin_modules"):registry.index("def techniques")]
+    assert "entry_points(group=ENTRY_POINTS)" in plugins and "os.environ.get(PLUGINS_ENV" in plugins  # never a file
     text = (SRC / "core" / "artifact.py").read_text()
     trusted_branch = text[text.index("def build_source"):text.index("def rebuild")]
     assert "elif trust_factory:\n            fn = resolve_factory(ref)" in trusted_branch

@@ -53,6 +53,27 @@ class Config(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def compact_dict(self, reference: "Config | None" = None) -> dict[str, Any]:
+        """The keys whose values differ from `reference` (default: this class's defaults), nested configs
+        compacted against the parent's default for them: `type(self).from_dict(c.compact_dict())` rebuilds
+        an equal config (a stage's `recovery` is completed from that stage's own defaults)."""
+        if reference is None:
+            try:
+                reference = type(self)()
+            except ConfigError:  # a config with required keys: nothing to leave out
+                return self.to_dict()
+        full = self.to_dict()
+        out = {}
+        for name in type(self).model_fields:
+            value, base = getattr(self, name), getattr(reference, name)
+            if value == base:
+                continue
+            if isinstance(value, Config):
+                out[name] = value.compact_dict(base if type(base) is type(value) else None)
+            else:
+                out[name] = full[name]
+        return out
+
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
         if data is None:

@@ -209,7 +209,7 @@ def _compact_stage(stage: dict[str, Any]) -> dict[str, Any]:
 
     try:
         cls = registry.get(stage["technique"]).config_cls
-        config = cls.from_dict(stage.get("config", {})).model_dump(mode="json", exclude_defaults=True)
+        config = cls.from_dict(stage.get("config", {})).compact_dict()
     except Exception:  # unknown technique or config: keep it as recorded, load will report it
         return stage
     return {**stage, "config": config}

@@ -269,8 +269,8 @@ class QuantWeightLayer(nn.Module):
         if self.round_offset is not None:  # AdaRound: floor + learned offset in [0, 1]
             if self.spec.granularity == "group":
                 raise NotImplementedError("AdaRound supports per-channel or per-tensor scales")
-            s = nq._broadcast(scale, w, self.spec)
-            z = nq._broadcast(self.weight_zero_point, w, self.spec).float()
+            s = nq.broadcast(scale, w, self.spec)
+            z = nq.broadcast(self.weight_zero_point, w, self.spec).float()
             q = torch.clamp(torch.floor(w / s).detach() + self.round_offset + z, self.spec.qmin, self.spec.qmax)
             if self.spec.pair_bound:
                 q = nq.pair_limited(q, self.spec.pair_bound)

@@ -147,7 +147,7 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.
     return scale, zp
 
 
-def _broadcast(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def broadcast(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Reshape per-channel parameters so they broadcast against `x`."""
     if p.dim() == 0 or spec.granularity != "channel":
         return p
@@ -163,7 +163,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
         q = torch.round(g / scale[..., None]) + zero_point[..., None]
         q = q.clamp(spec.qmin, spec.qmax).to(torch.int64).reshape(x.shape)
     else:
-        s, z = _broadcast(scale, x, spec), _broadcast(zero_point, x, spec)
+        s, z = broadcast(scale, x, spec), broadcast(zero_point, x, spec)
         q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax).to(torch.int64)
     return limit_pairs(q, spec.pair_bound) if spec.pair_bound else q
 
@@ -222,7 +222,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     if spec.granularity == "group":
         g = grouped(q.float(), spec.group_size)
         return ((g - zero_point[..., None]) * scale[..., None]).reshape(q.shape)
-    s, z = _broadcast(scale, q, spec), _broadcast(zero_point, q, spec)
+    s, z = broadcast(scale, q, spec), broadcast(zero_point, q, spec)
     return (q.float() - z) * s
 
 
@@ -241,8 +241,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         if spec.pair_bound:  # symmetric: z = 0; the limit is a step function of the codes (STE)
             q = pair_limited(q.reshape(x.shape), spec.pair_bound).reshape(q.shape)
         return ((q - z) * s).reshape(x.shape)
-    s = _broadcast(scale, x, spec)
-    z = _broadcast(zero_point, x, spec).to(x.dtype)
+    s = broadcast(scale, x, spec)
+    z = broadcast(zero_point, x, spec).to(x.dtype)
     q = torch.clamp(round_ste(x / s) + z, spec.qmin, spec.qmax)
     if spec.pair_bound:
         q = pair_limited(q, spec.pair_bound)
