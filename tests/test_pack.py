@@ -52,6 +52,20 @@ def test_lossless_sparse_pack_is_exact_and_small(tmp_path, pruned_lenet5, digits
     assert sizes["total"] < dense / 3  # 90% zeros stored sparse, fp32 values
 
 
+def test_large_layers_are_ranked_fast_and_still_lossless(tmp_path, trained_mlp, digits_task):
+    """A layer above FAST_RANKING_ELEMENTS (LeNet-300-100's first, 235,200 weights) picks its coding with the
+    fast zstd level; the file is still exact and stores the layer sparse."""
+    pruned = sk.prune(trained_mlp, PruneConfig(sparsity=0.9, recovery="none"))
+    assert pruned[1].weight.numel() > packed.FAST_RANKING_ELEMENTS
+    sizes = write_packed(pruned, tmp_path / "m.slim")
+    again = sk.load(tmp_path / "m.slim")
+    for (k, a), (_, b) in zip(pruned.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    coding = packed_info(tmp_path / "m.slim")["tensors"]["1.weight"]
+    assert coding.startswith(("bitmask", "relative")), coding
+    assert sizes["total"] < 0.25 * sk.save(pruned, tmp_path / "m.safetensors").stat().st_size
+
+
 def test_packed_header_keeps_each_stage_config_exactly(tmp_path, trained_lenet5, digits_task):
     """The header stores configs without their defaults; reading rebuilds the same configs, including a
     recovery whose method differs from the stage's default (finetune) but not from RecoveryConfig's."""
