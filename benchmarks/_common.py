@@ -31,7 +31,8 @@ def environment(**extra: Any) -> dict[str, Any]:
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # what benchmarks/results_md.py shows as the command that wrote the JSON
-        "command": " ".join(["python", *(shlex.quote(a) for a in sys.argv)]),
+        "command": " ".join([*(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "SLIMKIT_PROGRESS") if k in os.environ),
+                             ".venv/bin/python", *(shlex.quote(a) for a in sys.argv)]),
     }
     from slimkit.core.cpu import cpu_isa
 
