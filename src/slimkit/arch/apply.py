@@ -146,14 +146,14 @@ def separable(model: nn.Module, config: SeparableConfig | None = None, *, task: 
     with progress_bar("separable: convert", len(selected)) as advance:
         for name, layer in selected:
             advance(1)
-            reason = unsupported_reason(layer, config)
+            reason = unsupported = unsupported_reason(layer, config)
             if reason is None and config.only_if_smaller:
                 p0, m0 = block_cost(layer)
                 p1, m1 = block_cost(layer, config)
                 if not (p1 < p0 and m1 < m0):
                     reason = f"{config.block} block would not be smaller ({p1:,} vs {p0:,} params, {m1:,} vs {m0:,} MACs)"
             if reason is not None:
-                plan.skip(name, reason, unsupported=unsupported_reason(layer, config) is not None)
+                plan.skip(name, reason, unsupported=unsupported is not None)
                 continue
             block = svd_init(layer, BLOCKS[config.block].like(layer, _width(config)))
             block.eval()
