@@ -215,6 +215,9 @@ def _usage_error(err) -> str:
 def main(argv: list[str] | None = None) -> int:
     from typer._click import exceptions as click_exceptions  # typer 0.29 raises its bundled click's errors
 
+    from slimkit.core import distributed
+
+    distributed.quiet_other_ranks()  # under torchrun rank 0 prints; every rank still exits with the same code
     try:
         _register_technique_commands()
         code = app(args=argv, standalone_mode=False)

@@ -1,4 +1,9 @@
-"""Atomic file writing: write to a temp file in the target folder, fsync, then rename."""
+"""Atomic file writing: write to a temp file in the target folder, fsync, then rename.
+
+Under torchrun, the outputs a command declares up front (`output_file`, `output_dir`) are written by
+rank 0 alone; the other ranks write into a private temporary file that is thrown away and wait until
+rank 0's file is in place. Files a rank writes elsewhere (its own temporary folders) are its own.
+"""
 from __future__ import annotations
 
 import os
@@ -9,8 +14,17 @@ from pathlib import Path
 from slimkit.errors import ArtifactError
 
 
+_DECLARED: set[Path] = set()  # outputs of this command (rank 0 writes them under torchrun)
+
+
 def output_dir(path: str | Path) -> Path:
     """Create the folder `path` (and its parents), or raise ArtifactError naming what is in the way."""
+    path = _make_dir(path)
+    _DECLARED.add(path.resolve())
+    return path
+
+
+def _make_dir(path: str | Path) -> Path:
     path = Path(path)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -24,11 +38,22 @@ def output_dir(path: str | Path) -> Path:
 
 def output_file(path: str | Path) -> Path:
     """Check that a file can be written at `path` (its folder is created); call it before long work."""
+    path = _check_file(path)
+    _DECLARED.add(path.resolve())
+    return path
+
+
+def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ArtifactError(f"cannot write {path}: it is a folder; give a file name")
-    output_dir(path.parent)
+    _make_dir(path.parent)
     return path
+
+
+def _rank0_writes(path: Path) -> bool:
+    resolved = path.resolve()
+    return any(resolved == d or d in resolved.parents for d in _DECLARED)
 
 
 @contextmanager
@@ -37,7 +62,25 @@ def atomic_path(path: str | Path):
 
     On error (or Ctrl-C) the temporary file is removed and `path` keeps whatever it had before.
     """
-    path = output_file(path)
+    from slimkit.core import distributed
+
+    path = _check_file(path)
+    world = distributed.world()
+    if world.active and _rank0_writes(path):
+        if world.main:
+            with _atomic(path) as tmp:
+                yield tmp
+        else:  # the same work, into a file nobody keeps; rank 0's file is the output
+            with tempfile.TemporaryDirectory() as scratch:
+                yield Path(scratch) / path.name
+        distributed.barrier()  # every rank goes on once rank 0's file is in place
+        return
+    with _atomic(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic(path: Path):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:

@@ -19,7 +19,8 @@ console = Console(stderr=True, soft_wrap=True)  # a log gets whole lines, not li
 
 
 def enabled() -> bool:
-    return os.environ.get("SLIMKIT_PROGRESS", "1") != "0"
+    """Off with SLIMKIT_PROGRESS=0, and on every torchrun rank but 0 (rank 0 shows the run's progress)."""
+    return os.environ.get("SLIMKIT_PROGRESS", "1") != "0" and os.environ.get("RANK", "0") in ("", "0")
 
 
 def mode() -> str:

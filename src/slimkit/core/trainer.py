@@ -7,6 +7,10 @@ when available; the same seed gives the same weights on CUDA too (`deterministic
 deterministic cuDNN/cuBLAS kernels while training, restored afterwards). Techniques customize it
 through `loss` (e.g. distillation), `extra_parameters` (e.g. adapters), and hooks (`on_step`,
 `on_epoch` — e.g. pruning masks and schedules).
+
+Started by torchrun (`slimkit.core.distributed`), it trains data-parallel: DistributedDataParallel,
+each rank a slice of every global batch (`batch_size` stays the global batch), gradients of extra
+parameters averaged too, validation sharded and summed; every rank ends with the same weights.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from slimkit.core import distributed
 from slimkit.core.config import Config
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import Task
@@ -171,19 +176,40 @@ def check_model_fits(model: nn.Module, task: Task, device: torch.device, split: 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, task: Task, split: str = "val", device: torch.device | None = None) -> float:
-    """Top-1 accuracy (fraction) of `model` on a split; keeps the model's train/eval mode."""
+    """Top-1 accuracy (fraction) of `model` on a split; keeps the model's train/eval mode. Under torchrun
+    each rank scores its shard of the split and the counts are summed (every rank gets the same value)."""
+    from torch.utils.data import DataLoader, Subset
+
     was_training = model.training
     model.eval()
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    correct = total = 0
-    for x, y in task.loader(split, batch_size=256):
+    ds = task.split(split)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in DataLoader(Subset(ds, distributed.shard(list(range(len(ds))))), batch_size=256):
         x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
+        counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
     model.train(was_training)
+    correct, total = distributed.all_reduce(counts).tolist()
     if total == 0:
         raise DataError(f"data set {task.name!r}: split {split!r} is empty")
     return correct / total
+
+
+def _train_loader(task: Task, cfg: TrainConfig, world: distributed.World):
+    """Shuffled batches of the training split; epoch e is shuffled with seed + e. Under torchrun each rank
+    gets batch_size / ranks examples of every global batch (together exactly the 1-process batch)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from slimkit.errors import ConfigError
+
+    ds = task.split("train")
+    batch = cfg.batch_size or task.batch_size
+    if batch % world.size:
+        raise ConfigError(f"batch_size {batch} (the global batch) does not split over {world.size} ranks; "
+                          f"use a multiple of {world.size}")
+    sampler = DistributedSampler(ds, num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.seed)
+    return DataLoader(ds, batch_size=batch // world.size, sampler=sampler)
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -206,6 +232,7 @@ def fit(
     description: str = "train",
     progress: bool = True,
     in_place: bool = False,
+    unused_parameters: bool = False,
 ) -> TrainResult:
     """Train `model` on `task.train`; returns a TrainResult with the (new) trained model.
 
@@ -213,11 +240,14 @@ def fit(
     runs after every optimizer step, on_epoch(model, epoch) after every epoch (used by pruning
     schedules and masks). With `patience`, the weights of the best validation epoch are kept (the latest of
     equally good ones).
-    The model is returned on the device it came from.
+    The model is returned on the device it came from. `unused_parameters`: the forward may leave some
+    parameters without a gradient (a supernet's sampled paths); data-parallel runs need to know.
     """
     cfg = config or TrainConfig()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    world = distributed.setup(device)
+    device = distributed.local_device(device)
     src_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if not in_place:
         from slimkit.core.state import copy_model
@@ -230,7 +260,9 @@ def fit(
     if loss is None:  # a custom loss (distillation, NAS) knows its own inputs
         check_model_fits(model, task, device)
     optimizer = _make_optimizer(params, cfg)
-    loader = task.loader("train", batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = _train_loader(task, cfg, world)
+    net = distributed.data_parallel(model, device, unused_parameters=unused_parameters)  # the model itself when not under torchrun
+    extra = [p for p in (extra_parameters or []) if p.requires_grad]
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -243,7 +275,7 @@ def fit(
     else:
         scheduler = None
 
-    def default_loss(m, x, y):
+    def default_loss(m, x, y):  # m: the model, or its DistributedDataParallel wrapper
         return task.loss(m(x), y)
 
     loss_fn = loss or default_loss
@@ -251,33 +283,37 @@ def fit(
     has_val = task.val is not None and task.metric == "accuracy"
     best_acc, best_state, best_epoch, bad_epochs = -1.0, None, None, 0
     step = 0
-    bar = progress_bar(description, total_steps if progress else 0)
+    bar = progress_bar(description, total_steps if progress and world.main else 0)
     with deterministic_kernels(device, cfg.deterministic), bar as advance:
         for epoch in range(cfg.epochs):
             model.train()
+            loader.sampler.set_epoch(epoch)
             running, count = 0.0, 0
             for batch in loader:
                 if step >= total_steps:
                     break
                 x, y = move_batch(batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                value = loss_fn(model, x, y)
-                if not torch.isfinite(value):
-                    raise DataError(f"{description}: loss became {value.item()} at step {step}; lower the learning rate")
+                value = loss_fn(net, x, y)
+                mean_loss = distributed.all_reduce(value.detach().clone(), "mean")  # one decision on every rank
+                if not torch.isfinite(mean_loss):
+                    raise DataError(f"{description}: loss became {mean_loss.item()} at step {step}; lower the learning rate")
                 value.backward()
+                distributed.average_gradients(extra)  # DDP averages the model's; extra parameters are outside it
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 step += 1
-                running += value.item() * len(y)
+                running += mean_loss.item() * len(y)
                 count += len(y)
                 if on_step is not None:
                     on_step(model, step)
                 advance(1, epoch=epoch + 1, loss=running / count)
             if on_epoch is not None:
                 on_epoch(model, epoch)
+            distributed.sync_buffers(model)  # rank 0's batch-norm statistics everywhere, before scoring
             record = {"epoch": epoch + 1, "train_loss": running / max(count, 1)}
             if has_val:
                 record["val_accuracy"] = accuracy(model, task, "val", device)
@@ -295,6 +331,7 @@ def fit(
                 break
             if step >= total_steps:
                 break
+    del net  # the DDP wrapper's hooks go with it
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

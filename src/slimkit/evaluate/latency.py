@@ -44,10 +44,20 @@ def compare_latency(variants: dict[str, Callable[[], Any] | Workload], *, rounds
     Each round times every variant for at least `min_runs` runs and `round_time_s` seconds. Per variant:
     p10/p50/p90/mean over all runs (ms), the median of each round (`round_medians_ms`), `spread`
     (p90 / p10) and `noisy` (spread above NOISY_SPREAD), merged with the workload's description.
-    Compare two variants with `speedup`. `clock` (seconds) is for tests.
+    Compare two variants with `speedup`. `clock` (seconds) is for tests. Under torchrun rank 0 times and
+    every rank gets its figures: one unloaded measurement, and the same decisions on every rank.
     """
+    from slimkit.core import distributed
+
     if rounds < 1 or min_runs < 1:
         raise ConfigError(f"latency: rounds ({rounds}) and runs per round ({min_runs}) must be >= 1")
+    if distributed.world().active:
+        mine = _timed(variants, rounds, min_runs, round_time_s, warmup, clock) if distributed.world().main else None
+        return distributed.broadcast_object(mine)
+    return _timed(variants, rounds, min_runs, round_time_s, warmup, clock)
+
+
+def _timed(variants, rounds, min_runs, round_time_s, warmup, clock) -> dict[str, dict]:
     calls = {name: v if isinstance(v, Workload) else Workload(v, {}) for name, v in variants.items()}
     for w in calls.values():
         for _ in range(warmup):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core import distributed
 from slimkit.core.task import Task
 from slimkit.errors import DataError
 from slimkit.evaluate.latency import ort_latency, torch_latency
@@ -21,13 +22,18 @@ def _call(model: nn.Module, x):
 
 @torch.no_grad()
 def predict(model: nn.Module, task: Task, split: str = "test", *, batch_size: int = 256):
-    """Model outputs and targets over a split: (outputs, targets) concatenated on CPU."""
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Model outputs and targets over a split: (outputs, targets) concatenated on CPU. Under torchrun each
+    rank runs its shard of the split and every rank gets all of it back, in the split's order."""
+    from torch.utils.data import DataLoader, Subset
+
     from slimkit.core.trainer import check_labels, model_cannot_run
 
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ds = task.split(split)
+    mine = distributed.shard(list(range(len(ds))))
     outs, targets = [], []
-    for x, y in task.loader(split, batch_size=batch_size):
+    for x, y in DataLoader(Subset(ds, mine), batch_size=batch_size):
         x = x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
         try:
             outs.append(_call(model, x).float().cpu())
@@ -36,9 +42,16 @@ def predict(model: nn.Module, task: Task, split: str = "test", *, batch_size: in
                 raise
             raise model_cannot_run(model, task, err, x) from None
         targets.append(y)
-    if not outs:
+    parts = distributed.all_gather_objects((mine, outs, targets))
+    if not any(o for _, o, _ in parts):
         raise DataError(f"data set {task.name!r}: split {split!r} is empty")
-    outputs, targets = torch.cat(outs), torch.cat(targets)
+    order = torch.tensor([i for idx, _, _ in parts for i in idx])
+    outputs = torch.cat([t for _, o, _ in parts for t in o])
+    targets = torch.cat([t for _, _, ts in parts for t in ts])
+    if len(parts) > 1:  # back to the split's order
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        outputs, targets = outputs[inverse], targets[inverse]
     check_labels(task, outputs, targets)
     return outputs, targets
 
@@ -157,14 +170,18 @@ def evaluate(
     non-zeros; MACs at batch 1; `size_bytes` of `artifact` (a file already written) or, if None,
     of a fresh `slimkit.save` of the model; latency for each runtime ("torch" eager, "ort" ONNX
     Runtime — from `onnx_path` or an fp32 export) at each batch size, `threads` threads.
+    Under torchrun the scores come from every rank's shard; latency from rank 0 alone (other ranks would
+    disturb its timing: `compare_latency`), sent to every rank.
     """
-    from slimkit.core.artifact import save
     from slimkit.errors import ConfigError
 
-    batch_sizes = list(batch_sizes)
+    batch_sizes, runtimes = list(batch_sizes), list(runtimes)
     if threads < 1 or latency_runs < 1 or any(bs < 1 for bs in batch_sizes):
         raise ConfigError(f"evaluate: threads ({threads}), latency_runs ({latency_runs}) and batch sizes "
                           f"({batch_sizes}) must be >= 1")
+    unknown = [rt for rt in runtimes if rt not in ("torch", "ort")]
+    if unknown:
+        raise DataError(f"unknown runtime {unknown[0]!r}; use 'torch' or 'ort'")
     model = model.eval()
     m = Metrics()
     if task.metric == "accuracy":
@@ -178,6 +195,14 @@ def evaluate(
         outs, _ = predict(model, task, split)
         ref, _ = predict(reference, task, split)
         m.fidelity = fidelity(outs, ref, kind="embedding")
+    _measure(m, model, task, artifact, runtimes, onnx_path, threads, batch_sizes, latency_runs)
+    return m
+
+
+def _measure(m: Metrics, model, task, artifact, runtimes, onnx_path, threads, batch_sizes, latency_runs) -> None:
+    """Parameters, MACs, bytes on disk and latency into `m`."""
+    from slimkit.core.artifact import save
+
     m.params, m.nonzero_params = count_params(model).values()
     m.macs = count_macs(model, task.example_input(1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +212,6 @@ def evaluate(
         else:
             m.artifact = str(artifact)
         m.size_bytes = Path(artifact).stat().st_size
-        runtimes = list(runtimes)
         if "ort" in runtimes and onnx_path is None:
             from slimkit.export.onnx import export_onnx
 
@@ -197,9 +221,6 @@ def evaluate(
             for rt in runtimes:
                 if rt == "torch":
                     m.latency.append(torch_latency(model, example, threads=threads, runs=latency_runs))
-                elif rt == "ort":
-                    m.latency.append(ort_latency(onnx_path, example, threads=threads, runs=latency_runs))
                 else:
-                    raise DataError(f"unknown runtime {rt!r}; use 'torch' or 'ort'")
-    return m
+                    m.latency.append(ort_latency(onnx_path, example, threads=threads, runs=latency_runs))
 

@@ -49,6 +49,7 @@ class TensorStats:
         self.min = self.max = None
         self.ema_min = self.ema_max = None
         self.sample = torch.empty(0)
+        self.history: list[tuple[float, float]] = []  # per update (min, max): replays the moving average on merge
         self._gen = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
@@ -59,6 +60,7 @@ class TensorStats:
             raise CalibrationError(f"calibration data produced NaN or Inf at {self.name!r}; "
                                    "check the calibration inputs for NaN/Inf")
         lo, hi = x.min(), x.max()
+        self.history.append((lo, hi))
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         if self.ema_min is None:
@@ -83,6 +85,32 @@ class TensorStats:
         if self.count == 0:
             raise CalibrationError(f"no calibration statistics for {self.name!r}: the calibration set is empty "
                                    "or the layer never ran")
+
+
+def merge_stats(parts: list[dict[str, "TensorStats"]]) -> dict[str, "TensorStats"]:
+    """The statistics of one pass over consecutive blocks of batches, from the statistics of each block (in
+    block order: a data-parallel calibration's ranks). Count, min and max are exact; the moving average is
+    replayed over the blocks' per-batch min/max, so it is exact too; the sample draws from each block's
+    sample in proportion to its count (while every value fits, it holds every value: the same values as one pass)."""
+    merged: dict[str, TensorStats] = {}
+    for name in dict.fromkeys(n for part in parts for n in part):
+        blocks = [part[name] for part in parts if name in part and part[name].count]
+        out = TensorStats(name, momentum=blocks[0].momentum, sample_size=blocks[0].sample_size)
+        out.count = sum(b.count for b in blocks)
+        out.batches = sum(b.batches for b in blocks)
+        out.min = min((b.min for b in blocks), key=float)
+        out.max = max((b.max for b in blocks), key=float)
+        out.history = [h for b in blocks for h in b.history]
+        out.ema_min, out.ema_max = out.history[0]
+        for lo, hi in out.history[1:]:
+            out.ema_min = out.momentum * out.ema_min + (1 - out.momentum) * lo
+            out.ema_max = out.momentum * out.ema_max + (1 - out.momentum) * hi
+        keep = [min(b.sample.numel(), round(out.sample_size * b.count / out.count)) for b in blocks]
+        out.sample = torch.cat([b.sample if k == b.sample.numel() else
+                                b.sample[torch.randperm(b.sample.numel(), generator=out._gen)[:k]]
+                                for b, k in zip(blocks, keep)])
+        merged[name] = out
+    return merged
 
 
 def _single_thread(fn):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core import distributed
 from slimkit.core.progress import progress_bar
 from slimkit.errors import ConfigError
 from slimkit.quantize.graph import weight_layers
@@ -104,7 +105,12 @@ def gptq(model: nn.Module, batches: list, *, layers: list[str] | None = None, da
             hessians[name] = hessians.get(name, 0) + cols.transpose(1, 2) @ cols
             counts[name] = counts.get(name, 0) + cols.shape[1]
 
-    observe_layers(model, selected, batches, "gptq statistics", observe)
+    mine, split = distributed.block_shard(batches)  # under torchrun: each rank a block, the sums added up
+    observe_layers(model, selected, mine, "gptq statistics", observe)
+    if split:
+        parts = distributed.all_gather_objects((hessians, counts))
+        hessians = {n: sum(p[0][n] for p in parts if n in p[0]) for n in selected if any(n in p[0] for p in parts)}
+        counts = {n: sum(p[1].get(n, 0) for p in parts) for n in hessians}
     ratios = {}
     with progress_bar("gptq", len(selected)) as advance:
         for name, layer in selected.items():

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core import distributed
 from slimkit.core.progress import progress_bar
 from slimkit.errors import CalibrationError, ConfigError
-from slimkit.quantize.calibration import TensorStats, thresholds
+from slimkit.quantize.calibration import TensorStats, merge_stats, thresholds
 from slimkit.quantize.equalize import equalize  # noqa: F401  (ptq.equalize: one of the PTQ steps)
 from slimkit.quantize.graph import act_quantizers, weight_layers
 from slimkit.quantize.modules import ActQuant, QuantWeightLayer, conv_forward, real_tokens
@@ -64,7 +65,9 @@ def run_batches(model: nn.Module, batches: list, description: str, on_batch=None
 
 def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, object]:
     """One pass with float weights and every activation quantizer passing its input through; returns
-    name -> statistics of what each quantizer saw (token batches: real tokens only)."""
+    name -> statistics of what each quantizer saw (token batches: real tokens only). Under torchrun each
+    rank runs a block of the batches and the blocks' statistics are merged (`merge_stats`)."""
+    batches, split = distributed.block_shard(batches)
     quantizers = act_quantizers(model)
     layers = weight_layers(model).values()
     stats: dict[str, TensorStats] = {}
@@ -81,6 +84,8 @@ def collect_activation_stats(model: nn.Module, batches: list) -> dict[str, objec
             layer.enabled = True
         for q, mode in zip(quantizers, modes):
             q.mode = mode
+    if split:
+        stats = merge_stats(distributed.all_gather_objects(stats))
     for q in quantizers:
         if q.name not in stats:
             raise CalibrationError(f"activation {q.name!r} saw no data during calibration (the layer never ran)")

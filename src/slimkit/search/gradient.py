@@ -199,7 +199,7 @@ def supernet_search(space: MBConvSpace, task: Task, cost_model, *, objective: st
         arch_opt.step()
 
     fit(supernet, task, train_cfg, on_step=arch_step,
-        description="supernet", progress=progress, in_place=True)
+        description="supernet", progress=progress, in_place=True, unused_parameters=True)
     choices = repair(space, supernet, cost_model, supernet.argmax_choices(), cost_table, fixed)
     return {"choices": choices, "probabilities": supernet.decision_probabilities(), "width": width,
             "expected_cost": float(supernet.expected_cost(cost_table, fixed).detach()), "steps": total}
