@@ -126,3 +126,16 @@ def test_block_shard_keeps_order(monkeypatch):
     assert got == list(range(8))
     monkeypatch.setenv("RANK", "0")
     assert distributed.block_shard([1, 2]) == ([1, 2], False)  # fewer items than ranks: every rank takes all
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_nccl_finetuning_on_cuda(tmp_path):
+    out = tmp_path / "m.safetensors"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(max(1, torch.cuda.device_count())), "-m", "slimkit", "train", "zoo:lenet5", "--data",
+                           "digits", "--epochs", "2", "--device", "cuda", "--out", str(out)],
+                          env={**_env(), "SLIMKIT_DIST_BACKEND": "nccl"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracy = float(done.stdout.split("test accuracy")[1].split("%")[0])
+    assert out.is_file() and accuracy > 50

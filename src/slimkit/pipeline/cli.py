@@ -73,10 +73,18 @@ def register(app: typer.Typer) -> None:
                                           "is rebuilt on all of them); 0: all"),
         seed: int = typer.Option(0, help="random seed"),
         out: Path = typer.Option(Path("slimkit-auto"), "--out", "-o", help="output folder"),
+        storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage shared by several workers "
+                                              "(journal:PATH or sqlite:///FILE.db); a rerun resumes the search"),
+        study: str = typer.Option("auto", "--study", help="study name in --storage"),
+        worker: bool = typer.Option(False, "--worker", help="only run trials of the --storage study (no "
+                                    "recommendation or report; the run without --worker writes them)"),
     ) -> None:
         """Which technique? Sensitivity analysis + multi-objective recipe search -> recommended model, recipe, report."""
+        from slimkit.errors import ConfigError
         from slimkit.pipeline.advisor import AutoConfig, advise, describe
 
+        if worker and storage is None:
+            raise ConfigError("--worker needs --storage (the study the workers share)")
         config = AutoConfig(max_accuracy_drop=max_accuracy_drop, max_size_kb=max_size_kb, max_latency_ms=max_latency_ms,
                             runtime=runtime, latency_batch_size=batch_size, trials=trials, seed=seed,
                             time_budget_s=parse_duration(time_budget) if time_budget else None,
@@ -91,7 +99,9 @@ def register(app: typer.Typer) -> None:
 
             console.print(f"{model} has no weights: training it first (30 epochs)")
             net = fit(net, task, TrainConfig(epochs=30, **{**DEMO_TRAIN, "seed": seed}), description="train").model
-        result = advise(net, task, config, out, model_name=model)
+        result = advise(net, task, config, out, model_name=model, storage=storage, study=study, worker=worker)
+        if worker:
+            return
         base, final = result["stages"][0]["metrics"], result["stages"][-1]["metrics"]
         console.print(f"[bold]recommended[/bold]: {describe(result['sections']['recommendation']['params'])}")
         for reason in result["sections"]["recommendation"]["reasons"]:

@@ -83,7 +83,8 @@ def run_stage(model: nn.Module, config: Config, task: Task, out_dir: Path, *, na
 @dataclass
 class Timed:
     """What a stage's latency rows were measured on: the model (PyTorch rows) and its artifact (an .onnx
-    artifact is what ONNX Runtime rows time; otherwise an fp32 export of the model)."""
+    artifact is what ONNX Runtime rows time; otherwise an fp32 export of the model). The model may be None
+    where only an .onnx artifact is at hand."""
 
     model: nn.Module | None
     artifact: Path | None = None
@@ -95,7 +96,8 @@ def time_side_by_side(entries: list[dict[str, Any]], subjects: list[Timed | None
     the entries measured there are timed in one `compare_latency` call (interleaved rounds), so their
     ratios share the machine's moments; each row gains `vs_baseline` (`speedup` against
     `entries[baseline]`, round by round) and `side_by_side` (how many variants shared the call).
-    Entries without a subject (failed stages) are left as they are."""
+    Entries without a subject (failed stages) are left as they are; a subject without a model (an ONNX file
+    another advisor worker wrote) is timed on its ONNX Runtime rows only."""
     import tempfile
 
     from slimkit.evaluate.latency import compare_latency, ort_call, speedup, torch_call
@@ -103,9 +105,11 @@ def time_side_by_side(entries: list[dict[str, Any]], subjects: list[Timed | None
 
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for i, (entry, subject) in enumerate(zip(entries, subjects)):
-        if subject is None or subject.model is None:
+        if subject is None or (subject.model is None and subject.artifact is None):
             continue
         for row in (entry.get("metrics") or {}).get("latency") or []:
+            if subject.model is None and (row["runtime"].startswith("torch") or Path(subject.artifact).suffix != ".onnx"):
+                continue
             key = (row["runtime"], row["batch_size"], row.get("memory_format"))
             groups.setdefault(key, []).append((i, row))
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,8 +32,9 @@ from slimkit.core.task import Task
 from slimkit.errors import ConfigError
 from slimkit.search.cost import COST_KEY
 from slimkit.search.nas_config import OBJECTIVES, NASConfig, SearchResult
-from slimkit.search.workers import (Context, default_storage, open_storage, open_study, proxy_train, reap_stale,
-                                    run_worker, worker_entry, worker_start_method)
+from slimkit.core.trials import open_storage, reap_stale
+from slimkit.search.workers import (Context, default_storage, open_study, proxy_train, run_worker, worker_entry,
+                                    worker_start_method)
 
 __all__ = ["NASConfig", "SearchResult", "OBJECTIVES", "search", "collect", "rerank_finalists", "pareto_front",
            "open_storage", "default_storage", "reap_stale", "run_worker", "worker_start_method"]

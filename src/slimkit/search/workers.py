@@ -1,11 +1,8 @@
-"""NAS workers on an Optuna storage: opening the storage and study, one worker's loop (ask, train the proxy,
-tell), the heartbeat and the reaping of trials whose worker died, and the process entry point."""
+"""NAS workers on an Optuna storage: the study, one worker's trial (train the proxy, score it) run through
+the shared loop of `core.trials` (heartbeat, reaping of trials whose worker died), the process entry point."""
 from __future__ import annotations
 
-import json
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +12,8 @@ import torch
 from slimkit.core.io import output_dir
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import Task
-from slimkit.errors import ConfigError, InfeasibleError, SlimkitError
-
-
+from slimkit.core.trials import open_storage, run_shared
+from slimkit.errors import ConfigError
 from slimkit.search.nas_config import NASConfig
 
 
@@ -25,28 +21,6 @@ from slimkit.search.nas_config import NASConfig
 # storage
 def default_storage(out_dir: str | Path) -> str:
     return f"journal:{Path(out_dir) / 'study.journal'}"
-
-
-def open_storage(url: str):
-    """An Optuna storage for `url`: 'journal:PATH' (or a path ending .journal/.log) for a journal
-    file, or an RDB URL such as 'sqlite:///nas.db' / 'postgresql://user@host/db'."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if not isinstance(url, str) or not url:
-        raise ConfigError("storage must be a non-empty URL such as journal:nas.journal or sqlite:///nas.db")
-    if url.startswith("journal:") or ("://" not in url and url.endswith((".journal", ".log"))):
-        path = Path(url.removeprefix("journal:"))
-        if not path.parent.exists():
-            output_dir(path.parent)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(url)
-        except Exception as err:  # sqlalchemy / driver errors
-            raise ConfigError(f"cannot open storage {url!r}: {err}") from None
-    raise ConfigError(f"unknown storage {url!r}; use journal:PATH or an RDB URL such as sqlite:///nas.db")
 
 
 def open_study(config: NASConfig, storage, study_name: str, sampler=None, *, create: bool = True):
@@ -113,73 +87,6 @@ def proxy_task(task: Task, fraction: float, seed: int) -> Task:
     return dataclasses.replace(task, train=Subset(task.train, idx), calibration=task.calibration)
 
 
-def _me() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_stale(study, stale_after_s: float) -> list[int]:
-    """Fail RUNNING trials whose worker is gone; returns their numbers. A trial is stale when its
-    worker ran on this host and that process no longer exists, or its heartbeat is older than
-    `stale_after_s` (workers on other machines)."""
-    from optuna.trial import TrialState
-
-    storage, now, here, reaped = study._storage, time.time(), socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker")
-        beat = t.user_attrs.get("heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else now)
-        dead = worker is not None and worker.get("host") == here and worker.get("pid") != os.getpid() \
-            and not _pid_alive(int(worker["pid"]))
-        if dead or now - beat > stale_after_s:
-            try:
-                storage.set_trial_user_attr(t._trial_id, "failure", "worker died" if dead else "heartbeat timed out")
-                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                reaped.append(t.number)
-            except Exception:  # another worker reaped it first
-                pass
-    return reaped
-
-
-class _Heartbeat:
-    """Records `heartbeat` (epoch seconds) on a running trial every `interval` seconds."""
-
-    def __init__(self, study, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = study._storage, trial_id, interval
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-            except Exception:  # the trial finished meanwhile
-                return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
-def _log_event(out_dir: Path, **event: Any) -> None:
-    # one short O_APPEND write per line: safe with several processes on one file
-    line = json.dumps({"time": round(time.time(), 3), **event}) + "\n"
-    with open(out_dir / "events.jsonl", "a") as fh:
-        fh.write(line)
-
-
 def _make_sampler(ctx: Context, study):
     from slimkit.search.strategies import make_sampler
 
@@ -226,57 +133,21 @@ def run_worker(task: Task, config: NASConfig, storage_url: str, study_name: str,
 
 
 def _run_worker(task, config, storage_url, study_name, out_dir: Path, constraints, progress, heartbeat_s) -> int:
-    from optuna.trial import TrialState
-
     output_dir(out_dir / "trials")
     constraints = constraints or config.constraints()
     ctx = Context(task, config, out_dir, constraints)
     storage = open_storage(storage_url)
     study = open_study(config, storage, study_name, create=False)
     study.sampler = _make_sampler(ctx, study)
-    n, ran, me = config.trials, 0, _me()
-    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-    with progress_bar(f"NAS {config.strategy}", n if progress else 0) as advance:
-        shown = 0
-        while True:
-            reap_stale(study, config.stale_after_s)
-            trials = study.get_trials(deepcopy=False)
-            done = sum(t.state == TrialState.COMPLETE for t in trials)
-            advance(done - shown, done=done)
-            shown = done
-            if done >= n:
-                break
-            if sum(t.state in live for t in trials) >= n:
-                time.sleep(min(1.0, heartbeat_s))  # the remaining slots are taken; wait for them (or their death)
-                continue
-            trial = study.ask()
-            trial.set_user_attr("worker", me)  # first, so a worker killed from here on is recognised as dead
-            ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                     if t.number < trial.number]
-            if len(ahead) >= n:  # another worker took the last slot between our check and ask
-                trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            trial.set_user_attr("heartbeat", time.time())
-            _log_event(out_dir, event="start", trial=trial.number, **me)
-            with _Heartbeat(study, trial._trial_id, heartbeat_s):
-                try:
-                    values = _run_trial(trial, ctx)
-                except InfeasibleError:
-                    study.tell(trial, state=TrialState.FAIL)
-                    raise
-                except SlimkitError as err:
-                    trial.set_user_attr("failure", str(err))
-                    study.tell(trial, state=TrialState.FAIL)
-                    _log_event(out_dir, event="fail", trial=trial.number, error=str(err), **me)
-                    continue
-                except BaseException as err:  # interrupted or a bug: free the slot now, not after a timeout
-                    trial.set_user_attr("failure", f"interrupted: {type(err).__name__}: {err}")
-                    study.tell(trial, state=TrialState.FAIL)
-                    raise
-            study.tell(trial, values)
-            _log_event(out_dir, event="done", trial=trial.number, accuracy=values[0], **me)
-            ran += 1
+    with progress_bar(f"NAS {config.strategy}", config.trials if progress else 0) as advance:
+        shown = [0]
+
+        def on_progress(done: int) -> None:
+            advance(done - shown[0], done=done)
+            shown[0] = done
+
+        ran = run_shared(study, config.trials, lambda trial: _run_trial(trial, ctx), stale_after_s=config.stale_after_s,
+                         heartbeat_s=heartbeat_s, log_dir=out_dir, on_progress=on_progress)
     if ctx.cost.table is not None:
         ctx.cost.table.save(out_dir / "latency_table.json")
     return ran
