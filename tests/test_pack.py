@@ -97,7 +97,7 @@ def test_pack_unpack_allclose_and_shared_values(tmp_path, pruned_lenet5, digits_
 
 
 def test_deep_compression_pipeline_with_codebook_finetune(tmp_path, trained_lenet5, digits_task):
-    config = PackConfig(prune=PruneConfig(sparsity=0.9, recovery={"epochs": 1}), codebook_epochs=1, dense_dtype="float16")
+    config = PackConfig(prune=PruneConfig(sparsity=0.9, recovery={"epochs": 2}), codebook_epochs=1, dense_dtype="float16")
     result = sk.pack(trained_lenet5, tmp_path / "dc.slim", config, task=digits_task)
     loaded = sk.load(tmp_path / "dc.slim")
     x = digits_task.example_input(32)

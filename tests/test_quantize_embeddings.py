@@ -60,9 +60,10 @@ def test_dynamic_int8_stores_tables_as_int8_and_ort_gathers_them_like_the_simula
     assert (onnx.TensorProto.INT8, (300, 32)) in inits.values()  # the token table as int8 codes
     assert (onnx.TensorProto.FLOAT, (300, 32)) not in inits.values()  # and not also as float
     assert (onnx.TensorProto.FLOAT, (300, 32)) in _initializer_types(kept).values()
-    # the tables shrink from 4 bytes to 1 byte + one fp32 scale per row
+    assert (onnx.TensorProto.FLOAT16, (300, 1)) in inits.values()  # one float16 scale per row
+    # the tables shrink from 4 bytes to 1 byte + one fp16 scale per row
     saved = kept.stat().st_size - path.stat().st_size
-    assert saved > 0.9 * 3 * (300 + 16) * 32
+    assert saved > 0.95 * (3 * 32 - 2) * (300 + 16)
     parity = check_parity(q, path, (ids, mask))
     assert parity["max_abs_diff"] < 1e-2 * parity["output_std"]  # dynamic activations may round one code apart
     with torch.no_grad():
@@ -81,6 +82,18 @@ def test_int4_groups_gather_packed_with_gather_block_quantized(tmp_path):
     assert (onnx.TensorProto.FLOAT, (300, 2)) in inits.values()  # one scale per 16 weights of a row
     parity = check_parity(q, path, (ids, mask))
     assert parity["max_abs_diff"] < 1e-5
+
+
+def test_fp16_row_scales_round_up_and_keep_tiny_scales():
+    from slimkit.quantize.embedding import fp16_scales
+
+    s = torch.tensor([1e-3, 0.1234567, 3.0, 1e-6, 1e-12])
+    h = fp16_scales(s)
+    assert (h >= s).all() and (h.half().float() == h).all()  # rounded up to float16 values
+    assert (h[:3] / s[:3] - 1 < 2 ** -10).all()  # by less than one step in float16's normal range
+    assert h[4] == 2.0 ** -24  # an all-zero row's scale: the smallest float16, never 0
+    big = torch.tensor([1.0, 1e6])
+    assert torch.equal(fp16_scales(big), big)  # beyond float16: float32 kept
 
 
 def test_per_row_scales_keep_an_outlier_row_from_coarsening_the_others():

@@ -20,18 +20,28 @@ def gather_block_exportable(spec: nq.QuantSpec) -> bool:
             and spec.group_size & (spec.group_size - 1) == 0)
 
 
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Per-row scales rounded up to the nearest float16 value (so no row's largest value is clipped; a scale
+    below float16's smallest becomes that), as float32: the file then stores them in half the bytes. Beyond
+    float16's range (never seen in an embedding) the scales stay float32."""
+    up = scale.half()
+    up = torch.where(up.float() < scale, torch.nextafter(up, torch.tensor(float("inf"), dtype=torch.half)), up)
+    return up.float() if bool(torch.isfinite(up).all()) else scale
+
+
 class _GatherDQ(torch.autograd.Function):
-    """Rows of an integer table times their per-row scale: exports as Gather(codes) -> Cast -> Mul(Gather(scales)),
-    standard ONNX ops every runtime has (the table stays integer in the file and in memory)."""
+    """Rows of an integer table times their per-row scale: exports as Gather(codes) -> Cast -> Mul(Cast(Gather(scales))),
+    standard ONNX ops every runtime has (the table stays integer in the file and in memory; the scales are
+    float16 where every one is a float16 value, as calibration makes them)."""
 
     @staticmethod
     def forward(ctx, ids, codes, scale):
-        return codes[ids].float() * scale[ids]
+        return codes[ids].float() * scale[ids].float()
 
     @staticmethod
     def symbolic(g, ids, codes, scale):
         rows = g.op("Cast", g.op("Gather", codes, ids, axis_i=0), to_i=1)  # 1 = FLOAT
-        return g.op("Mul", rows, g.op("Gather", scale, ids, axis_i=0))
+        return g.op("Mul", rows, g.op("Cast", g.op("Gather", scale, ids, axis_i=0), to_i=1))
 
 
 class _GatherBlockQuantized(torch.autograd.Function):
@@ -80,6 +90,8 @@ class QuantEmbedding(nn.Module):
 
         lo, hi = weight_thresholds(self.layer.weight, method, self.spec, percentile=percentile)
         scale, _ = nq.qparams(lo, hi, self.spec)
+        if self.spec.granularity != "group":  # per-row scales are stored as float16 in the file
+            scale = fp16_scales(scale)
         self.weight_scale = scale.reshape(self.weight_scale.shape).clone()
 
     def _zero_point(self) -> torch.Tensor:
@@ -98,7 +110,10 @@ class QuantEmbedding(nn.Module):
             if "export_packed" in self._buffers:
                 return _GatherBlockQuantized.apply(ids, self.export_table, self.export_packed, self.weight_scale,
                                                    self.spec.group_size)
-            return _GatherDQ.apply(ids, self.export_codes, self.weight_scale.reshape(-1, 1))
+            scale = self.weight_scale.reshape(-1, 1)
+            if bool((scale.half().float() == scale).all()):  # calibrated by this release: float16 values
+                scale = scale.half()
+            return _GatherDQ.apply(ids, self.export_codes, scale)
         rows = F.embedding(ids, self.layer.weight, self.layer.padding_idx)
         s = self.weight_scale[ids].unsqueeze(-1)  # (..., 1) per row, (..., groups, 1) per group
         if self.spec.granularity == "group":

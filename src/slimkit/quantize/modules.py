@@ -110,13 +110,17 @@ class _DynamicLinear(torch.autograd.Function):
     def forward(ctx, x, w_int_t, w_scale, w_zp, bias):
         s, z = dynamic_qparams(x)
         xq = torch.clamp(torch.round(x / s) + z, 0, 255) - z
-        y = torch.matmul(xq, w_int_t.float() - w_zp.float()) * (s * w_scale)
+        w = w_int_t.float() - w_zp.float() if w_zp is not None else w_int_t.float()
+        y = torch.matmul(xq, w) * (s * w_scale)
         return y + bias if bias is not None else y
 
     @staticmethod
     def symbolic(g, x, w_int_t, w_scale, w_zp, bias):
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        y = g.op("MatMulInteger", xq, w_int_t, xz, w_zp)
+        if w_zp is None or (hasattr(w_zp, "node") and w_zp.node().mustBeNone()):
+            y = g.op("MatMulInteger", xq, w_int_t, xz)  # b_zero_point omitted: 0
+        else:
+            y = g.op("MatMulInteger", xq, w_int_t, xz, w_zp)
         y = g.op("Cast", y, to_i=1)  # 1 = FLOAT
         y = g.op("Mul", y, g.op("Mul", xs, w_scale))
         if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
@@ -370,8 +374,9 @@ class QuantLinear(QuantWeightLayer):
             x = self.input_owned(x)
         if self.dynamic and self.enabled:
             if _EXPORTING and self.spec.bits == 8:
+                zp = self.weight_zero_point  # symmetric weights: MatMulInteger's default zero point, not in the file
                 return _DynamicLinear.apply(x, self.export_weight_codes_t, self.export_weight_scale,
-                                            self.weight_zero_point, self.layer.bias)
+                                            None if not bool(zp.any()) else zp, self.layer.bias)
             w = self.quantized_weight()
             s, z = dynamic_qparams(x)
             xq = (torch.clamp(nq.round_ste(x / s) + z, 0, 255) - z) * s
