@@ -10,7 +10,7 @@ from slimkit.search.nas import NASConfig, open_storage, search
 from slimkit.search.space import MBConvSpace
 from slimkit.search.strategies import ReinforceStrategy, load_state
 from slimkit.search import warmup
-from slimkit.search.warmup import ElasticMBConv, OneShotNet, _penalty, _val_batch, controller_warmup, train_one_shot
+from slimkit.search.warmup import ElasticMBConv, _penalty, _val_batch, controller_warmup, train_one_shot
 
 TINY_SPACE = {"widths": [0.5, 1.0], "depths": [1, 2], "kernels": [3, 5], "expansions": [1, 3], "se": [False, True]}
 

@@ -1,7 +1,6 @@
 """A model file is data: a manifest naming a builder never imports or runs it unless trusted."""
 import json
 import re
-import struct
 import zlib
 from pathlib import Path
 

@@ -203,7 +203,6 @@ def build_source(source: dict[str, Any], *, trust_factory: bool = False) -> nn.M
 def rebuild(manifest: dict[str, Any], *, trust_factory: bool = False) -> nn.Module:
     """Architecture (no trained weights) of a manifest: source, then every stage's restore."""
     from slimkit.core import registry
-    from slimkit.core.config import Config  # noqa: F401  (configs are rebuilt by their own class)
 
     model = build_source(manifest["source"], trust_factory=trust_factory)
     for i, stage in enumerate(manifest.get("stages", [])):

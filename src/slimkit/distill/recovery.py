@@ -57,14 +57,17 @@ def finetune(model: nn.Module, task: Task, *, epochs: int = 2, lr: float = 1e-3,
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device, optimizer=optimizer,
                       weight_decay=weight_decay, batch_size=batch_size,
                       patience=auto_patience(patience, epochs, task))
-    loss = None
-    if augment == "shift":
-        from slimkit.distill.augment import random_shift
-
-        def loss(m: nn.Module, x, y):
-            return task.loss(m(random_shift(x, max_shift)), y)
-    result = fit(model, task, cfg, loss=loss, on_step=on_step, on_epoch=on_epoch, description=description)
+    result = fit(model, task, cfg, loss=_shifted_loss(task, max_shift) if augment == "shift" else None, on_step=on_step, on_epoch=on_epoch, description=description)
     result.model.slimkit_recovery = {"model": id(result.model), "method": "finetune", "epochs": epochs,
                                      "ran": len(result.history),
                                      "patience": cfg.patience, "best_epoch": result.best_epoch}
     return result.model
+
+
+def _shifted_loss(task: Task, max_shift: int):
+    """The task's loss on images shifted by up to `max_shift` pixels."""
+    from slimkit.distill.augment import random_shift
+
+    def loss(m: nn.Module, x, y):
+        return task.loss(m(random_shift(x, max_shift)), y)
+    return loss
