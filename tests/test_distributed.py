@@ -109,7 +109,7 @@ def test_plain_run_is_a_world_of_one(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     w = distributed.world()
     assert (w.rank, w.size, w.active, w.main) == (0, 1, False, True)
-    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.block_shard([1, 2, 3]) == ([1, 2, 3], False)
     assert distributed.all_gather_objects("x") == ["x"]
     t = torch.ones(2)
     assert distributed.all_reduce(t, "mean") is t and t.tolist() == [1.0, 1.0]

@@ -121,15 +121,10 @@ def broadcast_object(obj):
     return box[0]
 
 
-def shard(items: list) -> list:
-    """This rank's part of `items` (every size-th item from its rank on)."""
-    w = world()
-    return items[w.rank::w.size] if w.active else items
-
-
 def block_shard(items: list) -> tuple[list, bool]:
     """This rank's contiguous block of `items` (rank 0 the first block, ...), so that the ranks' blocks in
-    rank order are `items` in order; and whether it was split. Fewer items than ranks: every rank takes all."""
+    rank order are `items` in order; and whether it was split (only then are the ranks' results to be
+    combined). Fewer items than ranks: every rank takes all."""
     w = world()
     if not w.active or len(items) < w.size:
         return items, False

@@ -184,12 +184,13 @@ def accuracy(model: nn.Module, task: Task, split: str = "val", device: torch.dev
     model.eval()
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     ds = task.split(split)
+    mine, split_up = distributed.block_shard(list(range(len(ds))))
     counts = torch.zeros(2, dtype=torch.float64)
-    for x, y in DataLoader(Subset(ds, distributed.shard(list(range(len(ds))))), batch_size=256):
+    for x, y in DataLoader(Subset(ds, mine), batch_size=256):
         x, y = x.to(device), y.to(device)
         counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
     model.train(was_training)
-    correct, total = distributed.all_reduce(counts).tolist()
+    correct, total = (distributed.all_reduce(counts) if split_up else counts).tolist()
     if total == 0:
         raise DataError(f"data set {task.name!r}: split {split!r} is empty")
     return correct / total

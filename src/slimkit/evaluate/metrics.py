@@ -31,7 +31,7 @@ def predict(model: nn.Module, task: Task, split: str = "test", *, batch_size: in
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ds = task.split(split)
-    mine = distributed.shard(list(range(len(ds))))
+    mine, split_up = distributed.block_shard(list(range(len(ds))))
     outs, targets = [], []
     for x, y in DataLoader(Subset(ds, mine), batch_size=batch_size):
         x = x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
@@ -42,16 +42,12 @@ def predict(model: nn.Module, task: Task, split: str = "test", *, batch_size: in
                 raise
             raise model_cannot_run(model, task, err, x) from None
         targets.append(y)
-    parts = distributed.all_gather_objects((mine, outs, targets))
-    if not any(o for _, o, _ in parts):
+    if split_up:  # the ranks' blocks in rank order are the split in order
+        parts = distributed.all_gather_objects((outs, targets))
+        outs, targets = [t for o, _ in parts for t in o], [t for _, ts in parts for t in ts]
+    if not outs:
         raise DataError(f"data set {task.name!r}: split {split!r} is empty")
-    order = torch.tensor([i for idx, _, _ in parts for i in idx])
-    outputs = torch.cat([t for _, o, _ in parts for t in o])
-    targets = torch.cat([t for _, _, ts in parts for t in ts])
-    if len(parts) > 1:  # back to the split's order
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        outputs, targets = outputs[inverse], targets[inverse]
+    outputs, targets = torch.cat(outs), torch.cat(targets)
     check_labels(task, outputs, targets)
     return outputs, targets
 

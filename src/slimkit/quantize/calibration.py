@@ -49,7 +49,7 @@ class TensorStats:
         self.min = self.max = None
         self.ema_min = self.ema_max = None
         self.sample = torch.empty(0)
-        self.history: list[tuple[float, float]] = []  # per update (min, max): replays the moving average on merge
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # per update (min, max): replays the moving average on merge
         self._gen = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
