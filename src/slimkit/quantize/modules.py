@@ -5,7 +5,10 @@ In PyTorch they *simulate* integer arithmetic exactly (fake quantization); under
 they emit ONNX QuantizeLinear/DequantizeLinear (QDQ) nodes with slimkit's own scales and zero points,
 integer weight initializers and int32 biases, which ONNX Runtime fuses into int8 kernels
 (QLinearConv, QGemm, QLinearAdd ...). Dynamic quantization emits DynamicQuantizeLinear +
-MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul.
+MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul. Under `torch.export` (inside
+`pt2_export_mode`, for ExecuTorch and LiteRT) they emit PyTorch's `quantized_decomposed` Q/DQ ops with the
+same scales, zero points and integer weight codes: the graph PT2E's `convert_pt2e` produces, which the
+runtimes' lowerings turn into int8 kernels.
 """
 from __future__ import annotations
 
@@ -147,6 +150,39 @@ def onnx_export_mode():
         _EXPORTING = old
 
 
+_PT2 = False
+
+
+@contextmanager
+def pt2_export_mode():
+    """While active, quantized modules emit `quantized_decomposed` Q/DQ ops (for `torch.export`); the
+    exporter sets `pt2_qparams` on the activation quantizers and freezes the weight layers first."""
+    global _PT2
+    old, _PT2 = _PT2, True
+    try:
+        yield
+    finally:
+        _PT2 = old
+
+
+def pt2_grid(spec: nq.QuantSpec, zero_point: int) -> tuple[int, int, int]:
+    """(zero point, qmin, qmax) of an 8-bit spec on the signed int8 grid the `quantized_decomposed` ops and
+    the mobile runtimes use: uint8 codes move down by 128 with their zero point (the same real values)."""
+    from slimkit.errors import UnsupportedLayerError
+
+    if spec.bits != 8 or spec.granularity == "group":
+        raise UnsupportedLayerError(f"{'int' if spec.signed else 'uint'}{spec.bits} {spec.granularity} quantization has no "
+                                    "int8 kernel in ExecuTorch/LiteRT; export this model to ONNX")
+    shift = 0 if spec.signed else -128
+    return zero_point + shift, spec.qmin + shift, spec.qmax + shift
+
+
+def _pt2_qdq(x: torch.Tensor, scale: float, zero_point: int, spec: nq.QuantSpec) -> torch.Tensor:
+    z, lo, hi = pt2_grid(spec, zero_point)
+    q = torch.ops.quantized_decomposed.quantize_per_tensor.default(x, scale, z, lo, hi, torch.int8)
+    return torch.ops.quantized_decomposed.dequantize_per_tensor.default(q, scale, z, lo, hi, torch.int8)
+
+
 def _lsq_scale(scale: torch.Tensor, numel: int, qmax: int) -> torch.Tensor:
     """LSQ gradient scaling (Esser et al. 2020): same value, gradient times 1/sqrt(N * qmax)."""
     g = 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
@@ -194,6 +230,8 @@ class ActQuant(nn.Module):
             return x
         if _EXPORTING:
             return _QDQ.apply(x, self.scale.detach(), self.zero_point, self.spec)
+        if _PT2:
+            return _pt2_qdq(x, *self.pt2_qparams, self.spec)
         scale = self.scale
         if isinstance(scale, nn.Parameter):
             scale = _lsq_scale(scale.abs() + 1e-12, x[0].numel(), self.spec.qmax)
@@ -219,6 +257,7 @@ class QuantWeightLayer(nn.Module):
         self.enabled = True
         self.round_offset: torch.Tensor | None = None  # AdaRound: soft rounding while learning
         self.input_owned: ActQuant | None = None  # input quantizer when the graph could not be traced
+        self.pt2_weight_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point) while frozen
 
     def _scale_shape(self) -> tuple[int, ...]:
         w = self.layer.weight
@@ -318,16 +357,59 @@ class QuantWeightLayer(nn.Module):
 
     def unfreeze(self) -> None:
         for name in ("export_weight_codes", "export_weight_codes_t", "export_weight_scale", "export_bias_codes", "export_bias_scale",
-                     "export_bias_zero_point", "export_nbits_packed", "export_nbits_scales"):
+                     "export_bias_zero_point", "export_nbits_packed", "export_nbits_scales",
+                     "export_pt2_codes", "export_pt2_zero_points", "export_pt2_bias", "export_pt2_weight"):
             self._buffers.pop(name, None)
+        self.pt2_weight_qparams = None
 
     def _export_weight(self) -> torch.Tensor:
         return _DQ.apply(self.export_weight_codes, self.export_weight_scale, self.weight_zero_point, self.spec)
 
     def _export_bias(self) -> torch.Tensor | None:
+        if _PT2:  # float, as PT2E leaves it: the runtime rounds it to int32 with s_in * s_w, recovering the codes
+            return self.export_pt2_bias
         if "export_bias_codes" not in self._buffers:
             return self.layer.bias
         return _DQInt32.apply(self.export_bias_codes, self.export_bias_scale, self.export_bias_zero_point)
+
+    def freeze_for_pt2(self, float_weight: bool = False) -> None:
+        """The constants of the `quantized_decomposed` graph: int8 codes, zero points on the int8 grid, the
+        float bias the runtime rounds back to the same int32 codes. `float_weight`: the dequantized codes in
+        float32 instead (for a layer whose output stays float: the runtimes have no exact int8 kernel for it)."""
+        self.freeze_for_export()
+        shift, lo, hi = pt2_grid(self.spec, 0)
+        codes, bias = self._buffers.pop("export_weight_codes"), None
+        if "export_bias_codes" in self._buffers:
+            bias = self._buffers.pop("export_bias_codes").float() * self._buffers.pop("export_bias_scale")
+            self._buffers.pop("export_bias_zero_point")
+        if bias is None and self.layer.bias is not None:
+            bias = self.layer.bias.detach().clone()
+        self.register_buffer("export_pt2_bias", bias, persistent=False)
+        if float_weight:
+            w = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec)
+            self.register_buffer("export_pt2_weight", w.float(), persistent=False)
+            return
+        if codes.dtype != torch.int8:
+            codes = (codes.to(torch.int16) + shift).to(torch.int8)
+        self.register_buffer("export_pt2_codes", codes, persistent=False)
+        self.register_buffer("export_pt2_zero_points", self.weight_zero_point.long() + shift, persistent=False)
+        if self.spec.granularity == "tensor":
+            self.pt2_weight_qparams = (float(self.weight_scale), int(self.weight_zero_point) + shift)
+
+    def _pt2_weight(self) -> torch.Tensor:
+        """The integer weight codes dequantized by a `quantized_decomposed` op (int8 grid)."""
+        if "export_pt2_weight" in self._buffers:
+            return self.export_pt2_weight
+        dq = torch.ops.quantized_decomposed
+        _, lo, hi = pt2_grid(self.spec, 0)
+        if self.pt2_weight_qparams is not None:
+            scale, zp = self.pt2_weight_qparams
+            return dq.dequantize_per_tensor.default(self.export_pt2_codes, scale, zp, lo, hi, torch.int8)
+        return dq.dequantize_per_channel.default(self.export_pt2_codes, self.export_weight_scale.float(),
+                                                 self.export_pt2_zero_points, self.spec.axis, lo, hi, torch.int8)
+
+    def _weight_for_export(self) -> torch.Tensor:
+        return self._pt2_weight() if _PT2 else self._export_weight()
 
 
 class _DQInt32(torch.autograd.Function):
@@ -361,8 +443,8 @@ class QuantConv(QuantWeightLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_owned is not None:
             x = self.input_owned(x)
-        if _EXPORTING and self.enabled and deployable(self.spec):
-            return conv_forward(self.layer, x, self._export_weight(), self._export_bias())
+        if (_EXPORTING or _PT2) and self.enabled and deployable(self.spec):
+            return conv_forward(self.layer, x, self._weight_for_export(), self._export_bias())
         return conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
 
 
@@ -386,6 +468,6 @@ class QuantLinear(QuantWeightLayer):
             y = _MatMulNBits.apply(x, self.quantized_weight().detach(), self.export_nbits_packed,
                                    self.export_nbits_scales, k, n, self.spec.group_size)
             return y if self.layer.bias is None else y + self.layer.bias
-        if _EXPORTING and self.enabled and deployable(self.spec):
-            return F.linear(x, self._export_weight(), self._export_bias())
+        if (_EXPORTING or _PT2) and self.enabled and deployable(self.spec):
+            return F.linear(x, self._weight_for_export(), self._export_bias())
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
