@@ -82,7 +82,7 @@ def evaluate(
     data: str = DataOpt,
     weights: Optional[str] = WeightsOpt,
     trust_factory: bool = TrustFactoryOpt,
-    runtime: list[str] = typer.Option(["torch", "ort"], help="runtimes to time: torch, ort"),
+    runtime: list[str] = typer.Option(["torch", "ort"], help="runtimes to time: torch, ort, openvino, executorch, litert"),
     threads: int = typer.Option(1, min=1, help="threads for latency"),
     batch_size: list[int] = typer.Option([1, 64], min=1, help="batch sizes for latency"),
     split: str = typer.Option("test", help="data split to score"),
@@ -105,6 +105,33 @@ def evaluate(
         import json
 
         write_text(json_out, json.dumps(metrics.to_dict(), indent=2))
+
+
+@app.command("export")
+def export_(
+    model: str = ModelArg,
+    out: Path = typer.Argument(..., help="file to write; its suffix picks the format: .onnx (ONNX Runtime), "
+                               ".xml (OpenVINO IR), .pte (ExecuTorch/XNNPACK), .tflite (LiteRT)"),
+    data: str = DataOpt,
+    weights: Optional[str] = WeightsOpt,
+    trust_factory: bool = TrustFactoryOpt,
+    batch_size: int = typer.Option(1, min=1, help="input batch of the program (.pte/.tflite have static shapes)"),
+) -> None:
+    """Write a model (float, compressed or slimkit-quantized) for a deployment runtime, then check the runtime's
+    outputs against slimkit's on a test batch and say what runs off the fast kernels."""
+    from slimkit.core.io import output_file
+    from slimkit.export import export
+    from slimkit.export.runtimes import check_parity, file_bytes, runtime_of, slow_path
+
+    runtime_of(out)  # an unknown suffix fails before any work
+    output_file(out)
+    task = load_task(data)
+    net = load_model(model, weights=weights, task=task, trust_factory=trust_factory)
+    path = export(net, out, example_input=task.example_input(batch_size))
+    parity = check_parity(net, path, task.example_input(max(batch_size, 64)))
+    console.print(f"wrote {path} ({file_bytes(path):,} bytes) for {runtime_of(path)}")
+    console.print("parity with slimkit on 64 test inputs: " + ", ".join(f"{k} {v:.4g}" for k, v in parity.items()))
+    console.print(f"kernels: {slow_path(path)}")
 
 
 @app.command("list")
@@ -165,10 +192,13 @@ def env() -> None:
     isa = cpu_isa()
     rows["cpu"] = f"{isa['machine']}, int8 flags: {' '.join(isa['flags']) or 'none'}"
     rows["int8 accumulate"] = isa["int8_accumulation"]
-    for pkg in ("onnx", "onnxruntime", "torchao", "torch_pruning", "tensorly", "optuna", "safetensors"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("onnx", "onnxruntime", "openvino", "executorch", "litert-torch", "ai-edge-litert", "torchao",
+                "torch-pruning", "tensorly", "optuna", "safetensors"):
         try:
-            rows[pkg] = importlib.import_module(pkg).__version__
-        except Exception:  # optional or broken install: report, do not fail
+            rows[pkg] = version(pkg)
+        except PackageNotFoundError:  # optional: report, do not fail
             rows[pkg] = "not installed"
     for k, v in rows.items():
         print(f"{k:<16} {v}")

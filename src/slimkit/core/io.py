@@ -6,6 +6,7 @@ rank 0's file is in place. Files a rank writes elsewhere (its own temporary fold
 """
 from __future__ import annotations
 
+
 import os
 import tempfile
 from contextlib import contextmanager
@@ -104,3 +105,20 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def quiet_native_logs():
+    """Native libraries (LiteRT's converter, ExecuTorch's runtime) log to file descriptor 2 whatever Python
+    asks; send what they write meanwhile to a temp file."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from slimkit.core import distributed
 from slimkit.core.task import Task
 from slimkit.errors import DataError
-from slimkit.evaluate.latency import ort_latency, torch_latency
+from slimkit.evaluate.latency import torch_latency
 
 
 def _call(model: nn.Module, x):
@@ -156,6 +156,7 @@ def evaluate(
     artifact: str | Path | None = None,
     runtimes: Iterable[str] = ("torch",),
     onnx_path: str | Path | None = None,
+    files: dict[str, str | Path] | None = None,
     threads: int = 1,
     batch_sizes: Iterable[int] = (1, 64),
     latency_runs: int = 30,
@@ -164,8 +165,11 @@ def evaluate(
 
     accuracy/top-5 (classification tasks) and, with `reference`, fidelity to it; parameters and
     non-zeros; MACs at batch 1; `size_bytes` of `artifact` (a file already written) or, if None,
-    of a fresh `slimkit.save` of the model; latency for each runtime ("torch" eager, "ort" ONNX
-    Runtime — from `onnx_path` or an fp32 export) at each batch size, `threads` threads.
+    of a fresh `slimkit.save` of the model; latency for each runtime at each batch size, `threads` threads:
+    "torch" (eager), "ort" (ONNX Runtime: `onnx_path`), "openvino", "executorch" (XNNPACK), "litert" — each
+    from `files[runtime]` when given, else from a fresh export of the model (`slimkit.export`: int8 for a
+    quantized model). ExecuTorch and LiteRT programs have static shapes: one is exported per batch size.
+    Their rows say that they were timed on this host, which does not predict a phone.
     Under torchrun the scores come from every rank's shard; latency from rank 0 alone (other ranks would
     disturb its timing: `compare_latency`), sent to every rank.
     """
@@ -175,9 +179,14 @@ def evaluate(
     if threads < 1 or latency_runs < 1 or any(bs < 1 for bs in batch_sizes):
         raise ConfigError(f"evaluate: threads ({threads}), latency_runs ({latency_runs}) and batch sizes "
                           f"({batch_sizes}) must be >= 1")
-    unknown = [rt for rt in runtimes if rt not in ("torch", "ort")]
+    from slimkit.export.runtimes import SUFFIX
+
+    unknown = [rt for rt in runtimes if rt != "torch" and rt not in SUFFIX]
     if unknown:
-        raise DataError(f"unknown runtime {unknown[0]!r}; use 'torch' or 'ort'")
+        raise DataError(f"unknown runtime {unknown[0]!r}; use one of torch, {', '.join(SUFFIX)}")
+    files = dict(files or {})
+    if onnx_path is not None:
+        files.setdefault("ort", onnx_path)
     model = model.eval()
     m = Metrics()
     if task.metric == "accuracy":
@@ -191,13 +200,16 @@ def evaluate(
         outs, _ = predict(model, task, split)
         ref, _ = predict(reference, task, split)
         m.fidelity = fidelity(outs, ref, kind="embedding")
-    _measure(m, model, task, artifact, runtimes, onnx_path, threads, batch_sizes, latency_runs)
+    _measure(m, model, task, artifact, runtimes, files, threads, batch_sizes, latency_runs)
     return m
 
 
-def _measure(m: Metrics, model, task, artifact, runtimes, onnx_path, threads, batch_sizes, latency_runs) -> None:
+def _measure(m: Metrics, model, task, artifact, runtimes, files, threads, batch_sizes, latency_runs) -> None:
     """Parameters, MACs, bytes on disk and latency into `m`."""
     from slimkit.core.artifact import save
+    from slimkit.export import export
+    from slimkit.export.runtimes import MOBILE, SUFFIX, workload
+    from slimkit.evaluate.latency import measure_latency
 
     m.params, m.nonzero_params = count_params(model).values()
     m.macs = count_macs(model, task.example_input(1))
@@ -208,15 +220,15 @@ def _measure(m: Metrics, model, task, artifact, runtimes, onnx_path, threads, ba
         else:
             m.artifact = str(artifact)
         m.size_bytes = Path(artifact).stat().st_size
-        if "ort" in runtimes and onnx_path is None:
-            from slimkit.export.onnx import export_onnx
-
-            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", task.example_input(1))
         for bs in batch_sizes:
             example = task.example_input(bs)
             for rt in runtimes:
                 if rt == "torch":
                     m.latency.append(torch_latency(model, example, threads=threads, runs=latency_runs))
-                else:
-                    m.latency.append(ort_latency(onnx_path, example, threads=threads, runs=latency_runs))
-
+                    continue
+                path = files.get(rt)
+                if path is None or (rt in MOBILE and bs != 1):  # static-shape programs: one per batch size
+                    path = Path(tmp) / f"model_b{bs if rt in MOBILE else 1}{SUFFIX[rt]}"
+                    if not path.exists():
+                        export(model, path, example_input=task.example_input(bs if rt in MOBILE else 1))
+                m.latency.append(measure_latency(workload(path, example, threads=threads), runs=latency_runs))

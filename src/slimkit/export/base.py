@@ -45,5 +45,36 @@ def _export_onnx(model: nn.Module, path: Path, example_input: Any = None, **kwar
     return export_onnx(model, path, example_input, **kwargs)
 
 
+def _needs_example(fmt: str):
+    def wrap(fn):
+        def export_fn(model: nn.Module, path: Path, example_input: Any = None, **kwargs: Any) -> Path:
+            if example_input is None:
+                raise ConfigError(f"{fmt} export needs example_input (e.g. task.example_input(1))")
+            return fn(model, path, example_input, **kwargs)
+        return export_fn
+    return wrap
+
+
+def _export_executorch(model, path, example_input, **kw):
+    from slimkit.export.executorch import export_executorch
+
+    return export_executorch(model, path, example_input, **kw)
+
+
+def _export_litert(model, path, example_input, **kw):
+    from slimkit.export.litert import export_litert
+
+    return export_litert(model, path, example_input, **kw)
+
+
+def _export_openvino(model, path, example_input, **kw):
+    from slimkit.export.openvino import export_openvino
+
+    return export_openvino(model, path, example_input, **kw)
+
+
 register_exporter(".safetensors", _save_safetensors)
 register_exporter(".onnx", _export_onnx)
+register_exporter(".pte", _needs_example("ExecuTorch")(_export_executorch))
+register_exporter(".tflite", _needs_example("LiteRT")(_export_litert))
+register_exporter(".xml", _needs_example("OpenVINO")(_export_openvino))

@@ -14,6 +14,7 @@ XNNPACK-delegated inputs for a batch of 15 whatever upper bound the export decla
 from __future__ import annotations
 
 import collections
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.core.io import atomic_path
+from slimkit.core.io import atomic_path, quiet_native_logs
 from slimkit.errors import MissingDependencyError, ModelError, UnsupportedLayerError
 
 def _executorch():
@@ -44,8 +45,10 @@ def export_executorch(model: nn.Module, path: str | Path, example_input: Any) ->
     partitioner, lower = _executorch()
     ep = capture(model, example_input)
     try:
-        edge = lower(ep, partitioner=[partitioner()])
-        program = edge.to_executorch()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            edge = lower(ep, partitioner=[partitioner()])
+            program = edge.to_executorch()
     except Exception as err:
         raise UnsupportedLayerError(f"ExecuTorch lowering of {type(model).__name__} failed: {str(err).splitlines()[0]}") from None
     path = Path(path)
@@ -88,10 +91,11 @@ class ExecuTorchRunner:
         from executorch.extension.pybindings import portable_lib
 
         try:
-            self.module = portable_lib._load_for_executorch(str(path))
+            with quiet_native_logs():
+                self.module = portable_lib._load_for_executorch(str(path))
+                portable_lib._unsafe_reset_threadpool(threads)
         except Exception as err:
             raise ModelError(f"{Path(path).name}: not a loadable ExecuTorch program ({str(err).splitlines()[0]})") from None
-        portable_lib._unsafe_reset_threadpool(threads)
         import executorch
 
         self.version = getattr(executorch, "__version__", None) or _dist_version("executorch")

@@ -33,24 +33,26 @@ def _args(example: Any) -> tuple:
     return tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
-def capture(model: nn.Module, example_input: Any, *, max_batch: int | None = None) -> torch.export.ExportedProgram:
+def capture(model: nn.Module, example_input: Any, *, max_batch: int | None = None,
+            folded: bool = True) -> torch.export.ExportedProgram:
     """`torch.export` of `model` (eval, CPU) on `example_input`; batch axis dynamic up to `max_batch` (None:
-    static). Quantized models are captured with slimkit's own integer parameters (module docstring)."""
+    static). Quantized models are captured with slimkit's own integer parameters (module docstring): as
+    int8 constants (`folded`, ExecuTorch) or as their float values quantized in the graph (LiteRT)."""
     args = _args(example_input)
     if max_batch:  # torch.export specializes a size-1 axis: trace a batch of 2
         args = tuple(a.expand(2, *a.shape[1:]).contiguous() if a.shape[0] == 1 else a for a in args)
     model = model.eval().cpu()
     dims = tuple({0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in args) if max_batch else None
-    ep = _export(model, args, dims, float_weights=set())
+    ep = _export(model, args, dims, set(), folded)
     float_out = _float_output_layers(ep, model)
     if float_out:  # once more, with those layers' weights dequantized (module docstring)
-        ep = _export(model, args, dims, float_weights=float_out)
+        ep = _export(model, args, dims, float_out, folded)
     propagate_qdq(ep.graph_module)
     return ep
 
 
-def _export(model: nn.Module, args: tuple, dims, float_weights: set[str]) -> torch.export.ExportedProgram:
-    with _quantized_export(model, float_weights), warnings.catch_warnings():
+def _export(model: nn.Module, args: tuple, dims, float_weights: set[str], folded: bool) -> torch.export.ExportedProgram:
+    with _quantized_export(model, float_weights, folded), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(model, args, dynamic_shapes=dims, strict=False)
@@ -104,7 +106,7 @@ def _clean(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _quantized_export(model: nn.Module, float_weights: set[str]):
+def _quantized_export(model: nn.Module, float_weights: set[str], folded: bool):
     """Freeze a quantized model's integer parameters and switch its modules to Q/DQ ops (no-op for float)."""
     from slimkit.quantize.embedding import QuantEmbedding
     from slimkit.quantize.graph import act_quantizers, weight_layers
@@ -122,16 +124,33 @@ def _quantized_export(model: nn.Module, float_weights: set[str]):
                                         "export this model to ONNX (.onnx) instead")
     for name, m in weight_layers(model).items():
         if m.enabled:
-            m.freeze_for_pt2(float_weight=name in float_weights)  # 8-bit only: a clear error before tracing
+            m.freeze_for_pt2(float_weight=name in float_weights, folded=folded)  # 8-bit only: a clear error before tracing
     for q in act_quantizers(model):
         q.pt2_qparams = (float(q.scale.detach().abs()), int(q.zero_point))
         pt2_grid(q.spec, q.pt2_qparams[1])
+    stash = _stash_unused(layers, act_quantizers(model))
     try:
         with pt2_export_mode():
             yield
     finally:
+        for table, name, value in stash:
+            table[name] = value
         for m in layers:
             m.unfreeze()
+
+
+def _stash_unused(layers: list[nn.Module], quantizers: list[nn.Module]) -> list[tuple[dict, str, Any]]:
+    """Take out the tensors the Q/DQ graph does not read (float weights, scale/zero-point buffers: the
+    frozen copies stand in for them), so the program carries no dead constants (LiteRT's converter also
+    rejects unsigned integer constants). Returns what to put back."""
+    taken = []
+    for m, names in [(m, ("weight_scale", "weight_zero_point")) for m in layers] + \
+                    [(m.layer, ("weight", "bias")) for m in layers] + [(q, ("scale", "zero_point")) for q in quantizers]:
+        for table in (m._parameters, m._buffers):
+            for name in names:
+                if name in table:
+                    taken.append((table, name, table.pop(name)))
+    return taken
 
 
 def propagate_qdq(gm: torch.fx.GraphModule) -> int:

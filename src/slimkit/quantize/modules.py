@@ -358,7 +358,8 @@ class QuantWeightLayer(nn.Module):
     def unfreeze(self) -> None:
         for name in ("export_weight_codes", "export_weight_codes_t", "export_weight_scale", "export_bias_codes", "export_bias_scale",
                      "export_bias_zero_point", "export_nbits_packed", "export_nbits_scales",
-                     "export_pt2_codes", "export_pt2_zero_points", "export_pt2_bias", "export_pt2_weight"):
+                     "export_pt2_codes", "export_pt2_zero_points", "export_pt2_bias", "export_pt2_weight",
+                     "export_pt2_unfolded"):
             self._buffers.pop(name, None)
         self.pt2_weight_qparams = None
 
@@ -372,10 +373,12 @@ class QuantWeightLayer(nn.Module):
             return self.layer.bias
         return _DQInt32.apply(self.export_bias_codes, self.export_bias_scale, self.export_bias_zero_point)
 
-    def freeze_for_pt2(self, float_weight: bool = False) -> None:
+    def freeze_for_pt2(self, float_weight: bool = False, folded: bool = True) -> None:
         """The constants of the `quantized_decomposed` graph: int8 codes, zero points on the int8 grid, the
         float bias the runtime rounds back to the same int32 codes. `float_weight`: the dequantized codes in
-        float32 instead (for a layer whose output stays float: the runtimes have no exact int8 kernel for it)."""
+        float32 instead (for a layer whose output stays float: the runtimes have no exact int8 kernel for it).
+        `folded=False`: the dequantized codes quantized again in the graph (PT2E's `fold_quantize=False`
+        form, which LiteRT's converter folds; exact: the codes come back unchanged)."""
         self.freeze_for_export()
         shift, lo, hi = pt2_grid(self.spec, 0)
         codes, bias = self._buffers.pop("export_weight_codes"), None
@@ -385,13 +388,14 @@ class QuantWeightLayer(nn.Module):
         if bias is None and self.layer.bias is not None:
             bias = self.layer.bias.detach().clone()
         self.register_buffer("export_pt2_bias", bias, persistent=False)
+        real = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec).float()
         if float_weight:
-            w = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec)
-            self.register_buffer("export_pt2_weight", w.float(), persistent=False)
+            self.register_buffer("export_pt2_weight", real, persistent=False)
             return
-        if codes.dtype != torch.int8:
-            codes = (codes.to(torch.int16) + shift).to(torch.int8)
-        self.register_buffer("export_pt2_codes", codes, persistent=False)
+        if folded:
+            self.register_buffer("export_pt2_codes", (codes.to(torch.int16) + shift).to(torch.int8), persistent=False)
+        else:
+            self.register_buffer("export_pt2_unfolded", real, persistent=False)
         self.register_buffer("export_pt2_zero_points", self.weight_zero_point.long() + shift, persistent=False)
         if self.spec.granularity == "tensor":
             self.pt2_weight_qparams = (float(self.weight_scale), int(self.weight_zero_point) + shift)
@@ -402,11 +406,16 @@ class QuantWeightLayer(nn.Module):
             return self.export_pt2_weight
         dq = torch.ops.quantized_decomposed
         _, lo, hi = pt2_grid(self.spec, 0)
+        unfolded = self._buffers.get("export_pt2_unfolded")
         if self.pt2_weight_qparams is not None:
             scale, zp = self.pt2_weight_qparams
-            return dq.dequantize_per_tensor.default(self.export_pt2_codes, scale, zp, lo, hi, torch.int8)
-        return dq.dequantize_per_channel.default(self.export_pt2_codes, self.export_weight_scale.float(),
-                                                 self.export_pt2_zero_points, self.spec.axis, lo, hi, torch.int8)
+            codes = self.export_pt2_codes if unfolded is None else \
+                dq.quantize_per_tensor.default(unfolded, scale, zp, lo, hi, torch.int8)
+            return dq.dequantize_per_tensor.default(codes, scale, zp, lo, hi, torch.int8)
+        scale, zps, axis = self.export_weight_scale.float(), self.export_pt2_zero_points, self.spec.axis
+        codes = self.export_pt2_codes if unfolded is None else \
+            dq.quantize_per_channel.default(unfolded, scale, zps, axis, lo, hi, torch.int8)
+        return dq.dequantize_per_channel.default(codes, scale, zps, axis, lo, hi, torch.int8)
 
     def _weight_for_export(self) -> torch.Tensor:
         return self._pt2_weight() if _PT2 else self._export_weight()
