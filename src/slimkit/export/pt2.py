@@ -44,15 +44,16 @@ def capture(model: nn.Module, example_input: Any, *, max_batch: int | None = Non
     model = model.eval().cpu()
     dims = tuple({0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in args) if max_batch else None
     ep = _export(model, args, dims, set(), folded)
-    float_out = _float_output_layers(ep, model)
-    if float_out:  # once more, with those layers' weights dequantized (module docstring)
+    float_out = _float_output_layers(ep, model) if folded else set()
+    if float_out:  # once more, with those layers marked (QuantWeightLayer.freeze_for_pt2)
         ep = _export(model, args, dims, float_out, folded)
     propagate_qdq(ep.graph_module)
+    duplicate_dq(ep.graph_module)
     return ep
 
 
-def _export(model: nn.Module, args: tuple, dims, float_weights: set[str], folded: bool) -> torch.export.ExportedProgram:
-    with _quantized_export(model, float_weights, folded), warnings.catch_warnings():
+def _export(model: nn.Module, args: tuple, dims, float_out: set[str], folded: bool) -> torch.export.ExportedProgram:
+    with _quantized_export(model, float_out, folded), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(model, args, dynamic_shapes=dims, strict=False)
@@ -67,7 +68,7 @@ _ACTIVATIONS = {"relu", "relu_", "hardtanh", "hardtanh_", "clamp", "relu6"}
 def _float_output_layers(ep: torch.export.ExportedProgram, model: nn.Module) -> set[str]:
     """Quantized layers whose output is not quantized again (e.g. the classifier's logits). XNNPACK has no
     int8 kernel that returns float, and ExecuTorch 1.5.1 mis-runs such a layer when it delegates it (raw
-    codes used as weights); the exporter gives these layers their dequantized weights in float32 instead."""
+    codes used as weights): see `QuantWeightLayer.freeze_for_pt2(float_output=True)`."""
     from slimkit.quantize.graph import weight_layers
 
     names = set(weight_layers(model))
@@ -106,7 +107,7 @@ def _clean(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _quantized_export(model: nn.Module, float_weights: set[str], folded: bool):
+def _quantized_export(model: nn.Module, float_out: set[str], folded: bool):
     """Freeze a quantized model's integer parameters and switch its modules to Q/DQ ops (no-op for float)."""
     from slimkit.quantize.embedding import QuantEmbedding
     from slimkit.quantize.graph import act_quantizers, weight_layers
@@ -124,7 +125,7 @@ def _quantized_export(model: nn.Module, float_weights: set[str], folded: bool):
                                         "export this model to ONNX (.onnx) instead")
     for name, m in weight_layers(model).items():
         if m.enabled:
-            m.freeze_for_pt2(float_weight=name in float_weights, folded=folded)  # 8-bit only: a clear error before tracing
+            m.freeze_for_pt2(folded=folded, float_output=name in float_out)  # 8-bit only: a clear error before tracing
     for q in act_quantizers(model):
         q.pt2_qparams = (float(q.scale.detach().abs()), int(q.zero_point))
         pt2_grid(q.spec, q.pt2_qparams[1])
@@ -151,6 +152,27 @@ def _stash_unused(layers: list[nn.Module], quantizers: list[nn.Module]) -> list[
                 if name in table:
                     taken.append((table, name, table.pop(name)))
     return taken
+
+
+def duplicate_dq(gm: torch.fx.GraphModule) -> int:
+    """Give every consumer of a dequantized tensor its own dequantize node (as PT2E's convert does): a
+    shared one ties the consumers' partitions together and XNNPACK's partitioner then finds cycles
+    (a residual block's input feeds both its conv and its add). Returns how many copies were made."""
+    dq_op = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    made = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not dq_op or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_after(node):
+                copy = gm.graph.call_function(dq_op, node.args, dict(node.kwargs))
+            copy.meta.update(node.meta)
+            user.replace_input_with(node, copy)
+            made += 1
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
 
 
 def propagate_qdq(gm: torch.fx.GraphModule) -> int:

@@ -258,6 +258,7 @@ class QuantWeightLayer(nn.Module):
         self.round_offset: torch.Tensor | None = None  # AdaRound: soft rounding while learning
         self.input_owned: ActQuant | None = None  # input quantizer when the graph could not be traced
         self.pt2_weight_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point) while frozen
+        self.pt2_float_output = False  # see freeze_for_pt2
 
     def _scale_shape(self) -> tuple[int, ...]:
         w = self.layer.weight
@@ -358,10 +359,10 @@ class QuantWeightLayer(nn.Module):
     def unfreeze(self) -> None:
         for name in ("export_weight_codes", "export_weight_codes_t", "export_weight_scale", "export_bias_codes", "export_bias_scale",
                      "export_bias_zero_point", "export_nbits_packed", "export_nbits_scales",
-                     "export_pt2_codes", "export_pt2_zero_points", "export_pt2_bias", "export_pt2_weight",
-                     "export_pt2_unfolded"):
+                     "export_pt2_codes", "export_pt2_zero_points", "export_pt2_bias", "export_pt2_unfolded"):
             self._buffers.pop(name, None)
         self.pt2_weight_qparams = None
+        self.pt2_float_output = False
 
     def _export_weight(self) -> torch.Tensor:
         return _DQ.apply(self.export_weight_codes, self.export_weight_scale, self.weight_zero_point, self.spec)
@@ -373,12 +374,14 @@ class QuantWeightLayer(nn.Module):
             return self.layer.bias
         return _DQInt32.apply(self.export_bias_codes, self.export_bias_scale, self.export_bias_zero_point)
 
-    def freeze_for_pt2(self, float_weight: bool = False, folded: bool = True) -> None:
+    def freeze_for_pt2(self, folded: bool = True, float_output: bool = False) -> None:
         """The constants of the `quantized_decomposed` graph: int8 codes, zero points on the int8 grid, the
-        float bias the runtime rounds back to the same int32 codes. `float_weight`: the dequantized codes in
-        float32 instead (for a layer whose output stays float: the runtimes have no exact int8 kernel for it).
-        `folded=False`: the dequantized codes quantized again in the graph (PT2E's `fold_quantize=False`
-        form, which LiteRT's converter folds; exact: the codes come back unchanged)."""
+        float bias the runtime rounds back to the same int32 codes. `folded=False`: the dequantized codes
+        quantized again in the graph (PT2E's `fold_quantize=False` form, which LiteRT's converter folds;
+        exact: the codes come back unchanged). `float_output`: the layer's output is not quantized again;
+        its input is then copied first (`aten.clone`), which keeps ExecuTorch 1.5.1's XNNPACK partitioner
+        from taking it into an int8 partition it mis-runs (the int8 codes used as float weights): the layer
+        runs on ExecuTorch's portable kernels, exact, its weights stored as int8."""
         self.freeze_for_export()
         shift, lo, hi = pt2_grid(self.spec, 0)
         codes, bias = self._buffers.pop("export_weight_codes"), None
@@ -389,9 +392,7 @@ class QuantWeightLayer(nn.Module):
             bias = self.layer.bias.detach().clone()
         self.register_buffer("export_pt2_bias", bias, persistent=False)
         real = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec).float()
-        if float_weight:
-            self.register_buffer("export_pt2_weight", real, persistent=False)
-            return
+        self.pt2_float_output = float_output
         if folded:
             self.register_buffer("export_pt2_codes", (codes.to(torch.int16) + shift).to(torch.int8), persistent=False)
         else:
@@ -402,8 +403,6 @@ class QuantWeightLayer(nn.Module):
 
     def _pt2_weight(self) -> torch.Tensor:
         """The integer weight codes dequantized by a `quantized_decomposed` op (int8 grid)."""
-        if "export_pt2_weight" in self._buffers:
-            return self.export_pt2_weight
         dq = torch.ops.quantized_decomposed
         _, lo, hi = pt2_grid(self.spec, 0)
         unfolded = self._buffers.get("export_pt2_unfolded")
@@ -419,6 +418,9 @@ class QuantWeightLayer(nn.Module):
 
     def _weight_for_export(self) -> torch.Tensor:
         return self._pt2_weight() if _PT2 else self._export_weight()
+
+    def _input_for_export(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone() if _PT2 and self.pt2_float_output else x
 
 
 class _DQInt32(torch.autograd.Function):
@@ -453,7 +455,7 @@ class QuantConv(QuantWeightLayer):
         if self.input_owned is not None:
             x = self.input_owned(x)
         if (_EXPORTING or _PT2) and self.enabled and deployable(self.spec):
-            return conv_forward(self.layer, x, self._weight_for_export(), self._export_bias())
+            return conv_forward(self.layer, self._input_for_export(x), self._weight_for_export(), self._export_bias())
         return conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
 
 
@@ -478,5 +480,5 @@ class QuantLinear(QuantWeightLayer):
                                    self.export_nbits_scales, k, n, self.spec.group_size)
             return y if self.layer.bias is None else y + self.layer.bias
         if (_EXPORTING or _PT2) and self.enabled and deployable(self.spec):
-            return F.linear(x, self._weight_for_export(), self._export_bias())
+            return F.linear(self._input_for_export(x), self._weight_for_export(), self._export_bias())
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
