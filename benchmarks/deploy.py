@@ -46,6 +46,9 @@ RUNTIMES = ("ort", "openvino", "executorch", "litert")
 
 def own_openvino(fp32_onnx: Path, out: Path, calib: np.ndarray) -> Path:
     """NNCF's default post-training quantization of OpenVINO's conversion of the fp32 ONNX file."""
+    from slimkit.export.openvino import block_telemetry
+
+    block_telemetry()
     import nncf
     import openvino as ov
 

@@ -93,6 +93,7 @@ class ExecuTorchRunner:
         try:
             with quiet_native_logs():
                 self.module = portable_lib._load_for_executorch(str(path))
+                self.batch = self.module.method_meta("forward").input_tensor_meta(0).sizes()[0]
                 portable_lib._unsafe_reset_threadpool(threads)
         except Exception as err:
             raise ModelError(f"{Path(path).name}: not a loadable ExecuTorch program ({str(err).splitlines()[0]})") from None
@@ -100,7 +101,6 @@ class ExecuTorchRunner:
 
         self.version = getattr(executorch, "__version__", None) or _dist_version("executorch")
         self.threads = threads
-        self.batch = self.module.method_meta("forward").input_tensor_meta(0).sizes()[0]
 
     def __call__(self, *inputs) -> np.ndarray:
         args = [torch.as_tensor(x).float() for x in inputs]

@@ -6,7 +6,8 @@ The model goes through slimkit's ONNX export first (int8 QDQ with slimkit's own 
 models) and OpenVINO's converter reads that: QuantizeLinear/DequantizeLinear become FakeQuantize nodes,
 which OpenVINO's low-precision transformations run on its u8/i8 kernels. Dynamic batch, as the ONNX file.
 The runner pins fp32 inference precision (on AMX/AVX-512-BF16 CPUs OpenVINO would otherwise run float
-parts in bf16). Needs the `openvino` package (in requirements.lock).
+parts in bf16). Needs the `openvino` package (in requirements.lock). OpenVINO's usage telemetry is blocked
+(`block_telemetry`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,18 @@ import torch.nn as nn
 from slimkit.errors import MissingDependencyError, ModelError, UnsupportedLayerError
 
 
+def block_telemetry() -> None:
+    """OpenVINO's converter (and NNCF) send usage statistics to Google Analytics from a forked process unless
+    a consent file says no; slimkit never phones home: with `openvino_telemetry` unimportable they fall back
+    to their built-in no-op stub. Call before importing `openvino.tools` / `nncf`."""
+    import sys
+
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # `import openvino_telemetry` now raises ImportError
+
+
 def _openvino():
+    block_telemetry()
     try:
         import openvino
     except ImportError as err:
