@@ -65,8 +65,8 @@ def _pt2e(model: torch.nn.Module, example: torch.Tensor, calib: torch.Tensor, qu
     captured = torch.export.export(model.eval(), (example,), strict=False).module()
     prepared = prepare_pt2e(captured, quantizer)
     with torch.no_grad():
-        for i in range(0, len(calib), 16):
-            prepared(calib[i:i + 16])
+        for i in range(len(calib)):  # captured at batch 1
+            prepared(calib[i:i + 1])
     return convert_pt2e(prepared, fold_quantize=fold)
 
 
@@ -100,7 +100,11 @@ def own_litert(model: torch.nn.Module, example: torch.Tensor, calib: torch.Tenso
 
 
 def run_model(name: str, model, q, x_eval: torch.Tensor, x_cal: torch.Tensor, tmp: Path, rows: list, checks: list,
-              rounds: int) -> None:
+              rounds: int, issue_checks: bool) -> None:
+    """Every runtime's fp32, slimkit int8 and own int8 files of `model`, scored and timed. `issue_checks`: the
+    acceptance checks of the deployment issue (a real model: +10 points over each own quantizer, bytes <= 0.3x,
+    OpenVINO int8 not slower than ONNX Runtime int8); otherwise (a toy model where every quantizer is near 100%
+    and the IR's XML text outweighs the weights) slimkit must only not be worse and match its simulation."""
     example = x_eval[:1]
     with torch.no_grad():
         ref = torch.cat([model(x_eval[i:i + 32]) for i in range(0, len(x_eval), 32)])
@@ -155,19 +159,22 @@ def run_model(name: str, model, q, x_eval: torch.Tensor, x_cal: torch.Tensor, tm
             row["note"] = s["note"]
         rows.append(row)
     for rt in RUNTIMES:
-        ours, own, fp32 = found[(rt, "slimkit int8")], found[(rt, "own int8")], found[(rt, "fp32")]
-        checks.append(check(f"{name}/{rt}: slimkit int8 agreement with fp32 >= own quantizer's + 10 points",
-                            f"{ours['top1_agreement']:.4f} vs {own['top1_agreement']:.4f}", ">= +0.10",
-                            ours["top1_agreement"] >= own["top1_agreement"] + 0.10))
+        ours, own = found[(rt, "slimkit int8")], found[(rt, "own int8")]
+        gap = 0.10 if issue_checks else 0.0
+        checks.append(check(f"{name}/{rt}: slimkit int8 agreement with fp32 >= own quantizer's + {100 * gap:.0f} points",
+                            f"{ours['top1_agreement']:.4f} vs {own['top1_agreement']:.4f}", f">= +{gap:.2f}",
+                            ours["top1_agreement"] >= own["top1_agreement"] + gap))
         checks.append(check(f"{name}/{rt}: slimkit int8 within 1 point of its PyTorch simulation",
                             f"{ours['top1_agreement']:.4f} vs simulation {sim_agree:.4f}", "|diff| <= 0.01",
                             abs(ours["top1_agreement"] - sim_agree) <= 0.01))
-        checks.append(check(f"{name}/{rt}: slimkit int8 bytes <= 0.3x fp32", ours["bytes_vs_fp32"], "<= 0.3",
-                            ours["bytes_vs_fp32"] <= 0.3))
-    ov, ort = found[("openvino", "slimkit int8")], found[("ort", "slimkit int8")]
-    ratio = stats["openvino/slimkit int8"]["median_ms"] / stats["ort/slimkit int8"]["median_ms"]
-    checks.append(check(f"{name}: OpenVINO int8 batch-1 latency <= ONNX Runtime int8 (same slimkit model, interleaved)",
-                        f"{ov['b1_ms']:.3f} ms vs {ort['b1_ms']:.3f} ms ({ratio:.2f}x)", "<= 1.0x", ratio <= 1.0))
+        if issue_checks:
+            checks.append(check(f"{name}/{rt}: slimkit int8 bytes <= 0.3x fp32", ours["bytes_vs_fp32"], "<= 0.3",
+                                ours["bytes_vs_fp32"] <= 0.3))
+    if issue_checks:
+        ov, ort = found[("openvino", "slimkit int8")], found[("ort", "slimkit int8")]
+        ratio = stats["openvino/slimkit int8"]["median_ms"] / stats["ort/slimkit int8"]["median_ms"]
+        checks.append(check(f"{name}: OpenVINO int8 batch-1 latency <= ONNX Runtime int8 (same slimkit model, interleaved)",
+                            f"{ov['b1_ms']:.3f} ms vs {ort['b1_ms']:.3f} ms ({ratio:.2f}x)", "<= 1.0x", ratio <= 1.0))
 
 
 def part_digits(tmp: Path, rows: list, checks: list, rounds: int) -> None:
@@ -179,7 +186,7 @@ def part_digits(tmp: Path, rows: list, checks: list, rounds: int) -> None:
                     task=task)
     x_eval = torch.stack([task.split("test")[i][0] for i in range(len(task.split("test")))])
     x_cal = torch.stack([task.split("train")[i][0] for i in range(256)])
-    run_model("lenet5-digits", model, q, x_eval, x_cal, tmp, rows, checks, rounds)
+    run_model("lenet5-digits", model, q, x_eval, x_cal, tmp, rows, checks, rounds, issue_checks=False)
 
 
 def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, rounds: int) -> None:
@@ -192,7 +199,7 @@ def part_effnet(tmp: Path, rows: list, checks: list, n_eval: int, n_calib: int, 
                       keep_float=["_conv_stem", "_blocks.0._depthwise_conv"], calibration_samples=n_calib,
                       speed_check=False)
     q = sk.quantize(model, cfg, calibration_data=x_cal)
-    run_model("efficientnet_lite0", model, q, x_eval, x_cal, tmp, rows, checks, rounds)
+    run_model("efficientnet_lite0", model, q, x_eval, x_cal, tmp, rows, checks, rounds, issue_checks=True)
 
 
 def main() -> int:

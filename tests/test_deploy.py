@@ -43,15 +43,16 @@ def test_int8_export_keeps_slimkits_numbers_on_integer_kernels(runtime, q_lenet,
     path = sk.export(q_lenet, tmp_path / f"q{R.SUFFIX[runtime]}", example_input=example)
     fp32 = sk.export(trained_lenet5, tmp_path / f"f{R.SUFFIX[runtime]}", example_input=example)
     parity = R.check_parity(q_lenet, path, digits_task.example_input(64))
-    # the runtime's integer kernels vs slimkit's float simulation of them: one code apart at most on a tie
+    # the runtime's integer kernels vs slimkit's float simulation of them: one code apart at most on a tie;
+    # ExecuTorch quantizes the logits layer's input again per call (XNNPACK's dynamic kernel, docs/deployment.md)
     assert parity["top1_agreement"] == 1.0
-    assert parity["max_abs_diff"] < 2e-2 * parity["output_std"] and parity["mean_abs_diff"] < 1e-3 * parity["output_std"]
+    mean_bound = 3e-3 if runtime == "executorch" else 1e-3
+    assert parity["max_abs_diff"] < 2e-2 * parity["output_std"] and parity["mean_abs_diff"] < mean_bound * parity["output_std"]
     assert R.file_bytes(path) < 0.42 * R.file_bytes(fp32)  # int8 weights stored as int8
     kernels = R.slow_path(path)
     if runtime == "executorch":
         assert kernels["backends"] == ["XnnpackBackend"] and kernels["delegate_calls"] >= 1
-        # only the logits layer (float output: no int8 XNNPACK kernel) runs on portable kernels, weights int8
-        assert kernels["portable_ops"] == {"quantized_decomposed::dequantize_per_channel.out": 1, "aten::addmm.out": 1}
+        assert not kernels["portable_ops"], kernels  # everything in XNNPACK, the logits layer on its dynamic kernel
     elif runtime == "litert":
         assert kernels["ops"].get("CONV_2D int8", 0) + kernels["ops"].get("DEPTHWISE_CONV_2D int8", 0) == 2
         assert kernels["ops"].get("FULLY_CONNECTED int8", 0) == 2  # the logits layer stays float (its output is)
@@ -118,3 +119,20 @@ def test_bad_files_and_arguments(trained_lenet5, tmp_path):
         bad.write_bytes(b"\x00garbage" * 16)
         with pytest.raises(ModelError, match=bad.name):
             R.runner(bad)
+
+
+def test_report_gives_other_runtimes_their_columns_with_where_they_were_timed():
+    from slimkit.pipeline.recipe import Evaluation
+    from slimkit.report.html import stage_table
+
+    assert Evaluation(runtimes=["torch", "executorch", "litert", "openvino"]).runtimes[1] == "executorch"
+    with pytest.raises(Exception, match="runtimes"):
+        Evaluation(runtimes=["coreml"])
+    note = "phone runtime timed on this x86_64 host (avx2): not a phone latency"
+    row = {"runtime": "executorch-xnnpack", "batch_size": 1, "median_ms": 0.5, "p10_ms": 0.4, "p90_ms": 0.6,
+           "threads": 1, "version": "1.5.1", "note": note}
+    stages = [{"name": "baseline", "metrics": {"accuracy": 0.9, "latency": [row]}},
+              {"name": "int8", "metrics": {"accuracy": 0.89, "latency": [{**row, "median_ms": 0.25}]}}]
+    table = stage_table(stages)
+    assert "executorch-xnnpack ms b1" in table and "not a phone latency" in table
+    assert "0.25" in table and "0.5" in table

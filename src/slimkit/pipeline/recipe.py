@@ -31,7 +31,8 @@ from slimkit.errors import ConfigError
 
 
 class Evaluation(Config):
-    runtimes: list[Literal["torch", "ort"]] = Field(default_factory=lambda: ["torch", "ort"])
+    # openvino, executorch and litert: each stage's model is also exported to and timed on that runtime
+    runtimes: list[Literal["torch", "ort", "openvino", "executorch", "litert"]] = Field(default_factory=lambda: ["torch", "ort"])
     threads: int = Field(1, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     split: Literal["val", "test"] = "test"

@@ -378,10 +378,12 @@ class QuantWeightLayer(nn.Module):
         """The constants of the `quantized_decomposed` graph: int8 codes, zero points on the int8 grid, the
         float bias the runtime rounds back to the same int32 codes. `folded=False`: the dequantized codes
         quantized again in the graph (PT2E's `fold_quantize=False` form, which LiteRT's converter folds;
-        exact: the codes come back unchanged). `float_output`: the layer's output is not quantized again;
-        its input is then copied first (`aten.clone`), which keeps ExecuTorch 1.5.1's XNNPACK partitioner
-        from taking it into an int8 partition it mis-runs (the int8 codes used as float weights): the layer
-        runs on ExecuTorch's portable kernels, exact, its weights stored as int8."""
+        exact: the codes come back unchanged). `float_output`: the layer's output is not quantized again
+        (XNNPACK has no static int8 kernel returning float, and ExecuTorch 1.5.1's partitioner mis-runs such a
+        layer inside an int8 partition: the codes used as float weights). Its input is then quantized per
+        call (`choose_qparams`), XNNPACK's dynamically quantized kernel, the weights still int8: the one place a
+        .pte departs from the simulation (the input was on its static grid already; measured in
+        docs/deployment.md)."""
         self.freeze_for_export()
         shift, lo, hi = pt2_grid(self.spec, 0)
         codes, bias = self._buffers.pop("export_weight_codes"), None
@@ -420,7 +422,15 @@ class QuantWeightLayer(nn.Module):
         return self._pt2_weight() if _PT2 else self._export_weight()
 
     def _input_for_export(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone() if _PT2 and self.pt2_float_output else x
+        if not (_PT2 and self.pt2_float_output):
+            return x
+        if isinstance(self, QuantConv):  # no dynamic int8 conv in XNNPACK: keep it out (portable kernels, exact)
+            return x.clone()
+        # XNNPACK's dynamically quantized kernel (int8 input quantized per call x int8 weights -> float)
+        ops = torch.ops.quantized_decomposed
+        scale, zero = ops.choose_qparams.tensor(x, -128, 127, 2.0 ** -12, torch.int8)
+        q = ops.quantize_per_tensor.tensor(x, scale, zero, -128, 127, torch.int8)
+        return ops.dequantize_per_tensor.tensor(q, scale, zero, -128, 127, torch.int8)
 
 
 class _DQInt32(torch.autograd.Function):

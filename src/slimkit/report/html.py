@@ -128,13 +128,27 @@ def _scatter(stages: list[dict], x_of, xlabel: str, title: str) -> str | None:
     return figure_png(fig)
 
 
+def _other_runtimes(stages: list[dict]) -> list[tuple[str, int, str]]:
+    """(runtime, batch, note) of latency rows beyond torch/ONNX Runtime that any stage measured (OpenVINO,
+    ExecuTorch, LiteRT), in a stable order; the note says where a phone runtime was timed."""
+    found: dict[tuple[str, int], str] = {}
+    for s in stages:
+        for row in (s.get("metrics") or {}).get("latency", []) or []:
+            if not row["runtime"].startswith(("torch", "onnxruntime")):
+                found.setdefault((row["runtime"], row["batch_size"]), row.get("note", ""))
+    return [(rt, b, note) for (rt, b), note in sorted(found.items())]
+
+
 def stage_table(stages: list[dict]) -> str:
     base = stages[0]["metrics"] if stages else {}
     base_size = base.get("size_bytes")
     base_acc = base.get("accuracy")
+    others = _other_runtimes(stages)
+    extra_head = "".join(f"<th>{html.escape(rt)} ms b{b}" + (f"<br><small>{html.escape(note)}</small>" if note else "") + "</th>"
+                         for rt, b, note in others)
     head = ("<tr><th class=l>stage</th><th>accuracy</th><th>&Delta; pts</th><th>params (non-zero)</th><th>MACs</th>"
             "<th>bytes on disk</th><th>&times; smaller</th><th>torch ms b1</th><th>torch ms b64</th>"
-            "<th>ORT ms b1</th><th>ORT ms b64</th><th class=l>artifact / notes</th></tr>")
+            f"<th>ORT ms b1</th><th>ORT ms b64</th>{extra_head}<th class=l>artifact / notes</th></tr>")
     rows = [head]
     for s in stages:
         m = s.get("metrics") or {}
@@ -143,6 +157,7 @@ def stage_table(stages: list[dict]) -> str:
         size = m.get("size_bytes")
         ratio = f"{base_size / size:.1f}" if size and base_size else ""
         lat = [_latency_row(m, rt, b) for rt, b in (("torch", 1), ("torch", 64), ("onnxruntime", 1), ("onnxruntime", 64))]
+        lat += [_latency_row(m, rt, b) for rt, b, _ in others]
         notes = [html.escape(n) for n in s.get("notes", [])]
         if s.get("simulated"):
             notes.insert(0, "<span class=sim>simulated: not a real speed/size result</span>")
