@@ -30,6 +30,7 @@ CURRENT = [
     ("quantize", "quantize-cnn-minilm.json", f"OMP_NUM_THREADS=1 {PY}quantize.py --parts cnn,minilm --out benchmarks/results/quantize-cnn-minilm.json"),
     ("quantize", "quantize-minilm.json", f"OMP_NUM_THREADS=1 {PY}quantize.py --parts minilm --out benchmarks/results/quantize-minilm.json"),
     ("quantize", "quantize-lowbit.json", f"OMP_NUM_THREADS=1 {PY}quantize.py --parts lowbit --out benchmarks/results/quantize-lowbit.json"),
+    ("deploy", "deploy.json", f"{PY}deploy.py --out benchmarks/results/deploy.json"),
     ("prune", "prune-dc-glyphs.json", f"{PY}prune.py --data glyphs --sections deep-compression --artifacts /tmp/pg60 --out benchmarks/results/prune-dc-glyphs.json"),
     ("prune", "prune-unstructured-dc-nm.json", f"{PY}prune.py --sections deep-compression,unstructured,n:m --artifacts /tmp/p4/art --out benchmarks/results/prune-unstructured-dc-nm.json"),
     ("prune", "prune-structured.json", f"OMP_NUM_THREADS=1 {PY}prune.py --sections structured --artifacts /tmp/p15/art --out benchmarks/results/prune-structured.json"),

@@ -33,16 +33,13 @@ def _args(example: Any) -> tuple:
     return tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
-def capture(model: nn.Module, example_input: Any, *, max_batch: int | None = None,
-            folded: bool = True) -> torch.export.ExportedProgram:
-    """`torch.export` of `model` (eval, CPU) on `example_input`; batch axis dynamic up to `max_batch` (None:
-    static). Quantized models are captured with slimkit's own integer parameters (module docstring): as
-    int8 constants (`folded`, ExecuTorch) or as their float values quantized in the graph (LiteRT)."""
+def capture(model: nn.Module, example_input: Any, *, folded: bool = True) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` (eval, CPU) for `example_input`'s static shape. Quantized models are captured
+    with slimkit's own integer parameters (module docstring): as int8 constants (`folded`, ExecuTorch) or as
+    their float values quantized in the graph (LiteRT)."""
     args = _args(example_input)
-    if max_batch:  # torch.export specializes a size-1 axis: trace a batch of 2
-        args = tuple(a.expand(2, *a.shape[1:]).contiguous() if a.shape[0] == 1 else a for a in args)
     model = model.eval().cpu()
-    dims = tuple({0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in args) if max_batch else None
+    dims = None
     ep = _export(model, args, dims, set(), folded)
     float_out = _float_output_layers(ep, model) if folded else set()
     if float_out:  # once more, with those layers marked (QuantWeightLayer.freeze_for_pt2)
