@@ -131,8 +131,8 @@ def test_onnx_export_parity(trained_lenet5, digits_task, tmp_path):
 def test_export_unknown_format(trained_lenet5, tmp_path):
     from slimkit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown format '.tflite'"):
-        slimkit.export(trained_lenet5, tmp_path / "m.tflite")
+    with pytest.raises(ConfigError, match=r"unknown format '.mlmodel'; known: .*\.pte.*\.tflite.*\.xml"):
+        slimkit.export(trained_lenet5, tmp_path / "m.mlmodel")
 
 
 def test_torch_latency_channels_last_runs_a_nhwc_copy(trained_lenet5, digits_task):
