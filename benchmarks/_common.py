@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -71,6 +71,27 @@ def print_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def run_parts(parts: dict[str, Callable[[], None]], requested: list[str], checks: list[dict[str, Any]]) -> int:
+    """Run the requested benchmark parts in order: an unknown name is a usage error (returns 2); a part that
+    raises is a finding (its traceback printed, a failed "ran" check), and the others still run. Returns 0."""
+    import sys
+    import traceback
+
+    unknown = [p for p in requested if p not in parts]
+    if unknown:
+        print(f"unknown part {unknown[0]!r}; known: {', '.join(parts)}", file=sys.stderr)
+        return 2
+    for part in requested:
+        t0 = time.perf_counter()
+        try:
+            parts[part]()
+        except Exception as err:
+            traceback.print_exc()
+            checks.append(check(f"{part}: ran", f"{type(err).__name__}: {err}", "no error", False))
+        print(f"[{part}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
 
 
 def write_result(out: str | Path, benchmark: str, env: dict[str, Any], rows: list[dict[str, Any]],

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check, environment, latency_fields, print_table, write_result  # noqa: E402
+from _common import check, environment, latency_fields, print_table, run_parts, write_result  # noqa: E402
 from quantize import ort_static, wilson  # noqa: E402
 
 import slimkit as sk  # noqa: E402
@@ -215,22 +215,11 @@ def main() -> int:
     checks: list = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for part in args.parts.split(","):
-            t0 = time.perf_counter()
-            try:
-                if part == "digits":
-                    part_digits(tmp, rows, checks, args.rounds)
-                elif part == "effnet":
-                    part_effnet(tmp, rows, checks, args.eval_crops, args.calib_crops, args.rounds)
-                else:
-                    print(f"unknown part {part!r}", file=sys.stderr)
-                    return 2
-            except Exception as err:  # a failing part is a finding; the others still run
-                import traceback
-
-                traceback.print_exc()
-                checks.append(check(f"{part}: ran", f"{type(err).__name__}: {err}", "no error", False))
-            print(f"[{part}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        code = run_parts({"digits": lambda: part_digits(tmp, rows, checks, args.rounds),
+                          "effnet": lambda: part_effnet(tmp, rows, checks, args.eval_crops, args.calib_crops, args.rounds)},
+                         args.parts.split(","), checks)
+    if code:
+        return code
     print_table(rows, ["model", "runtime", "variant", "top1_agreement", "agreement_with_simulation", "bytes",
                        "bytes_vs_fp32", "b1_ms", "b1_ms_p10", "b1_ms_p90", "b1_vs_ort_fp32", "b1_vs_own_fp32"], title="deploy")
     env = environment(note="shared 2-core machine; latency: batch 1, 1 thread, variants of a model interleaved; "

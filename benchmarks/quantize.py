@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check, environment, latency_fields, print_table, write_result  # noqa: E402
+from _common import check, environment, latency_fields, print_table, run_parts, write_result  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.data.natural import SOURCES, is_grey  # noqa: E402
@@ -414,26 +414,13 @@ def main() -> int:
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for part in parts:
-            t0 = time.perf_counter()
-            try:
-                if part == "cnn":
-                    part_cnn(tmp, rows, checks, args.epochs)
-                elif part == "lowbit":
-                    part_lowbit(tmp, rows, checks, args.epochs)
-                elif part == "effnet":
-                    part_effnet(tmp, rows, checks, args.eval_crops, args.calib_crops, sources=args.sources)
-                elif part == "minilm":
-                    part_minilm(tmp, rows, checks, args.sentences)
-                else:
-                    print(f"unknown part {part!r}", file=sys.stderr)
-                    return 2
-            except Exception as err:  # a failing part is a finding; the others still run
-                import traceback
-
-                traceback.print_exc()
-                checks.append(check(f"{part}: ran", f"{type(err).__name__}: {err}", "no error", False))
-            print(f"[{part}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        code = run_parts({"cnn": lambda: part_cnn(tmp, rows, checks, args.epochs),
+                          "lowbit": lambda: part_lowbit(tmp, rows, checks, args.epochs),
+                          "effnet": lambda: part_effnet(tmp, rows, checks, args.eval_crops, args.calib_crops,
+                                                        sources=args.sources),
+                          "minilm": lambda: part_minilm(tmp, rows, checks, args.sentences)}, parts, checks)
+    if code:
+        return code
     # the blame table is printed as lines by its part (too wide for a cell); it stays in the JSON
     print_table(rows, sorted({k for r in rows for k in r if k != "blame"}, key=lambda k: (k not in ("part", "model", "variant"), k)),
                 title="quantize")

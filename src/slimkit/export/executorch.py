@@ -103,18 +103,11 @@ class ExecuTorchRunner:
         self.threads = threads
 
     def __call__(self, *inputs) -> np.ndarray:
-        args = [torch.as_tensor(x).float() for x in inputs]
-        n, b = args[0].shape[0], self.batch
-        if n == b:
-            return self.module.forward([a.contiguous() for a in args])[0].numpy()
-        outs = []
-        for i in range(0, n, b):
-            chunk = [a[i:i + b] for a in args]
-            rows = chunk[0].shape[0]
-            if rows < b:  # pad with copies of the first row
-                chunk = [torch.cat([c, c[:1].expand(b - rows, *c.shape[1:])]) for c in chunk]
-            outs.append(self.module.forward([c.contiguous() for c in chunk])[0][:rows].numpy())
-        return np.concatenate(outs)
+        from slimkit.export.runtimes import in_chunks
+
+        arrays = [np.asarray(x, dtype=np.float32) for x in inputs]
+        return in_chunks(lambda chunk: self.module.forward([torch.from_numpy(np.ascontiguousarray(c)) for c in chunk])[0].numpy(),
+                         arrays, self.batch)
 
 
 def _dist_version(name: str) -> str:

@@ -116,13 +116,6 @@ class LiteRTRunner:
         return out.copy()
 
     def __call__(self, *inputs) -> np.ndarray:
-        args = [np.asarray(x, dtype=np.float32) for x in inputs]
-        n, b = args[0].shape[0], self.batch
-        outs = []
-        for i in range(0, n, b):
-            chunk = [a[i:i + b] for a in args]
-            rows = chunk[0].shape[0]
-            if rows < b:
-                chunk = [np.concatenate([c, np.repeat(c[:1], b - rows, axis=0)]) for c in chunk]
-            outs.append(self._run(chunk)[:rows])
-        return np.concatenate(outs)
+        from slimkit.export.runtimes import in_chunks
+
+        return in_chunks(self._run, [np.asarray(x, dtype=np.float32) for x in inputs], self.batch)

@@ -85,12 +85,8 @@ def run_onnx(path: str | Path, example_input: Any, threads: int = 1) -> np.ndarr
 
 def check_onnx_parity(model: nn.Module, path: str | Path, example_input: Any) -> dict[str, float]:
     """Max and mean absolute difference between PyTorch and ONNX Runtime outputs, and top-1 agreement."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad():
-        ref = model.eval()(*args).float().numpy()
-    out = run_onnx(path, example_input)
-    diff = np.abs(out - ref)
-    result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        result["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+    from slimkit.export.runtimes import check_parity
+
+    result = check_parity(model, path, example_input)
+    result.pop("output_std")
     return result

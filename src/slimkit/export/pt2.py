@@ -39,21 +39,20 @@ def capture(model: nn.Module, example_input: Any, *, folded: bool = True) -> tor
     their float values quantized in the graph (LiteRT)."""
     args = _args(example_input)
     model = model.eval().cpu()
-    dims = None
-    ep = _export(model, args, dims, set(), folded)
+    ep = _export(model, args, set(), folded)
     float_out = _float_output_layers(ep, model) if folded else set()
     if float_out:  # once more, with those layers marked (QuantWeightLayer.freeze_for_pt2)
-        ep = _export(model, args, dims, float_out, folded)
+        ep = _export(model, args, float_out, folded)
     propagate_qdq(ep.graph_module)
     duplicate_dq(ep.graph_module)
     return ep
 
 
-def _export(model: nn.Module, args: tuple, dims, float_out: set[str], folded: bool) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, args: tuple, float_out: set[str], folded: bool) -> torch.export.ExportedProgram:
     with _quantized_export(model, float_out, folded), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.export.export(model, args, dynamic_shapes=dims, strict=False)
+            return torch.export.export(model, args, strict=False)
         except Exception as err:
             raise UnsupportedLayerError(f"torch.export of {type(model).__name__} failed: {str(err).splitlines()[0]}") from None
 

@@ -33,6 +33,19 @@ def runtime_of(path: str | Path) -> str:
     raise ConfigError(f"{Path(path).name}: no runtime runs {suffix!r} files; known: {', '.join(SUFFIX.values())}")
 
 
+def in_chunks(run, inputs: list, batch: int) -> np.ndarray:
+    """`run(chunk)` over the rows of `inputs` (numpy arrays) in chunks of a static-shape program's `batch`,
+    the last chunk padded with copies of its first row; the outputs concatenated, padding dropped."""
+    n, outs = inputs[0].shape[0], []
+    for i in range(0, n, batch):
+        chunk = [a[i:i + batch] for a in inputs]
+        rows = chunk[0].shape[0]
+        if rows < batch:
+            chunk = [np.concatenate([c, np.repeat(c[:1], batch - rows, axis=0)]) for c in chunk]
+        outs.append(np.asarray(run(chunk))[:rows])
+    return np.concatenate(outs)
+
+
 class _OrtRunner:
     runtime = "onnxruntime-cpu"
 
@@ -42,11 +55,12 @@ class _OrtRunner:
         from slimkit.evaluate.latency import ort_session
 
         self.session = ort_session(path, threads)
-        self.names = [i.name for i in self.session.get_inputs()]
         self.version, self.threads = ort.__version__, threads
 
     def __call__(self, *inputs) -> np.ndarray:
-        return self.session.run(None, {n: np.asarray(x) for n, x in zip(self.names, inputs)})[0]
+        from slimkit.evaluate.latency import ort_inputs
+
+        return self.session.run(None, ort_inputs(self.session, inputs))[0]
 
 
 def runner(path: str | Path, threads: int = 1):

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.nn as nn
 
-from slimkit.export.onnx import export_onnx, run_onnx
+from slimkit.export.onnx import export_onnx
 from slimkit.quantize.modules import deployable, nbits_exportable, onnx_export_mode
 
 
@@ -36,17 +34,10 @@ def export_quantized(model: nn.Module, path: str | Path, example_input: Any, *, 
 def check_parity(model: nn.Module, path: str | Path, example_input: Any, threads: int = 1) -> dict[str, float]:
     """How closely ONNX Runtime's integer execution of `path` follows slimkit's simulation on the same
     inputs: max/mean absolute difference, the output's quantization-free scale (std) for context,
-    and top-1 agreement for classifiers."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with torch.no_grad():
-        ref = model.eval()(*args).float().numpy()
-    out = run_onnx(path, example_input, threads=threads)
-    diff = np.abs(out - ref)
-    result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-              "output_std": float(ref.std())}
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        result["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
-    return result
+    and top-1 agreement for classifiers (`export.runtimes.check_parity`, which serves every runtime)."""
+    from slimkit.export.runtimes import check_parity as runtime_parity
+
+    return runtime_parity(model, path, example_input, threads)
 
 
 def onnx_op_counts(path: str | Path, *, optimized: bool = True) -> dict[str, int]:

@@ -393,12 +393,12 @@ class QuantWeightLayer(nn.Module):
         if bias is None and self.layer.bias is not None:
             bias = self.layer.bias.detach().clone()
         self.register_buffer("export_pt2_bias", bias, persistent=False)
-        real = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec).float()
         self.pt2_float_output = float_output
         if folded:
             self.register_buffer("export_pt2_codes", (codes.to(torch.int16) + shift).to(torch.int8), persistent=False)
         else:
-            self.register_buffer("export_pt2_unfolded", real, persistent=False)
+            real = nq.dequantize(codes.long(), self.weight_scale.detach(), self.weight_zero_point.long(), self.spec)
+            self.register_buffer("export_pt2_unfolded", real.float(), persistent=False)
         self.register_buffer("export_pt2_zero_points", self.weight_zero_point.long() + shift, persistent=False)
         if self.spec.granularity == "tensor":
             self.pt2_weight_qparams = (float(self.weight_scale), int(self.weight_zero_point) + shift)
