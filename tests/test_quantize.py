@@ -73,6 +73,36 @@ def test_dynamic_int8_linear(trained_mlp, tmp_path):
     assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 3
 
 
+class _ThreeProjections(nn.Module):
+    """Query/key/value-style: three Linear layers read the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.q(x) * self.k(x) + self.v(x)))
+
+
+def test_dynamic_int8_quantizes_a_shared_input_once(tmp_path):
+    """Layers reading the same tensor share one DynamicQuantizeLinear in the file (as ONNX Runtime would
+    merge them); the outputs are those of the simulation."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = _ThreeProjections().eval()
+    q = sk.quantize(model, QuantConfig(weights="int8", activations="uint8", mode="dynamic"))
+    x = torch.randn(64, 16)
+    path = export_quantized(q, tmp_path / "dyn.onnx", x[:1])
+    nodes = onnx.load(str(path)).graph.node
+    quantized = [n.input[0] for n in nodes if n.op_type == "DynamicQuantizeLinear"]
+    assert len(quantized) == 2 and len(set(quantized)) == 2  # the input once, the block's output once
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 4
+    parity = check_parity(q, path, x)
+    assert parity["max_abs_diff"] < 1e-4 * max(1.0, parity["output_std"])
+
+
 def test_weight_only_int4_is_labelled(trained_lenet5, digits_task):
     q = sk.quantize(trained_lenet5, QuantConfig(weights="int3", activations="none"))
     assert q.slimkit_simulated is True

@@ -42,38 +42,52 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Any, *, opset
                 axes = {n: {0: "batch"} for n in names + ["output"]} if dynamic_batch else None
                 torch.onnx.export(model, args, str(tmp), dynamo=False, input_names=names, output_names=["output"],
                                   dynamic_axes=axes, opset_version=opset)
-                constants_to_initializers(tmp)
+                tidy_graph(tmp)
         except Exception as err:
             raise UnsupportedLayerError(f"ONNX export of {type(model).__name__} failed: {err}") from None
     return path
 
 
-def constants_to_initializers(path: str | Path) -> int:
-    """Move the tensors of the main graph's Constant nodes into initializers, in place; returns how many.
+def tidy_graph(path: str | Path) -> dict[str, int]:
+    """Rewrite the TorchScript exporter's file in place, keeping what it computes; returns what changed.
 
-    The TorchScript exporter writes buffers it folds (e.g. a quantized model's integer codes) as
-    Constant nodes; as initializers they are what ONNX tools expect of weights (external data,
-    sharing), and the file is smaller (one name per tensor instead of a node with its name and
-    attribute)."""
+    - Constant nodes of the main graph become initializers: the exporter writes buffers it folds (e.g. a
+      quantized model's integer codes) as Constant nodes; as initializers they are what ONNX tools expect
+      of weights (external data, sharing), and the file is smaller (one name per tensor instead of a node
+      with its name and attribute).
+    - One DynamicQuantizeLinear per tensor: each dynamic int8 layer quantizes its own input, so the
+      query/key/value projections of an attention block quantize the same tensor three times. ONNX
+      Runtime merges them when it optimizes the graph; merged in the file, it is smaller (and so is the
+      work of runtimes that do not)."""
     import onnx
 
     model = onnx.load(str(path))
-    graph, kept, moved = model.graph, [], 0
+    graph, kept, rename = model.graph, [], {}
+    changed = {"constants_moved": 0, "input_quantizations_shared": 0}
+    first: dict[str, onnx.NodeProto] = {}
+    outputs = {o.name for o in graph.output}
     for node in graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
         attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
         if attr is not None and attr.name == "value" and not node.domain:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(attr.t)
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
-            moved += 1
-        else:
-            kept.append(node)
-    if moved:
+            changed["constants_moved"] += 1
+            continue
+        if node.op_type == "DynamicQuantizeLinear" and not node.domain and not outputs & set(node.output):
+            same = first.setdefault(node.input[0], node)
+            if same is not node:
+                rename.update(zip(node.output, same.output))
+                changed["input_quantizations_shared"] += 1
+                continue
+        kept.append(node)
+    if any(changed.values()):
         del graph.node[:]
         graph.node.extend(kept)
         onnx.save(model, str(path))
-    return moved
+    return changed
 
 
 def run_onnx(path: str | Path, example_input: Any, threads: int = 1) -> np.ndarray:
