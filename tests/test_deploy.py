@@ -56,6 +56,8 @@ def test_int8_export_keeps_slimkits_numbers_on_integer_kernels(runtime, q_lenet,
     elif runtime == "litert":
         assert kernels["ops"].get("CONV_2D int8", 0) + kernels["ops"].get("DEPTHWISE_CONV_2D int8", 0) == 2
         assert kernels["ops"].get("FULLY_CONNECTED int8", 0) == 2  # the logits layer stays float (its output is)
+        # ... but its weights are stored as int8 codes read through a DEQUANTIZE (beside its input's)
+        assert kernels["ops"].get("DEQUANTIZE int8", 0) == 2 and R.file_bytes(path) < 0.32 * R.file_bytes(fp32)
     else:
         assert kernels["layers"].get("Convolution u8", 0) == 2 and kernels["layers"].get("FullyConnected u8", 0) >= 2
 

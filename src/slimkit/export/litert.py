@@ -6,6 +6,11 @@ Converted by `litert-torch` (no TensorFlow). Float models become float32 program
 model is captured with its own scales, zero points and weight codes (`export/pt2.py`, the weights in
 PT2E's unfolded Q/DQ form, which the converter folds into int8 tensors) and converted in LiteRT's static
 int8 mode: int8 conv / fully-connected / pooling kernels with slimkit's numbers, not a re-quantization.
+A quantized layer whose output stays float (the classifier's logits) has no static int8 kernel in LiteRT:
+the converter runs it in float and stores its weights as float32 (for EfficientNet-Lite0 a quarter of the
+weights, half the file). slimkit then writes those weights back as their int8 codes followed by a
+DEQUANTIZE (LiteRT's weight-only form, `int8_weights`): the same values, computed as the simulation does,
+in a quarter of the bytes.
 The converter makes a quantized program's first input int8 (the model's input quantizer folded in):
 `LiteRTRunner` quantizes float inputs with that tensor's scale and zero point, as an app would.
 Static shapes (the example's). Needs `litert-torch` and `ai-edge-litert` (in requirements.lock).
@@ -54,7 +59,91 @@ def export_litert(model: nn.Module, path: str | Path, example_input: Any) -> Pat
         raise UnsupportedLayerError(f"LiteRT conversion of {type(model).__name__} failed: {str(err).splitlines()[0]}") from None
     with atomic_path(path) as tmp, quiet_native_logs():
         converted.export(str(tmp))
+        if quantized:
+            tmp.write_bytes(int8_weights(tmp.read_bytes(), _layer_codes(model)))
     return path
+
+
+def _layer_codes(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(int8 codes, scales, dequantized values) of every 8-bit quantized weight layer with symmetric
+    (zero-point 0) per-channel or per-tensor scales along the output channels (what LiteRT can store)."""
+    import torch
+
+    from slimkit.quantize import numerics as nq
+    from slimkit.quantize.graph import weight_layers
+    from slimkit.quantize.modules import pt2_grid
+
+    found = []
+    for m in weight_layers(model).values():
+        if not m.enabled or m.dynamic or m.spec.bits != 8 or m.spec.granularity == "group" or m.spec.axis != 0:
+            continue
+        shift = pt2_grid(m.spec, 0)[0]
+        with torch.no_grad():
+            codes = m.weight_codes()
+            zero = m.weight_zero_point.long() + shift
+            if bool((zero != 0).any()):
+                continue
+            real = nq.dequantize(codes, m.weight_scale, m.weight_zero_point.long(), m.spec)
+        found.append(((codes + shift).to(torch.int8).numpy(), m.weight_scale.detach().float().reshape(-1).numpy(),
+                      real.float().numpy()))
+    return found
+
+
+def int8_weights(data: bytes, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
+    """The flatbuffer `data` with every float32 constant that holds one of `layers`' dequantized weights
+    (as PyTorch lays it out, or OHWI for a convolution) stored as its int8 codes with the layer's scales,
+    read through a DEQUANTIZE op placed before its first consumer. Returns `data` unchanged if none."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    by_shape: dict[tuple, list] = collections.defaultdict(list)
+    for codes, scales, real in layers:
+        by_shape[real.shape].append((codes, scales, real))
+        if real.ndim == 4:  # conv weights OIHW -> OHWI
+            by_shape[real.transpose(0, 2, 3, 1).shape].append(
+                (codes.transpose(0, 2, 3, 1), scales, real.transpose(0, 2, 3, 1)))
+    model = fb.ModelT.InitFromPackedBuf(data, 0)
+    dequantize = next((i for i, c in enumerate(model.operatorCodes) if c.builtinCode == fb.BuiltinOperator.DEQUANTIZE), None)
+    changed = 0
+    for graph in model.subgraphs:
+        for index, tensor in enumerate(list(graph.tensors)):
+            buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+            shape = tuple(int(d) for d in tensor.shape) if tensor.shape is not None else ()
+            if tensor.type != fb.TensorType.FLOAT32 or buffer is None or buffer.data is None or shape not in by_shape:
+                continue
+            values = np.frombuffer(np.asarray(buffer.data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(shape)
+            match = next((m for m in by_shape[shape] if np.allclose(values, m[2], rtol=1e-6, atol=1e-12)), None)
+            users = [i for i, op in enumerate(graph.operators) if op.inputs is not None and index in op.inputs]
+            if match is None or not users:
+                continue
+            codes, scales, _ = match
+            if dequantize is None:
+                code = fb.OperatorCodeT()
+                code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.DEQUANTIZE
+                code.version = 5 if scales.size > 1 else 2  # int8 input per channel / per tensor
+                model.operatorCodes.append(code)
+                dequantize = len(model.operatorCodes) - 1
+            stored = fb.BufferT()
+            stored.data = np.ascontiguousarray(codes).view(np.uint8).reshape(-1)
+            model.buffers.append(stored)
+            quant = fb.QuantizationParametersT()
+            quant.scale = [float(s) for s in scales]
+            quant.zeroPoint = [0] * scales.size
+            quant.quantizedDimension = 0
+            weight = fb.TensorT()
+            weight.shape, weight.type, weight.buffer = list(shape), fb.TensorType.INT8, len(model.buffers) - 1
+            weight.name, weight.quantization = (tensor.name or b"weight") + b"_int8", quant
+            graph.tensors.append(weight)
+            buffer.data, tensor.buffer = None, 0  # the float tensor is now computed, not stored
+            op = fb.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(graph.tensors) - 1], [index]
+            graph.operators.insert(users[0], op)
+            changed += 1
+    if not changed:
+        return data
+    builder = flatbuffers.Builder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _interpreter(path: str | Path, threads: int):
