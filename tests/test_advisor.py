@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from slimkit.errors import InfeasibleError
-from slimkit.pipeline.advisor import AutoConfig, advise, feasible, pareto_front, score
+from slimkit.pipeline.advisor import AutoConfig, advise, budget_notes, feasible, pareto_front, score
 from slimkit.pipeline.recipe import load_recipe
 
 TINY = dict(trials=3, student_epochs=2, recovery_epochs=1, max_students=1, structured_targets=[0.5], sparsities=[0.8],
@@ -157,6 +157,23 @@ def test_clock_stops_when_the_rebuild_would_not_fit():
     assert not clock.allows("after 3 of 16 trials") and clock.stopped == "after 3 of 16 trials"
     clock.reserve = 0.0
     assert not clock.allows("b") and clock.stopped == "after 3 of 16 trials"  # once stopped, stays stopped
+
+
+def test_screening_stops_at_its_share_of_the_time_budget(tmp_path, trained_lenet5, digits_task, monkeypatch):
+    from slimkit.pipeline import advisor_search
+    from slimkit.pipeline.advisor_space import student_candidates
+
+    # a share so small that the second student would overrun it whatever this CPU's speed
+    monkeypatch.setattr(advisor_search, "SCREEN_SHARE", 1e-9)
+    cfg = AutoConfig(**{**TINY, "max_students": 3}, time_budget_s=1e6)
+    clock = advisor_search.Clock(cfg.time_budget_s)
+    runner = advisor_search._Runner(trained_lenet5, digits_task, cfg, tmp_path)
+    kept, rows = advisor_search.screen_students(runner, {"accuracy": 1.0}, cfg, clock)
+    total = len(student_candidates(trained_lenet5, digits_task))
+    assert total > 1 and len(rows) == 1 and kept == [rows[0]["student"]]
+    assert clock.screening.startswith(f"screened 1 of {total} students") and clock.stopped is None  # trials go on
+    assert "budget" in budget_notes({"epoch_scale": 1.0, "stopped": None, "screening_stopped": clock.screening,
+                                     "time_budget_s": 1e6})[0]
 
 
 def test_advisor_respects_a_time_budget_on_a_subset(tmp_path, trained_lenet5, digits_task, monkeypatch):

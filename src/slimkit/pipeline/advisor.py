@@ -123,6 +123,7 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     sens = analyse(model, task)  # after the search: a shared search's workers all start trials at once
     budget = {"screen_images": len(screen.train), "train_images": n_full, "epoch_scale": scale,
               "time_budget_s": config.time_budget_s, "trials_run": len(points), "stopped": clock.stopped,
+              "screening_stopped": clock.screening,
               "search_seconds": time.perf_counter() - t0, "rebuild_estimate_s": clock.reserve}
     front = pareto_front(points + [base])
     candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
@@ -186,6 +187,8 @@ def budget_notes(budget: dict) -> list[str]:
         notes.append(f"searched on {budget['screen_images']:,} of the {budget['train_images']:,} training images "
                      f"(validation whole); the recommendation was rebuilt on all of them with its epochs scaled by "
                      f"{budget['epoch_scale']:.3f}, so it saw as many examples as in the search")
+    if budget.get("screening_stopped"):
+        notes.append(f"time budget {budget['time_budget_s']:.0f} s: {budget['screening_stopped']}")
     if budget["stopped"]:
         notes.append(f"time budget {budget['time_budget_s']:.0f} s: the search stopped {budget['stopped']}, keeping "
                      f"{budget['rebuild_estimate_s']:.0f} s (x1.5) for the rebuild")

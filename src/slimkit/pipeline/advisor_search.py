@@ -17,6 +17,10 @@ from slimkit.pipeline.advisor_space import (FP32, AutoConfig, base_params, build
 from slimkit.pipeline.recipe import Stage
 from slimkit.pipeline.stage import Timed, evaluate_stage, run_stage, time_side_by_side
 
+# Under a time budget, student screening may use at most this share of the time left when it starts: the
+# rest is for the trials (which reuse the trained students), the sensitivity scan and the rebuild.
+SCREEN_SHARE = 0.4
+
 
 class Clock:
     """The run's time budget: `left()` seconds (inf without a budget) and the largest recipe cost seen,
@@ -26,6 +30,7 @@ class Clock:
         self.budget_s, self.start = budget_s, time.perf_counter() if start is None else start
         self.reserve = 0.0
         self.stopped: str | None = None
+        self.screening: str | None = None  # why student screening stopped early, if it did
 
     def left(self) -> float:
         return math.inf if self.budget_s is None else self.budget_s - (time.perf_counter() - self.start)
@@ -272,7 +277,9 @@ def screen_students(runner: _Runner, base: dict, config: AutoConfig,
     """Train every candidate student twice, distilled from the model (soft targets) and on the hard
     labels alone, both on shifted images, and keep the better of the two (the trained students are
     shared with the trials). Keep up to `max_students`: the cheapest within the accuracy budget on
-    validation data, topped up with the most accurate of the others. Returns (kept keys, one row per
+    validation data, topped up with the most accurate of the others. Under a time budget, screening stops
+    (cheapest students first, so the most likely to fit are in) before the next student would take it past
+    `SCREEN_SHARE` of the time left, and says so in `clock.screening`. Returns (kept keys, one row per
     candidate)."""
     from slimkit.core.progress import progress_bar
     from slimkit.core.trainer import accuracy
@@ -280,11 +287,17 @@ def screen_students(runner: _Runner, base: dict, config: AutoConfig,
     clock = clock or Clock(None)
     candidates = student_candidates(runner.model, runner.task) if config.max_students else []
     rows = []
+    limit, start, last = SCREEN_SHARE * clock.left(), time.perf_counter(), 0.0
     with progress_bar("advisor: screening students", 2 * len(candidates)) as advance:
         for key, macs in candidates:
-            # a student costs about what the cheapest one did (they are screened cheapest first)
+            # the next student costs at least what the last one did (they are screened cheapest first)
+            if rows and time.perf_counter() - start + last > limit:
+                clock.screening = (f"screened {len(rows)} of {len(candidates)} students: the next would have taken "
+                                   f"screening past its {SCREEN_SHARE:.0%} share of the time budget ({limit:.0f} s)")
+                break
             if rows and not clock.allows(f"after screening {len(rows)} of {len(candidates)} students"):
                 break
+            t0 = time.perf_counter()
             acc = {}
             for signal, k in (("kd", key), ("labels", key + "@labels")):
                 stages = build_stages({"student": k}, config)
@@ -296,6 +309,7 @@ def screen_students(runner: _Runner, base: dict, config: AutoConfig,
             rows.append({"student": key + "@labels" if labels else key, "macs": macs,
                          "params": sum(p.numel() for p in student.parameters()), "accuracy": max(acc.values()),
                          "kd_accuracy": acc["kd"], "labels_accuracy": acc["labels"]})
+            last = time.perf_counter() - t0
     within = [r for r in rows if 100 * (base["accuracy"] - r["accuracy"]) <= config.max_accuracy_drop + 1e-9]
     others = sorted((r for r in rows if r not in within), key=lambda r: -r["accuracy"])
     kept = (within + others)[: config.max_students]
