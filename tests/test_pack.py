@@ -127,6 +127,12 @@ def test_budget_search_stays_within_the_validation_budget(tmp_path, trained_lene
         assert chosen["bits"] in config.bits_grid
         assert len(torch.unique(w[w != 0])) <= (1 << chosen["bits"]) - 1
         assert abs(float((w == 0).float().mean()) - chosen["sparsity"]) < 1e-3
+        bias = loaded.get_submodule(name).bias
+        if "bias_bits" in chosen:  # a coded bias holds at most 2**bits - 1 shared values and is smaller coded
+            assert len(torch.unique(bias[bias != 0])) <= (1 << chosen["bias_bits"]) - 1
+            assert bias.numel() * chosen["bias_bits"] / 8 + 2 * ((1 << chosen["bias_bits"]) - 1) < 2 * bias.numel()
+    # the 120- and 84-unit biases are worth coding (the whole-model retry may give some back to float16)
+    assert {"classifier.1", "classifier.3"} & {n for n, c in layers.items() if "bias_bits" in c}
     steps = [t["step"] for t in result["search"]]
     assert steps[:2] == ["unpruned", "sensitivity scan"] and "prune" in steps and steps[-1] == "quantize"
     accepted = [t for t in result["search"] if t["step"] == "prune" and t["within"]]

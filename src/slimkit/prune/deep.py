@@ -13,8 +13,10 @@ What is searched, all on the task's validation split (the test split is never lo
    A rung whose validation accuracy falls more than (1 - `quant_share`) x `budget` points below
    the unpruned model's gets one more recovery round; if it still misses, the climb stops there.
 3. Code bits: for every layer alone, the fewest bits of `bits_grid` whose k-means shared values cost
-   at most `quant_share` x `budget` points; then all layers together, codebooks fine-tuned for at
-   most `codebook_epochs` epochs with early stopping. If the whole model is more than `budget`
+   at most `quant_share` x `budget` points, and the same for every bias whose codes and codebook would
+   take fewer bytes than its float16 values (a bias is a few hundred bytes of a ~5 KB LeNet-5 file);
+   then all layers together, codebooks fine-tuned for at most `codebook_epochs` epochs with early
+   stopping. If the whole model is more than `budget`
    points below the unpruned one, every layer gets one bit more (up to 8), and then the next lower
    rung is tried.
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.progress import progress_bar
-from slimkit.core.selector import Selector
+from slimkit.core.selector import Selector, get_submodule
 from slimkit.core.state import copy_model
 from slimkit.core.task import Task
 from slimkit.core.trainer import accuracy
@@ -92,36 +94,53 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
     return accepted
 
 
+def _worth_coding(count: int, bits: int) -> bool:
+    """Whether `bits`-bit codes and their float16 codebook take fewer bytes than `count` float16 values."""
+    return count * bits / 8 + 2 * ((1 << bits) - 1) < 2 * count
+
+
 @torch.no_grad()
 def _bits_scan(model: nn.Module, task: Task, layers: list[tuple[str, nn.Module]], config: PackConfig,
-               pruned_acc: float) -> dict[str, int]:
-    """Fewest bits per layer (each alone quantized) within quant_share x budget of the pruned model."""
+               pruned_acc: float) -> tuple[dict[str, int], dict[str, int]]:
+    """Fewest bits per layer's weights, and per layer's bias where codes would take fewer bytes than
+    float16 values (each tensor alone quantized), within quant_share x budget of the pruned model.
+    Returns (weight bits, bias bits) by layer name."""
     from slimkit.prune.pack import build_codebooks
 
     allowed = config.quant_share * config.budget
     grid = sorted(config.bits_grid)
-    chosen = {}
-    with progress_bar("pack: code bits", len(layers) * len(grid)) as advance:
-        for name, module in layers:
-            original = module.weight.detach().clone()
-            chosen[name] = grid[-1]
+    tensors = [(name, module, "weight") for name, module in layers]
+    tensors += [(name, module, "bias") for name, module in layers
+                if getattr(module, "bias", None) is not None and _worth_coding(module.bias.numel(), grid[0])]
+    chosen: dict[str, dict[str, int]] = {"weight": {}, "bias": {}}
+    with progress_bar("pack: code bits", len(tensors) * len(grid)) as advance:
+        for name, module, attr in tensors:
+            tensor = getattr(module, attr)
+            original = tensor.detach().clone()
+            chosen[attr][name] = grid[-1]
             for bits in grid:
-                books = build_codebooks(model, [(name, module)], {name: bits})
+                if attr == "bias" and not _worth_coding(tensor.numel(), bits):
+                    advance(len(grid) - grid.index(bits), layer=f"{name}.{attr}")
+                    chosen[attr].pop(name)  # no cheaper codes within the budget: the bias stays as it is
+                    break
+                books = build_codebooks(model, [(name, module)], {name: bits} if attr == "weight" else {},
+                                        bias_bits={name: bits} if attr == "bias" else None)
                 books.write(model)
                 acc = accuracy(model, task, "val")
-                module.weight.copy_(original)
-                advance(1, layer=name)
+                tensor.copy_(original)
+                advance(1, layer=f"{name}.{attr}")
                 if _points(pruned_acc - acc) <= allowed + 1e-9:
-                    chosen[name] = bits
+                    chosen[attr][name] = bits
                     break
-    return chosen
+    return chosen["weight"], chosen["bias"]
 
 
-def _quantize(pruned: nn.Module, task: Task, layers_of, bits: dict[str, int], config: PackConfig) -> nn.Module:
+def _quantize(pruned: nn.Module, task: Task, layers_of, bits: dict[str, int], bias_bits: dict[str, int],
+              config: PackConfig) -> nn.Module:
     from slimkit.prune.pack import build_codebooks, finetune_codebooks
 
     new = copy_model(pruned)
-    books = build_codebooks(new, layers_of(new), bits)
+    books = build_codebooks(new, layers_of(new), bits, bias_bits=bias_bits)
     books.write(new)
     if config.codebook_epochs > 0:
         new = finetune_codebooks(new, books, task, epochs=config.codebook_epochs, lr=config.lr, seed=config.seed,
@@ -145,31 +164,36 @@ def budget_search(model: nn.Module, config: PackConfig, task: Task | None) -> tu
     result = None
     for _, pruned, pruned_acc in reversed(rungs):
         t0 = time.perf_counter()
-        bits = _bits_scan(pruned, task, layers_of(pruned), config, pruned_acc)
+        bits, bias_bits = _bits_scan(pruned, task, layers_of(pruned), config, pruned_acc)
         while True:
-            candidate = _quantize(pruned, task, layers_of, bits, config)
+            candidate = _quantize(pruned, task, layers_of, bits, bias_bits, config)
             acc = accuracy(candidate, task, "val")
             ok = _points(base - acc) <= config.budget + 1e-9
             trace.append({"step": "quantize", "sparsity": round(sparsity_of(candidate, names), 4),
-                          "bits": dict(bits), "val_accuracy": round(acc, 4), "within": ok,
-                          "seconds": round(time.perf_counter() - t0, 1)})
+                          "bits": dict(bits), "bias_bits": dict(bias_bits), "val_accuracy": round(acc, 4),
+                          "within": ok, "seconds": round(time.perf_counter() - t0, 1)})
             if ok or all(b >= 8 for b in bits.values()):
                 break
             bits = {n: min(8, b + 1) for n, b in bits.items()}
+            # a bias that one bit more would make dearer than its float16 values goes back to float16
+            bias_bits = {n: b + 1 for n, b in bias_bits.items()
+                         if b < 8 and _worth_coding(get_submodule(pruned, n).bias.numel(), b + 1)}
             t0 = time.perf_counter()
         if ok:
-            result = (candidate, bits, acc)
+            result = (candidate, bits, bias_bits, acc)
             break
     if result is None:
         raise InfeasibleError(f"pack budget {config.budget} points: even the unpruned model with 8-bit shared values "
                               f"is {_points(base - acc):.2f} points below on validation; raise the budget")
-    new, bits, acc = result
-    layers = {n: {"sparsity": round(sparsity_of(new, [n]), 4), "bits": bits[n]} for n in names}
+    new, bits, bias_bits, acc = result
+    layers = {n: {"sparsity": round(sparsity_of(new, [n]), 4), "bits": bits[n],
+                  **({"bias_bits": bias_bits[n]} if n in bias_bits else {})} for n in names}
     structure = {"budget": config.budget, "layers": layers}
     rungs_climbed = sum(1 for t in trace if t["step"] == "prune")
     notes = [f"budget search ({config.budget} validation points): {100 * sparsity_of(new, names):.1f}% of the weights "
              f"zero, validation {100 * base:.2f}% -> {100 * acc:.2f}%; per layer " +
-             ", ".join(f"{n} {100 * v['sparsity']:.1f}%/{v['bits']}-bit" for n, v in layers.items()) +
+             ", ".join(f"{n} {100 * v['sparsity']:.1f}%/{v['bits']}-bit"
+                       + (f" (bias {v['bias_bits']}-bit)" if "bias_bits" in v else "") for n, v in layers.items()) +
              f"; searched {rungs_climbed} pruning rungs in {sum(t.get('seconds', 0) for t in trace):.0f} s"]
     return new, structure, notes, trace
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.core.selector import get_submodule
 from slimkit.core.registry import chained
+from slimkit.core.selector import get_submodule
 from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.errors import ConfigError
@@ -58,50 +58,62 @@ def _to_half_grid(t: torch.Tensor) -> torch.Tensor:
     return t.half().float()
 
 
+def _tensor(model: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at "layer.weight" / "layer.bias" (through the module's attribute, as a parametrization sees it)."""
+    module, attr = path.rsplit(".", 1)
+    return getattr(get_submodule(model, module), attr)
+
+
 class _Codebooks:
-    """Shared values per layer: codes of the non-zero positions and a trainable codebook."""
+    """Shared values per parameter ("conv.weight", "fc.bias"): codes of the non-zero positions and a
+    trainable codebook."""
 
     def __init__(self):
         self.layers: dict[str, dict[str, Any]] = {}
 
-    def add(self, name: str, weight: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> None:
-        mask = weight != 0
-        self.layers[name] = {"mask": mask, "codes": codes, "codebook": nn.Parameter(centroids.clone())}
+    def add(self, path: str, tensor: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> None:
+        mask = tensor != 0
+        self.layers[path] = {"mask": mask, "codes": codes, "codebook": nn.Parameter(centroids.clone())}
 
-    def weight(self, name: str) -> torch.Tensor:
-        layer = self.layers[name]
+    def value(self, path: str) -> torch.Tensor:
+        layer = self.layers[path]
         w = torch.zeros(layer["mask"].shape, dtype=layer["codebook"].dtype, device=layer["codebook"].device)
         return w.masked_scatter(layer["mask"], layer["codebook"][layer["codes"]])
 
     @torch.no_grad()
     def write(self, model: nn.Module) -> None:
-        for name, layer in self.layers.items():
+        for path, layer in self.layers.items():
             layer["codebook"].copy_(_to_half_grid(layer["codebook"]))  # the .slim stores it as float16
-            get_submodule(model, name).weight.copy_(self.weight(name))
+            _tensor(model, path).copy_(self.value(path))
 
     @torch.no_grad()
     def read(self, model: nn.Module) -> None:
-        """Codebooks back from weights that `write` produced (after early stopping restored an epoch)."""
-        for name, layer in self.layers.items():
-            values = get_submodule(model, name).weight.detach()[layer["mask"]].to(layer["codebook"].dtype)
+        """Codebooks back from values that `write` produced (after early stopping restored an epoch)."""
+        for path, layer in self.layers.items():
+            values = _tensor(model, path).detach()[layer["mask"]].to(layer["codebook"].dtype)
             layer["codebook"].scatter_(0, layer["codes"], values)
 
 
 def build_codebooks(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: dict[str, int],
-                    quantization: str = "kmeans") -> _Codebooks:
+                    quantization: str = "kmeans", bias_bits: dict[str, int] | None = None) -> _Codebooks:
     """Shared values of the non-zero weights of every layer in `layers` with `bits[name]`-bit codes
-    (at most 2**bits - 1 values: code 0 is the zero)."""
+    (at most 2**bits - 1 values: code 0 is the zero), and of the biases of the layers in `bias_bits`."""
     books = _Codebooks()
     for name, module in layers:
-        weight = module.weight.detach()
-        values = weight[weight != 0].float()
-        if values.numel() == 0:
-            continue
-        if quantization == "kmeans":
-            centroids, codes = kmeans_1d(values, (1 << bits[name]) - 1)
-        else:
-            centroids, codes = linear_levels(values, bits[name])
-        books.add(name, weight, centroids, codes)
+        todo = [("weight", bits.get(name))] + [("bias", (bias_bits or {}).get(name))]
+        for attr, b in todo:
+            tensor = getattr(module, attr, None)
+            if b is None or tensor is None:
+                continue
+            tensor = tensor.detach()
+            values = tensor[tensor != 0].float()
+            if values.numel() == 0:
+                continue
+            if quantization == "kmeans":
+                centroids, codes = kmeans_1d(values, (1 << b) - 1)
+            else:
+                centroids, codes = linear_levels(values, b)
+            books.add(f"{name}.{attr}", tensor, centroids, codes)
     return books
 
 
@@ -114,12 +126,12 @@ def finetune_codebooks(model: nn.Module, books: _Codebooks, task: Task, *, epoch
 
     from slimkit.core.trainer import TrainConfig, fit
 
-    for name in books.layers:
-        get_submodule(model, name).weight.requires_grad_(False)
+    for path in books.layers:
+        _tensor(model, path).requires_grad_(False)
 
     def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weights = {f"{name}.weight": books.weight(name) for name in books.layers}
-        return task.loss(functional_call(m, weights, (x,)), y)
+        shared = {path: books.value(path) for path in books.layers}
+        return task.loss(functional_call(m, shared, (x,)), y)
 
     def shared_weights(m: nn.Module, epoch: int) -> None:
         books.write(m)  # validation (and the best-epoch copy) see the weights the file will hold
