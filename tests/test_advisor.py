@@ -196,6 +196,25 @@ def test_advisor_respects_a_time_budget_on_a_subset(tmp_path, trained_lenet5, di
     assert load_recipe(tmp_path / "recipe.yaml").stages  # rebuilt on the full data with scaled epochs
 
 
+def test_finalists_are_rebuilt_on_all_training_images(tmp_path, trained_lenet5, digits_task):
+    cfg = AutoConfig(max_accuracy_drop=100, **{**TINY, "trials": 4, "student_epochs": 5, "finalists": 2},
+                     screen_images=600)
+    result = advise(trained_lenet5, digits_task, cfg, tmp_path)
+    trials = result["sections"]["pareto front (validation split)"]["trials"]
+    base = result["sections"]["pareto front (validation split)"]["baseline"]
+    finalists = [p for p in trials if p.get("finalist")]
+    assert 1 <= len(finalists) <= 2
+    for p in finalists:  # smaller and faster on the subset's figures, rebuilt with budgets scaled to all images
+        assert p["subset"]["size_bytes"] < base["size_bytes"] and p["subset"]["latency_ms"] < base["latency_ms"]
+        distill = [st for st in p["stages"] if st["technique"] == "distill"]
+        if distill:
+            assert distill[0]["config"]["epochs"] == max(1, round(5 * 600 / len(digits_task.train)))
+    assert [p["subset"]["accuracy"] for p in finalists] == sorted((p["subset"]["accuracy"] for p in finalists), reverse=True)
+    budget = result["sections"]["advisor"]["budget"]
+    assert [f["trial"] for f in budget["finalists"]] == [p["trial"] for p in finalists]
+    assert any("finalists rebuilt on all" in r for r in result["sections"]["recommendation"]["reasons"])
+
+
 def test_cli_time_budget_parsing_and_errors(tmp_path, capsys):
     from slimkit.cli.main import main
     from slimkit.pipeline.cli import parse_duration

@@ -118,12 +118,16 @@ def advise(model: nn.Module, task: Task, config: AutoConfig | None = None, out: 
     n_full = len(task.train)  # type: ignore[arg-type]
     console.print(f"[bold]advisor[/bold]: searching {config.trials} recipes"
                   + (f" on {len(screen.train):,} of {n_full:,} training images" if scale < 1 else ""))
-    base, points, screening = search(model, screen, config, work, clock, storage=storage, study_name=study)
+    base, points, screening = search(model, screen, config, work, clock, storage=storage, study_name=study,
+                                     full=(task, scale) if scale < 1 else None)
     console.print("[bold]advisor[/bold]: per-layer sensitivity (sparsity, rank, bit width)")
     sens = analyse(model, task)  # after the search: a shared search's workers all start trials at once
     budget = {"screen_images": len(screen.train), "train_images": n_full, "epoch_scale": scale,
               "time_budget_s": config.time_budget_s, "trials_run": len(points), "stopped": clock.stopped,
               "screening_stopped": clock.screening,
+              "finalists": [{"trial": p["trial"], "recipe": describe(p["params"]),
+                             "subset_drop_points": 100 * (base["accuracy"] - p["subset"]["accuracy"]),
+                             "drop_points": 100 * (base["accuracy"] - p["accuracy"])} for p in points if p.get("finalist")],
               "search_seconds": time.perf_counter() - t0, "rebuild_estimate_s": clock.reserve}
     front = pareto_front(points + [base])
     candidates = sorted((p for p in points if feasible(p, base, config)), key=lambda p: score(p, base))
@@ -187,6 +191,11 @@ def budget_notes(budget: dict) -> list[str]:
         notes.append(f"searched on {budget['screen_images']:,} of the {budget['train_images']:,} training images "
                      f"(validation whole); the recommendation was rebuilt on all of them with its epochs scaled by "
                      f"{budget['epoch_scale']:.3f}, so it saw as many examples as in the search")
+    if budget.get("finalists"):
+        notes.append(f"{len(budget['finalists'])} finalists rebuilt on all {budget['train_images']:,} training images and "
+                     "judged by those figures (validation drop on the subset -> on all): "
+                     + "; ".join(f"trial {f['trial']} ({f['recipe']}) {f['subset_drop_points']:.2f} -> "
+                                 f"{f['drop_points']:.2f} points" for f in budget["finalists"]))
     if budget.get("screening_stopped"):
         notes.append(f"time budget {budget['time_budget_s']:.0f} s: {budget['screening_stopped']}")
     if budget["stopped"]:

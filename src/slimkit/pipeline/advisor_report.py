@@ -142,7 +142,10 @@ def _trials_table(base: dict, points: list[dict], front: list[dict], chosen: dic
             "<th>&times; smaller</th><th>latency ms</th><th>&times; faster</th><th>Pareto</th></tr>"]
     for p in [base] + sorted(points, key=lambda p: p["trial"]):
         mark = "&#9733;" if chosen is p else ("&#9679;" if p in front else "")
-        rows.append(f"<tr><td>{p['trial']}</td><td class=l>{html.escape(describe(p['params']) if p is not base else 'original (fp32 ONNX)')}</td>"
+        recipe = describe(p["params"]) if p is not base else "original (fp32 ONNX)"
+        if p.get("finalist"):
+            recipe += f" [finalist: rebuilt on all training images; on the subset {100 * p['subset']['accuracy']:.2f}%]"
+        rows.append(f"<tr><td>{p['trial']}</td><td class=l>{html.escape(recipe)}</td>"
                     f"<td>{100 * p['accuracy']:.2f}%</td><td>{100 * (p['accuracy'] - base['accuracy']):+.2f}</td>"
                     f"<td>{int(p['size_bytes']):,}</td><td>{base['size_bytes'] / p['size_bytes']:.1f}</td>"
                     f"{latency_cell(p.get('timing') or {'median_ms': p['latency_ms']})}"

@@ -94,11 +94,13 @@ def _objectives(metrics, config: AutoConfig) -> tuple[float, float, float]:
 
 
 def search(model: nn.Module, task: Task, config: AutoConfig, work: Path, clock: Clock | None = None, *,
-           storage: str | None = None, study_name: str = "auto", report: bool = True
-           ) -> tuple[dict, list[dict], list[dict]]:
+           storage: str | None = None, study_name: str = "auto", report: bool = True,
+           full: tuple[Task, float] | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Screen students, then run the multi-objective search; returns (baseline point, trial points,
     student screening rows). With a `clock`, stops starting work when the time left would not cover
-    rebuilding the most expensive recipe measured. With `storage` (an Optuna storage URL, as for
+    rebuilding the most expensive recipe measured. `full` = (the whole task, subset / full size) when
+    `task` is a training subset: the `config.finalists` best points are then rebuilt on the whole
+    task (`rebuild_finalists`) before the final timing. With `storage` (an Optuna storage URL, as for
     `slimkit search`), the trials are shared with every worker on the same study: each worker screens the
     students itself (the same, deterministic result), trials are taken one at a time and run once, and
     the points are those of every worker. `report=False` (a helper worker) skips the final side-by-side
@@ -163,6 +165,8 @@ def search(model: nn.Module, task: Task, config: AutoConfig, work: Path, clock: 
                    allows=lambda: not mine or clock.allows(f"after {shown[0]} of {config.trials} trials"))
     points = _points(study)
     if report:
+        if full is not None:
+            rebuild_finalists(model, full, base, points, config, work, runner, clock)
         for p in points:
             if p["trial"] not in runner.timed:  # measured by another worker
                 runner.timed[p["trial"]] = _subject(runner, p)
@@ -256,6 +260,44 @@ def seed_points(students: list[str], choices: dict[str, list[str]], formats: lis
     if choices:
         seeds += [{"student": "none", **{n: c[-1] for n, c in choices.items()}, "format": f} for f in heavy]
     return seeds
+
+
+def rebuild_finalists(model: nn.Module, full: tuple[Task, float], base: dict, points: list[dict], config: AutoConfig,
+                      work: Path, runner: _Runner, clock: Clock) -> list[dict]:
+    """Rebuild the `config.finalists` most accurate points that are smaller and faster than the original
+    (and within the size/latency limits) on the whole task, training budgets scaled by subset / full size
+    (the same examples seen), and replace their figures by the rebuilt ones (the subset's are kept as
+    `subset`). Stops when the clock no longer covers the recommendation's rebuild. Returns the finalists."""
+    from slimkit.core.progress import progress_bar
+
+    task, scale = full
+
+    def eligible(p: dict) -> bool:
+        return (p["size_bytes"] < base["size_bytes"] and p["latency_ms"] < base["latency_ms"]
+                and (config.max_size_kb is None or p["size_bytes"] / 1024 <= config.max_size_kb)
+                and (config.max_latency_ms is None or p["latency_ms"] <= config.max_latency_ms))
+
+    chosen = sorted(filter(eligible, points), key=lambda p: -p["accuracy"])[: config.finalists]
+    whole = _Runner(model, task, config, work / "finalists")
+    done = []
+    with progress_bar("advisor: finalists on all training images", len(chosen)) as advance:
+        for p in chosen:
+            if not clock.allows(f"after rebuilding {len(done)} of {len(chosen)} finalists on all training images"):
+                break
+            stages = build_stages(p["params"], config, scale)
+            t0 = time.perf_counter()
+            metrics = whole.evaluate(p["trial"], stages)
+            clock.reserve = max(clock.reserve, whole.recipe_seconds(stages, time.perf_counter() - t0))
+            a, s, latency = _objectives(metrics, config)
+            p["subset"] = {k: p[k] for k in ("accuracy", "size_bytes", "latency_ms")}
+            p.update({"accuracy": a, "size_bytes": s, "latency_ms": latency, "metrics": metrics.to_dict(),
+                      "stages": [st.to_dict() for st in stages], "finalist": True})
+            artifact = whole.timed[p["trial"]].artifact
+            p["artifact"] = str(Path(artifact).resolve()) if artifact else None
+            runner.timed[p["trial"]] = whole.timed[p["trial"]]
+            done.append(p)
+            advance(1, acc=a)
+    return done
 
 
 def side_by_side(runner: _Runner, base: dict, points: list[dict]) -> None:

@@ -39,6 +39,9 @@ class AutoConfig(Config):
         examples as in the search. None: the search uses every image.
     time_budget_s: wall-clock budget of the whole run (CLI `--time-budget 10m`); the search stops
         starting trials when what remains would not cover rebuilding the most expensive recipe seen.
+    finalists: after a search on a subset, this many of its points (smaller and faster than the
+        original, most accurate first) are rebuilt on all the training images and judged by those
+        figures: a student or a recovery trained on a fifth of the data is not what the user gets.
     """
 
     max_accuracy_drop: float = Field(0.5, ge=0)
@@ -57,6 +60,7 @@ class AutoConfig(Config):
     max_students: int = Field(3, ge=0)
     screen_images: int | None = Field(2000, ge=100)
     time_budget_s: float | None = Field(None, gt=0)
+    finalists: int = Field(3, ge=0)
     seed: int = 0
 
 
