@@ -209,7 +209,6 @@ def test_finalists_are_rebuilt_on_all_training_images(tmp_path, trained_lenet5, 
         distill = [st for st in p["stages"] if st["technique"] == "distill"]
         if distill:
             assert distill[0]["config"]["epochs"] == max(1, round(5 * 600 / len(digits_task.train)))
-    assert [p["subset"]["accuracy"] for p in finalists] == sorted((p["subset"]["accuracy"] for p in finalists), reverse=True)
     budget = result["sections"]["advisor"]["budget"]
     assert [f["trial"] for f in budget["finalists"]] == [p["trial"] for p in finalists]
     assert any("finalists rebuilt on all" in r for r in result["sections"]["recommendation"]["reasons"])
