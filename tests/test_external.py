@@ -1,0 +1,72 @@
+"""torchvision:NAME and timm:NAME model references (slimkit.zoo.external)."""
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+import slimkit as sk
+from slimkit.errors import ArtifactError, ModelError
+
+# found, not imported: slimkit.core makes torchvision importable beside the CPU torch (core/compat.py)
+pytestmark = pytest.mark.skipif(find_spec("torchvision") is None or find_spec("timm") is None,
+                                reason="the `models` extra (torchvision, timm) is not installed")
+
+
+@pytest.mark.parametrize("ref", ["torchvision:mobilenet_v3_small", "timm:test_vit", "timm:test_efficientnet"])
+def test_external_models_build_save_and_reload_without_a_factory(tmp_path, ref):
+    model = sk.zoo.external(ref, num_classes=7).eval()
+    kind, name = ref.split(":")
+    assert model.slimkit_state["source"] == {"kind": kind, "ref": name, "kwargs": {"num_classes": 7}}
+    path = sk.save(model, tmp_path / "m.safetensors")
+    loaded = sk.load(path)  # no trust_factory: the library's own registry of names is trusted
+    x = torch.randn(2, 3, 64, 64) if kind == "torchvision" else torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 7)
+        assert torch.allclose(loaded(x), out, atol=1e-6)
+
+
+def test_external_model_dynamic_int8_and_onnx(tmp_path):
+    model = sk.zoo.external("timm:test_vit", num_classes=5).eval()
+    q = sk.quantize(model, sk.QuantConfig(weights="int8", activations="uint8", mode="dynamic", speed_check=False))
+    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert out.shape == ref.shape
+    assert sk.sqnr_db(ref, out) > 20
+    onnx = sk.export(q, tmp_path / "q.onnx", example_input=x[:1])
+    assert onnx.stat().st_size > 0
+
+
+def test_external_reference_errors(tmp_path):
+    with pytest.raises(ModelError, match="similar: .*resnet18"):
+        sk.zoo.external("torchvision:resnet1")
+    with pytest.raises(ModelError, match="torchvision:NAME or timm:NAME"):
+        sk.zoo.external("keras:resnet18")
+    with pytest.raises(ModelError, match="would fetch or read weights"):
+        sk.zoo.external("torchvision:resnet18", weights="DEFAULT")
+    with pytest.raises(ModelError, match="pretrained"):
+        sk.zoo.external("timm:test_vit", pretrained=True)
+    # a file naming a model no library knows, or a non-string name, is refused with a typed error
+    from slimkit.core.artifact import build_source
+
+    with pytest.raises(ModelError, match="no model"):
+        build_source({"kind": "timm", "ref": "os.system", "kwargs": {}})
+    with pytest.raises(ArtifactError, match="must be a string"):
+        build_source({"kind": "torchvision", "ref": ["resnet18"], "kwargs": {}})
+
+
+def test_cli_takes_external_references(tmp_path, capsys):
+    from slimkit.cli.main import main
+
+    out = tmp_path / "m.onnx"  # timm models are shaped for the data (digits: 1 channel, 10 classes)
+    assert main(["export", "timm:test_efficientnet", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert "random initialization" in capsys.readouterr().out
+    assert main(["export", "torchvision:not_a_model", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "torchvision has no model 'not_a_model'" in err and "Traceback" not in err
+    # torchvision constructors take no channel count: a 3-channel model on 1-channel data is a clear error
+    assert main(["export", "torchvision:mobilenet_v3_small", str(tmp_path / "y.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run on data set 'digits'" in err and "Traceback" not in err
