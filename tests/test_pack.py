@@ -142,6 +142,20 @@ def test_budget_search_stays_within_the_validation_budget(tmp_path, trained_lene
     assert any("budget search" in n for n in result["model"].slimkit_notes)
 
 
+def test_budget_search_tries_the_midpoint_below_a_rung_that_misses(tmp_path, trained_lenet5, digits_task, monkeypatch):
+    from slimkit.prune import deep
+    from slimkit.prune.masks import sparsity_of
+
+    names = ["features.0", "features.3", "classifier.1", "classifier.3", "classifier.5"]
+    # a validation accuracy that falls off a cliff above 85% sparsity, whatever the weights
+    monkeypatch.setattr(deep, "accuracy", lambda m, task, split: 0.99 if sparsity_of(m, names) < 0.85 else 0.5)
+    config = PackConfig(budget=0.3, sparsity_ladder=[0.5, 0.9, 0.95], step_epochs=0, codebook_epochs=0)
+    result = sk.pack(trained_lenet5, tmp_path / "m.slim", config, task=digits_task)
+    rungs = [(t["sparsity"], t["within"]) for t in result["search"] if t["step"] == "prune"]
+    assert [round(s, 2) for s, _ in rungs] == [0.5, 0.9, 0.7] and [w for _, w in rungs] == [True, False, True]
+    assert abs(sparsity_of(result["model"], names) - 0.7) < 0.01  # 0.95 is never tried: 0.9 already missed
+
+
 def test_budget_search_error_paths(trained_lenet5, digits_task):
     with pytest.raises(ConfigError, match="validation"):
         sk.pack(trained_lenet5, "unused.slim", PackConfig(budget=0.5))

@@ -11,7 +11,8 @@ What is searched, all on the task's validation split (the test split is never lo
    already zero stay zero, and the model is recovered (`prune.recovery`, by default distillation
    from the unpruned model) for at most `step_epochs` epochs with early stopping (`patience`).
    A rung whose validation accuracy falls more than (1 - `quant_share`) x `budget` points below
-   the unpruned model's gets one more recovery round; if it still misses, the climb stops there.
+   the unpruned model's gets one more recovery round; if it still misses, the midpoint between it and
+   the last rung accepted is tried once (from that rung's model), and the climb stops there.
 3. Code bits: for every layer alone, the fewest bits of `bits_grid` whose k-means shared values cost
    at most `quant_share` x `budget` points, and the same for every bias whose codes and codebook would
    take fewer bytes than its float16 values (a bias is a few hundred bytes of a ~5 KB LeNet-5 file);
@@ -21,7 +22,7 @@ What is searched, all on the task's validation split (the test split is never lo
    rung is tried.
 
 Cost: one validation pass per scan point and per bits trial, plus at most `step_epochs` recovery
-epochs per rung climbed (twice that on a rung that misses) and `codebook_epochs` per
+epochs per rung climbed (twice that on a rung that misses, and the midpoint's) and `codebook_epochs` per
 quantization attempt; the trace (returned by `slimkit.pack` as "search" and kept on the model as
 `slimkit_search`) lists every step with its validation accuracy, recovery rounds and seconds.
 """
@@ -64,7 +65,9 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
     allowed = (1.0 - config.quant_share) * config.budget
     accepted = [(0.0, model, base)]
     current = copy_model(model)
-    for target in config.sparsity_ladder:
+    ladder, bisected = list(config.sparsity_ladder), False
+    while ladder:
+        target = ladder.pop(0)
         t0 = time.perf_counter()
         try:
             per_layer = allocate_sparsity(analysis, target)
@@ -88,9 +91,18 @@ def _climb(model: nn.Module, task: Task, config: PackConfig, names: list[str], b
         trace.append({"step": "prune", "sparsity": round(sparsity_of(current, names), 4), "val_accuracy": round(acc, 4),
                       "within": ok, "recovery_rounds": rounds, "seconds": round(time.perf_counter() - t0, 1)})
         if not ok:
-            break
+            # the edge lies between the last rung accepted and this one: try their midpoint once, then stop
+            last = accepted[-1][0]
+            middle = round((last + target) / 2, 3)
+            if bisected or not last < middle < target or target - last < 0.015:
+                break
+            bisected, ladder = True, [middle]
+            current = copy_model(accepted[-1][1])
+            continue
         accepted.append((target, current, acc))
         current = copy_model(current)
+        if bisected:
+            break  # the rung above the midpoint already missed
     return accepted
 
 
