@@ -70,3 +70,46 @@ def test_cli_takes_external_references(tmp_path, capsys):
     assert main(["export", "torchvision:mobilenet_v3_small", str(tmp_path / "y.onnx")]) == 2
     err = capsys.readouterr().err
     assert "cannot run on data set 'digits'" in err and "Traceback" not in err
+
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                 max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("ref, head, fields", [
+    ("hf:bert", "classifier", {**TINY_BERT, "num_labels": 3}),
+    ("hf:gpt2", "causal-lm", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)),
+    ("hf:llama", "causal-lm", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)),
+])
+def test_hf_configs_build_save_and_reload(tmp_path, ref, head, fields):
+    model = sk.zoo.external(ref, head=head, **fields)
+    assert model.slimkit_state["source"]["kind"] == "hf" and model.slimkit_state["source"]["kwargs"]["head"] == head
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model(ids, mask)
+    width = 3 if head == "classifier" else 100
+    assert out.shape == ((2, width) if head == "classifier" else (2, 12, width))
+    loaded = sk.load(sk.save(model, tmp_path / "m.safetensors"))  # rebuilt from the recorded config fields
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, mask), out, atol=1e-5)
+
+
+def test_hf_from_a_local_config_directory_and_errors(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from slimkit.core.artifact import build_source
+
+    transformers.BertConfig(**TINY_BERT).save_pretrained(tmp_path / "cfg")  # config.json only, no weights
+    model = sk.zoo.external(f"hf:{tmp_path / 'cfg'}")
+    assert model.slimkit_state["source"]["ref"] == "bert"
+    assert model.model.config.hidden_size == 32 and model(torch.randint(0, 100, (1, 5))).shape == (1, 5, 32)
+    with pytest.raises(ModelError, match="no model type 'bertt'"):
+        sk.zoo.external("hf:bertt")
+    with pytest.raises(ModelError, match="unknown head"):
+        sk.zoo.external("hf:bert", head="vision")
+    with pytest.raises(ModelError, match="no config.json"):
+        sk.zoo.external(f"hf:{tmp_path}")
+    # a file names a model type, never a directory to read
+    with pytest.raises(ModelError, match="no model type"):
+        build_source({"kind": "hf", "ref": str(tmp_path / "cfg"), "kwargs": {}})

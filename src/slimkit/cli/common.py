@@ -53,7 +53,7 @@ def load_task(ref: str) -> Task:
 
 def load_model(ref: str, *, weights: str | None = None, task: Task | None = None, seed: int | None = None,
                trust_factory: bool = False, untrained_note: bool = True) -> nn.Module:
-    """A model reference: `zoo:NAME`, `torchvision:NAME` / `timm:NAME` (random weights), a saved slimkit
+    """A model reference: `zoo:NAME`, `torchvision:NAME` / `timm:NAME` / `hf:TYPE_OR_DIR` (random weights), a saved slimkit
     artifact (file path), or
     `package.module:factory` together with `weights` (a safetensors file). `seed` fixes a zoo
     model's random initialization; `untrained_note` says when a zoo model has random weights.
@@ -61,7 +61,7 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
     A factory typed on the command line is the user's choice: it is imported and called. A factory
     named inside a model file is called only with `trust_factory` (see `slimkit.load`)."""
     model = _resolve_model(ref, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
-    external = ref.partition(":")[0] in ("torchvision", "timm")
+    external = ref.partition(":")[0] in ("torchvision", "timm", "hf")
     if untrained_note and not weights and (external or ref.startswith("zoo:") and random_init(ref[4:])):
         console.print(f"note: {ref} has no trained weights (random initialization; pass --weights or a saved "
                       "model): its accuracy means nothing", markup=False, highlight=False)
@@ -84,11 +84,11 @@ def _resolve_model(ref: str, *, weights: str | None, task: Task | None, seed: in
     from slimkit import zoo
     from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
 
-    if ref.partition(":")[0] in ("torchvision", "timm"):
+    if ref.partition(":")[0] in ("torchvision", "timm", "hf"):
         from slimkit.zoo.external import external
 
         shaped = {}
-        if task is not None and task.num_classes is not None:
+        if task is not None and task.num_classes is not None and not ref.startswith("hf:"):
             shaped["num_classes"] = task.num_classes
         if task is not None and ref.startswith("timm:") and len(task.input_shape) == 3 and task.input_shape[0] != 3:
             shaped["in_chans"] = task.input_shape[0]
@@ -111,7 +111,7 @@ def _resolve_model(ref: str, *, weights: str | None, task: Task | None, seed: in
         if not weights:
             raise ModelError(f"factory reference {ref!r} needs --weights FILE.safetensors")
         return load_factory_weights(ref, weights)
-    raise ModelError(f"cannot resolve model {ref!r}: use zoo:NAME, torchvision:NAME, timm:NAME, a saved .safetensors model, "
+    raise ModelError(f"cannot resolve model {ref!r}: use zoo:NAME, torchvision:NAME, timm:NAME, hf:TYPE_OR_DIR, a saved .safetensors model, "
                      "or package.module:factory with --weights")
 
 

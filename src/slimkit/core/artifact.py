@@ -184,12 +184,14 @@ def build_source(source: dict[str, Any], *, trust_factory: bool = False) -> nn.M
 
         _check_kwargs(f"zoo:{ref}", kwargs)
         return zoo.build(ref, **kwargs)
-    if kind in ("torchvision", "timm"):  # looked up in the library's own model registry (zoo/external.py)
-        from slimkit.zoo.external import build_external
+    if kind in ("torchvision", "timm", "hf"):  # looked up in the library's own model registry (zoo/external.py)
+        from slimkit.zoo.external import build_external, build_hf
 
         if not isinstance(ref, str):
             raise ArtifactError(f"model source {kind!r}: the model name must be a string, got {type(ref).__name__}")
         _check_kwargs(f"{kind}:{ref}", kwargs)
+        if kind == "hf":  # a file names a model type, never a directory to read
+            return build_hf(ref, allow_dir=False, **kwargs)
         return build_external(kind, ref, **kwargs)
     if kind == "factory":
         _parse_ref(ref)

@@ -1,8 +1,17 @@
-"""Models from torchvision and timm by name, random weights, never downloaded.
+"""Models from torchvision, timm and Hugging Face transformers by name, random weights, never downloaded.
 
     model = slimkit.zoo.external("torchvision:resnet18", num_classes=10)
     model = slimkit.zoo.external("timm:mobilenetv4_conv_small", num_classes=10)
+    model = slimkit.zoo.external("hf:bert", hidden_size=128, num_hidden_layers=2, head="classifier", num_labels=2)
+    model = slimkit.zoo.external("hf:path/to/dir")   # a local directory's config.json (its weights are not read)
     # CLI: slimkit quantize torchvision:resnet18 --data ...   (any command taking a model reference)
+
+`hf:MODEL_TYPE` builds a transformers architecture from its config class (`AutoConfig.for_model`, keyword
+arguments are config fields) and `head` picks what it computes: "features" (`AutoModel`: the last hidden
+state), "classifier" (`AutoModelForSequenceClassification`: logits) or "causal-lm" (`AutoModelForCausalLM`:
+next-token logits); forward(input_ids, attention_mask=None) returns that tensor. The model type must be one
+transformers itself registers; remote code is never trusted. The recorded source holds the config's
+non-default fields, so a saved file rebuilds without the directory.
 
 The model records its source ({"kind": "torchvision" | "timm", "ref": NAME, "kwargs": {...}}), so
 `slimkit.save` / `slimkit.load` rebuild it with no factory argument. These constructors are trusted:
@@ -30,7 +39,65 @@ import torch.nn as nn
 from slimkit.core.compat import ensure_torchvision_importable
 from slimkit.errors import MissingDependencyError, ModelError
 
-KINDS = ("torchvision", "timm")
+KINDS = ("torchvision", "timm", "hf")
+HF_HEADS = {"features": "AutoModel", "classifier": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+
+
+class HFModel(nn.Module):
+    """A transformers model returning one tensor: forward(input_ids, attention_mask=None) -> logits (heads
+    "classifier", "causal-lm") or the last hidden state ("features")."""
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state if self.head == "features" else out.logits
+
+
+def _transformers():
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a config name must never turn into a download
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingDependencyError(f"hf: models need the transformers package ({err}); `make venv` installs it") from None
+    return transformers
+
+
+def build_hf(ref: str, *, head: str = "features", allow_dir: bool = True, **fields: Any) -> nn.Module:
+    """`ref`: a transformers model type ("bert", "gpt2", "llama", ...) or (`allow_dir`) a local directory
+    holding a config.json; `fields` override config fields. Random weights."""
+    from pathlib import Path
+
+    from slimkit.core.state import set_source
+
+    tf = _transformers()
+    if head not in HF_HEADS:
+        raise ModelError(f"hf:{ref}: unknown head {head!r}; use one of {', '.join(HF_HEADS)}")
+    if allow_dir and Path(ref).is_dir():
+        if not (Path(ref) / "config.json").is_file():
+            raise ModelError(f"hf:{ref}: the directory has no config.json")
+        try:
+            config = tf.AutoConfig.from_pretrained(ref, local_files_only=True, trust_remote_code=False, **fields)
+        except (ValueError, OSError, KeyError) as err:
+            raise ModelError(f"hf:{ref}: not a transformers config ({str(err).splitlines()[0]})") from None
+    else:
+        if ref not in tf.CONFIG_MAPPING:
+            near = [n for n in tf.CONFIG_MAPPING.keys() if ref.lower() in n][:8]
+            raise ModelError(f"hf: transformers has no model type {ref!r}" + (f"; similar: {', '.join(near)}" if near else ""))
+        try:
+            config = tf.AutoConfig.for_model(ref, **fields)
+        except (TypeError, ValueError) as err:
+            raise ModelError(f"hf:{ref}: {err}") from None
+    try:
+        model = getattr(tf, HF_HEADS[head]).from_config(config)
+    except ValueError as err:  # e.g. no causal-LM class for an encoder-only type
+        raise ModelError(f"hf:{ref}: no {head!r} model for {config.model_type!r} ({str(err).splitlines()[0]})") from None
+    recorded = {k: v for k, v in config.to_diff_dict().items() if k not in ("model_type", "transformers_version")}
+    return set_source(HFModel(model, head).eval(), "hf", config.model_type, {"head": head, **recorded})
 
 
 def import_torchvision():
@@ -87,8 +154,11 @@ def build_external(kind: str, name: str, **kwargs: Any) -> nn.Module:
 
 
 def external(ref: str, **kwargs: Any) -> nn.Module:
-    """`"torchvision:NAME"` or `"timm:NAME"` built with random weights (see `build_external`)."""
+    """`"torchvision:NAME"`, `"timm:NAME"` or `"hf:TYPE_OR_DIR"` built with random weights (see
+    `build_external`, `build_hf`)."""
     kind, sep, name = ref.partition(":")
     if not sep or kind not in KINDS or not name:
-        raise ModelError(f"bad model reference {ref!r}; use torchvision:NAME or timm:NAME")
+        raise ModelError(f"bad model reference {ref!r}; use torchvision:NAME, timm:NAME or hf:TYPE_OR_DIR")
+    if kind == "hf":
+        return build_hf(name, **kwargs)
     return build_external(kind, name, **kwargs)
