@@ -165,6 +165,9 @@ def list_(
     for entry in zoo.ZOO.values():
         z.add_row(entry.name, entry.summary)
     console.print(z)
+    console.print("also: torchvision:NAME, timm:NAME (the libraries' own model names, random weights) and "
+                  "hf:MODEL_TYPE / hf:DIR (a transformers config); see slimkit.zoo.external", markup=False,
+                  highlight=False)
     d = Table(title="data sets (--data)")
     d.add_column("reference")
     d.add_column("summary")
