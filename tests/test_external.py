@@ -41,7 +41,7 @@ def test_external_model_dynamic_int8_and_onnx(tmp_path):
 def test_external_reference_errors(tmp_path):
     with pytest.raises(ModelError, match="similar: .*resnet18"):
         sk.zoo.external("torchvision:resnet1")
-    with pytest.raises(ModelError, match="torchvision:NAME or timm:NAME"):
+    with pytest.raises(ModelError, match="torchvision:NAME, timm:NAME or hf:TYPE_OR_DIR"):
         sk.zoo.external("keras:resnet18")
     with pytest.raises(ModelError, match="would fetch or read weights"):
         sk.zoo.external("torchvision:resnet18", weights="DEFAULT")
