@@ -61,8 +61,7 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
     A factory typed on the command line is the user's choice: it is imported and called. A factory
     named inside a model file is called only with `trust_factory` (see `slimkit.load`)."""
     model = _resolve_model(ref, weights=weights, task=task, seed=seed, trust_factory=trust_factory)
-    external = ref.partition(":")[0] in ("torchvision", "timm", "hf")
-    if untrained_note and not weights and (external or ref.startswith("zoo:") and random_init(ref[4:])):
+    if untrained_note and not weights and (_external(ref) or ref.startswith("zoo:") and random_init(ref[4:])):
         console.print(f"note: {ref} has no trained weights (random initialization; pass --weights or a saved "
                       "model): its accuracy means nothing", markup=False, highlight=False)
     if task is not None:  # inputs it cannot take or labels past its outputs fail now, before any work
@@ -71,6 +70,13 @@ def load_model(ref: str, *, weights: str | None = None, task: Task | None = None
         device = next((p.device for p in model.parameters()), None)
         check_model_fits(model, task, device or torch.device("cpu"), split="test")
     return model
+
+
+def _external(ref: str) -> bool:
+    """A torchvision:/timm:/hf: reference (`slimkit.zoo.external`)."""
+    from slimkit.zoo.external import KINDS
+
+    return ref.partition(":")[0] in KINDS
 
 
 def random_init(name: str) -> bool:
@@ -84,7 +90,7 @@ def _resolve_model(ref: str, *, weights: str | None, task: Task | None, seed: in
     from slimkit import zoo
     from slimkit.core.artifact import load, load_factory_weights, load_weights, read_tensors
 
-    if ref.partition(":")[0] in ("torchvision", "timm", "hf"):
+    if _external(ref):
         from slimkit.zoo.external import external
 
         shaped = {}

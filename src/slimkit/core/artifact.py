@@ -7,7 +7,8 @@ architecture from the source, replays each stage's `restore`, then loads the wei
 Nothing is unpickled.
 
 A model file is data, never code. A manifest naming a factory is only honoured when that factory
-is trusted: slimkit's zoo, torchvision and timm models by name (`slimkit.zoo.external`), builders registered in this process with `register_builder`, or an
+is trusted: slimkit's zoo, torchvision / timm models and transformers model types by name
+(`slimkit.zoo.external`), builders registered in this process with `register_builder`, or an
 explicit `trust_factory=True` (CLI `--trust-factory`) from the user who knows where the file came
 from, as Hugging Face's `trust_remote_code`. Anything else raises `UntrustedFactoryError` before
 any import. Keyword arguments from a file are passed as JSON data.
@@ -184,9 +185,9 @@ def build_source(source: dict[str, Any], *, trust_factory: bool = False) -> nn.M
 
         _check_kwargs(f"zoo:{ref}", kwargs)
         return zoo.build(ref, **kwargs)
-    if kind in ("torchvision", "timm", "hf"):  # looked up in the library's own model registry (zoo/external.py)
-        from slimkit.zoo.external import build_external, build_hf
+    from slimkit.zoo.external import KINDS, build_external, build_hf
 
+    if kind in KINDS:  # looked up in the library's own model registry (zoo/external.py)
         if not isinstance(ref, str):
             raise ArtifactError(f"model source {kind!r}: the model name must be a string, got {type(ref).__name__}")
         _check_kwargs(f"{kind}:{ref}", kwargs)

@@ -99,13 +99,13 @@ class OpenVINORunner:
         self.compiled = _compiled(path, threads)
         self.request = self.compiled.create_infer_request()
         self.threads = threads
-        self.version = _openvino().__version__.split("-")[0]
+        self._ov = _openvino()
+        self.version = self._ov.__version__.split("-")[0]
 
     def __call__(self, *inputs) -> np.ndarray:
         # inputs shared with OpenVINO (no copy in) and the one output read off its tensor: `infer(args)` would
         # copy both ways and build a result dict, ~0.1-0.2 ms per call, a tenth of a small int8 CNN's time
-        ov = _openvino()
         for i, x in enumerate(inputs):
-            self.request.set_input_tensor(i, ov.Tensor(np.ascontiguousarray(x, dtype=np.float32), shared_memory=True))
+            self.request.set_input_tensor(i, self._ov.Tensor(np.ascontiguousarray(x, dtype=np.float32), shared_memory=True))
         self.request.infer()
         return self.request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
