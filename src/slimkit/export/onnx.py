@@ -6,6 +6,7 @@ exporter on small models and its graphs are what ONNX Runtime's quantization too
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,24 @@ def input_names_for(example: Any) -> list[str]:
     return ["input"]
 
 
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Hugging Face transformers models run attention through `scaled_dot_product_attention`, which the
+    TorchScript exporter cannot convert with grouped-query attention (Llama-style `num_key_value_heads`);
+    their "eager" implementation computes the same function with matmul and softmax. Switched for the
+    export only, then restored."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation", "eager") not in (None, "eager")}
+    before = {key: c._attn_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = before[key]
+
+
 def export_onnx(model: nn.Module, path: str | Path, example_input: Any, *, opset: int = 17,
                 dynamic_batch: bool = True, dynamo: bool = False, input_names: list[str] | None = None) -> Path:
     """Export `model` (eval mode, CPU) to ONNX at `path`; returns the path."""
@@ -31,7 +50,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Any, *, opset
     names = input_names or input_names_for(args)
     model = model.eval().cpu()
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), eager_attention(model):
         warnings.simplefilter("ignore")
         try:
             if dynamo:
