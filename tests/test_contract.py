@@ -21,30 +21,13 @@ import torch
 
 import slimkit as sk
 from slimkit.core import registry
-from slimkit.core.contract import ContractViolation, check
+from slimkit.core.contract import ContractViolation, check, quick_configs
 from slimkit.core.task import tensor_task
-from slimkit.lowrank import LowRankConfig
-from slimkit.prune import HeadPruneConfig, PackConfig, PruneConfig, StructuredPruneConfig
-from slimkit.quantize import QuantConfig
 
 HAS_MODELS = find_spec("torchvision") is not None and find_spec("timm") is not None
 HAS_HF = find_spec("transformers") is not None
 
-# cheap configs: no recovery training (the contract is about what a technique promises, not accuracy)
-CONFIGS = {
-    "prune": lambda: PruneConfig(sparsity=0.5, recovery="none"),
-    "prune_structured": lambda: StructuredPruneConfig(target_macs=0.7, recovery="none"),
-    "prune_heads": lambda: HeadPruneConfig(heads=0.5, ffn=0.25),
-    "pack": lambda: PackConfig(prune=PruneConfig(sparsity=0.5, recovery="none"), codebook_epochs=0),
-    "factorize": lambda: LowRankConfig(energy=0.9),
-    "separable": lambda: sk.arch.SeparableConfig(calibration_samples=32, only_if_smaller=False, recovery="none"),
-    "distill": lambda: sk.distill.DistillConfig(epochs=1, cache_teacher=True, temperature=4, alpha=0.9),
-    "quantize": lambda: QuantConfig(speed_check=False, calibration_samples=32),
-    "quantize_pt2e": lambda: sk.quantize.Pt2eConfig(calibration_samples=16),
-    "nas": lambda: sk.search.NASConfig(space_options={"widths": [0.5], "depths": [1], "kernels": [3],
-                                                      "expansions": [1], "se": [False]},
-                                       trials=2, epochs=1, max_steps=2, train_fraction=0.3, finalists=0),
-}
+CONFIGS = quick_configs()  # cheap: no recovery training (the contract is about promises, not accuracy)
 
 
 def _images(shape, classes=10):
@@ -120,6 +103,7 @@ CASES = [
     ("factorize", "bert", "ok"),
     ("quantize", "bert", "ok"),
     ("separable", "bert", NO_CONV),
+    ("prune_structured", "bert", ("UnsupportedLayerError", "for attention heads use prune_heads")),
     ("quantize", "gpt2", "ok"),
     ("distill", "gpt2", NOT_LOGITS),
     ("pack", "llama", "ok"),
@@ -160,7 +144,7 @@ def _model(name):
 @pytest.mark.parametrize("technique,model_name,expected", CASES, ids=[f"{t}-{m}" for t, m, _ in CASES])
 def test_contract(technique, model_name, expected, tmp_path):
     model, task = _model(model_name)
-    outcome = check(model, CONFIGS[technique](), task, tmp_path, measure=False)
+    outcome = check(model, CONFIGS[technique], task, tmp_path, measure=False)
     if expected == "ok":
         assert outcome.status == "ok", outcome.reason
         assert outcome.artifact_bytes > 0
@@ -186,7 +170,7 @@ def test_a_broken_promise_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setitem(registry._REGISTRY, "prune", dataclasses.replace(honest, apply=in_place))
     with pytest.raises(ContractViolation, match="prune: the input model was changed"):
-        check(model, CONFIGS["prune"](), task, tmp_path)
+        check(model, CONFIGS["prune"], task, tmp_path)
 
 
 FULL = [(t, m) for m in MODELS for t in CONFIGS if not (t == "nas" and m != "lenet5")]
@@ -197,5 +181,5 @@ FULL = [(t, m) for m in MODELS for t in CONFIGS if not (t == "nas" and m != "len
 def test_contract_full_matrix(technique, model_name, tmp_path):
     """Every technique on every family: the checks pass, or a typed refusal (never a crash or a wrong shape)."""
     model, task = _model(model_name)
-    outcome = check(model, CONFIGS[technique](), task, tmp_path)
+    outcome = check(model, CONFIGS[technique], task, tmp_path)
     assert outcome.status in ("ok", "skip")

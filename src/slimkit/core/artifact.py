@@ -31,13 +31,17 @@ from slimkit.errors import ArtifactError, ChainError, ModelError, SlimkitError, 
 FORMAT = "slimkit-model/1"
 
 
-def dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared tensors stored once (safetensors refuses aliasing) and contiguous."""
+def dedup_state_dict(model: nn.Module, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """State dict with shared tensors stored once (safetensors refuses aliasing) and contiguous. `aliases`,
+    when given, receives {dropped key: the stored key it shares memory with}: the rebuilt architecture may
+    not tie the same tensors (a traced graph's copy of a tied embedding), so `save` records them."""
     out, seen = {}, {}
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype) \
             if tensor.numel() else None
         if key is not None and key in seen:
+            if aliases is not None:
+                aliases[name] = seen[key]
             continue  # tied weight: restored by load_state_dict through the module that shares it
         if key is not None:
             seen[key] = name
@@ -69,7 +73,10 @@ def save(model: nn.Module, path: str | Path, *, factory: str | Callable[..., nn.
         )
     manifest = {"format": FORMAT, "slimkit_version": slimkit.__version__, "torch_version": torch.__version__,
                 "source": state["source"], "stages": stages_with_report(model)}
-    tensors = dedup_state_dict(model)
+    aliases: dict[str, str] = {}
+    tensors = dedup_state_dict(model, aliases)
+    if aliases:
+        manifest["aliases"] = aliases
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"slimkit": json.dumps(manifest)})
@@ -259,6 +266,12 @@ def load(path: str | Path, *, map_location: str = "cpu", trust_factory: bool = F
     except SlimkitError as err:
         raise ArtifactError(f"{path}: cannot rebuild the model: {err}") from None
     tensors = {k: v.to(map_location) for k, v in read_tensors(path).items()}
+    aliases = manifest.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ArtifactError(f"{path}: the manifest's aliases are not a mapping of tensor names")
+    for name, stored in aliases.items():  # tensors the saved model shared; the rebuilt one may not
+        if name not in tensors and stored in tensors:
+            tensors[name] = tensors[stored]
     load_weights(model, tensors, origin=str(path))
     return model.eval()
 
@@ -277,7 +290,13 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], *, origin: 
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ArtifactError(f"{origin}: tensor {k!r} has shape {tuple(v.shape)}, "
                                 f"the architecture expects {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)
+    import collections
+
+    # modules' versioned loaders (e.g. an observer's eps, a buffer since its version 2) see the rebuilt model's
+    # own versions: the tensors come from a state dict of this architecture, not of an older release
+    state = collections.OrderedDict(tensors)
+    state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=False)
     return model
 
 

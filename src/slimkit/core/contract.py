@@ -5,7 +5,8 @@
 applies `config`'s technique to `model` (as `slimkit.core.registry.apply` does) and asserts what every
 technique promises, whatever it does:
 
-- the input model is untouched (its tensors, its module structure and its recorded stages);
+- the input model is untouched (its tensors, its module structure and its recorded stages), and so is the
+  config given;
 - the stage is recorded on the result, and its recorded config, through JSON, is the config given;
 - the result's output has the input model's output shape;
 - the artifact the technique's result is measured by (`Technique.write_artifact`, else the safetensors
@@ -37,6 +38,31 @@ from slimkit.errors import SlimkitError
 # int8 kernels against the simulation: rounding of one activation step may differ, never more than this
 # fraction of the output's standard deviation on average
 ONNX_MEAN_DIFF_OF_STD = 0.1
+
+
+def quick_configs() -> dict:
+    """technique name -> a cheap config of it (no recovery training, small calibration, a two-trial search):
+    what the contract test and benchmarks/coverage.py run, since the contract is about what a technique
+    promises, not about accuracy."""
+    import slimkit as sk
+    from slimkit.lowrank import LowRankConfig
+    from slimkit.prune import HeadPruneConfig, PackConfig, PruneConfig, StructuredPruneConfig
+    from slimkit.quantize import Pt2eConfig, QuantConfig
+    from slimkit.search import NASConfig
+
+    tiny_space = {"widths": [0.5], "depths": [1], "kernels": [3], "expansions": [1], "se": [False]}
+    return {
+        "prune": PruneConfig(sparsity=0.5, recovery="none"),
+        "prune_structured": StructuredPruneConfig(target_macs=0.7, recovery="none"),
+        "prune_heads": HeadPruneConfig(heads=0.5, ffn=0.25),
+        "pack": PackConfig(prune=PruneConfig(sparsity=0.5, recovery="none"), codebook_epochs=0),
+        "factorize": LowRankConfig(energy=0.9),
+        "separable": sk.arch.SeparableConfig(calibration_samples=32, only_if_smaller=False, recovery="none"),
+        "distill": sk.distill.DistillConfig(epochs=1, cache_teacher=True, temperature=4, alpha=0.9),
+        "quantize": QuantConfig(speed_check=False, calibration_samples=32),
+        "quantize_pt2e": Pt2eConfig(calibration_samples=16),
+        "nas": NASConfig(space_options=tiny_space, trials=2, epochs=1, max_steps=2, train_fraction=0.3, finalists=0),
+    }
 
 
 class ContractViolation(AssertionError):
@@ -106,7 +132,7 @@ def check(model: nn.Module, config, task, directory: str | Path, *, atol: float 
     directory.mkdir(parents=True, exist_ok=True)
     x = task.example_input(4)
     reference = _outputs(model, x)
-    before = _snapshot(model)
+    before, given = _snapshot(model), config.to_json()
     t0 = time.perf_counter()
     try:
         new = registry.apply(model, config, task=task)
@@ -117,6 +143,8 @@ def check(model: nn.Module, config, task, directory: str | Path, *, atol: float 
     seconds = time.perf_counter() - t0
     if (broken := _untouched(before, model)) is not None:
         raise _violate(name, f"the input model was changed: {broken}")
+    if config.to_json() != given:
+        raise _violate(name, "the config given was changed")
     if new is model:
         raise _violate(name, "returned its input model instead of a new one")
     stages = applied(new)
@@ -154,5 +182,8 @@ def check(model: nn.Module, config, task, directory: str | Path, *, atol: float 
 
         one = task.example_input(1)
         outcome.params_ratio = count_params(new)["params"] / max(count_params(model)["params"], 1)
-        outcome.macs_ratio = count_macs(new, one) / max(count_macs(model, one), 1)
+        try:
+            outcome.macs_ratio = count_macs(new, one) / max(count_macs(model, one), 1)
+        except Exception:  # noqa: BLE001 - a compiled graph (PT2E) cannot be counted by torch's FlopCounterMode
+            outcome.macs_ratio = None
     return outcome

@@ -19,7 +19,7 @@ from slimkit.core.state import copy_model, record_stage
 from slimkit.core.task import Task
 from slimkit.core.recovery import recover, recovery_note
 from slimkit.errors import ConfigError, ModelError, UnsupportedLayerError
-from slimkit.evaluate.metrics import count_macs
+from slimkit.evaluate.metrics import _call, count_macs
 from slimkit.prune.config import StructuredPruneConfig
 
 # attributes that describe a layer's channel counts; restored together with the parameter shapes
@@ -129,12 +129,25 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
         raise UnsupportedLayerError(f"structured pruning: torch-pruning cannot trace {type(model).__name__} "
                                     f"({type(err).__name__}: {err})") from None
     macs = base_macs
+    with torch.no_grad():
+        shape = _call(model, example).shape
     for _ in range(steps):
         if config.importance == "taylor":
             _taylor_grads(model, task, config.taylor_batches)
-        pruner.step()
-        model.zero_grad(set_to_none=True)
-        macs = count_macs(model, example)
+        try:
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+            macs = count_macs(model, example)
+            with torch.no_grad():
+                pruned_shape = _call(model, example).shape
+        except Exception as err:  # the graph missed a coupling (e.g. a reshape into attention heads)
+            raise UnsupportedLayerError(
+                f"structured pruning: removing channels breaks {type(model).__name__}'s forward ({type(err).__name__}: "
+                f"{str(err)[:200]}); a reshape or split couples channels the dependency graph does not see (for "
+                "attention heads use prune_heads) — exclude those layers with the selector") from None
+        if pruned_shape != shape:
+            raise UnsupportedLayerError(f"structured pruning changed {type(model).__name__}'s output shape "
+                                        f"{tuple(shape)} -> {tuple(pruned_shape)}; exclude the layers feeding the output")
         if config.target_macs is not None and macs <= config.target_macs * base_macs:
             break
     if config.target_macs is not None and macs > config.target_macs * base_macs:

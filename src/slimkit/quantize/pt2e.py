@@ -101,24 +101,26 @@ class Pt2eInt8Model(nn.Module):
     """A PT2E-quantized model: `prepared` holds the float weights and calibrated observers (what is
     saved); forward runs the lowered int8 graph for the input's shape (lowered on first use)."""
 
-    def __init__(self, prepared: torch.fx.GraphModule, example_shape: tuple[int, ...]):
+    def __init__(self, prepared: torch.fx.GraphModule, example_shape: tuple[int, ...],
+                 example_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.prepared = prepared
         self.example_shape = tuple(example_shape)
-        object.__setattr__(self, "_lowered", {})  # shape -> lowered graph (not state: rebuilt on load)
+        self.example_dtype = example_dtype  # token ids (int64) for language models
+        object.__setattr__(self, "_lowered", {})  # (shape, dtype) -> lowered graph (not state: rebuilt on load)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._lowered.clear())
 
-    def lowered(self, shape: tuple[int, ...]) -> torch.fx.GraphModule:
-        shape = tuple(shape)
-        if shape not in self._lowered:
-            self._lowered[shape] = _lower(self.prepared, torch.zeros(shape))
-        return self._lowered[shape]
+    def lowered(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
+        key = (tuple(shape), dtype or self.example_dtype)
+        if key not in self._lowered:
+            self._lowered[key] = _lower(self.prepared, torch.zeros(key[0], dtype=key[1]))
+        return self._lowered[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ModelError("the PT2E x86 int8 model runs on CPU only (oneDNN kernels); move the input to CPU")
         with torch.no_grad():
-            return self.lowered(tuple(x.shape))(x)
+            return self.lowered(tuple(x.shape), x.dtype)(x)
 
     def kernels(self) -> dict[str, int]:
         """Op counts of the lowered graph for the example shape (shows which layers run in int8)."""
@@ -160,9 +162,13 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
     with torch.no_grad():
         for b in batches:
             prepared(b)
-    out = Pt2eInt8Model(prepared, tuple(example.shape))
+    # eval mode now, as `restore` does: switching rewrites the graph (a tied embedding keeps one name), so the
+    # saved and the rebuilt state dicts have the same keys whether or not the user calls .eval() before saving
+    prepared.eval()  # (the exported graph's eval returns None)
+    out = Pt2eInt8Model(prepared, tuple(example.shape), example.dtype)
     object.__setattr__(out, ATTR, copy.deepcopy(get_state(src)))
     record_stage(out, "quantize_pt2e", config, {"example_shape": list(example.shape),
+                                                 "example_dtype": str(example.dtype).replace("torch.", ""),
                                                  "observer_shapes": _observer_shapes(prepared),
                                                  "torch_version": torch.__version__})
     return out
@@ -171,17 +177,24 @@ def quantize_pt2e(model: nn.Module, config: Pt2eConfig | None = None, *, task=No
 def restore(model: nn.Module, config: Pt2eConfig, structure: dict[str, Any]) -> Pt2eInt8Model:
     """Re-capture the float architecture with empty observers shaped like the saved ones."""
     shape = tuple(structure["example_shape"])
-    prepared = _capture(model, torch.zeros(shape))
+    dtype = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}.get(
+        structure.get("example_dtype", "float32"))
+    if dtype is None:
+        raise ModelError(f"the PT2E stage records an unknown input dtype {structure.get('example_dtype')!r}")
+    prepared = _capture(model, torch.zeros(shape, dtype=dtype))
+    prepared.eval()
     saved = structure.get("observer_shapes", {})
     have = _observer_shapes(prepared)
     if set(saved) != set(have):
         raise ModelError(f"the PT2E graph captured now has different observers than the saved one "
                          f"(saved with torch {structure.get('torch_version')}, this is {torch.__version__})")
     for key, dims in saved.items():
+        if have[key] == dims:  # (e.g. an observer's eps: the quantizer's value, which loading does not set)
+            continue
         owner, name = key.rsplit(".", 1)
         module = prepared.get_submodule(owner)
         setattr(module, name, torch.empty(dims, dtype=getattr(module, name).dtype))
-    out = Pt2eInt8Model(prepared, shape)
+    out = Pt2eInt8Model(prepared, shape, dtype)
     object.__setattr__(out, ATTR, copy.deepcopy(get_state(model)))
     return out
 
