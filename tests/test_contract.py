@@ -97,13 +97,16 @@ CASES = [
     ("factorize", "vit", "ok"),
     ("quantize", "vit", "ok"),
     ("distill", "vit", "ok"),
-    ("prune_structured", "vit", ("UnsupportedLayerError", "cls_token")),
+    ("prune_structured", "vit", "ok"),  # heads narrowed, class token and position embedding cut with the channels
+    ("prune_structured", "convnext", "ok"),  # LayerScale gamma
     ("prune_heads", "bert", "ok"),
     ("prune", "bert", "ok"),
     ("factorize", "bert", "ok"),
     ("quantize", "bert", "ok"),
     ("separable", "bert", NO_CONV),
-    ("prune_structured", "bert", ("UnsupportedLayerError", "for attention heads use prune_heads")),
+    ("prune_structured", "bert", "ok"),
+    ("prune_structured", "llama", ("UnsupportedLayerError", "separate q/k/v projections")),
+    ("prune_structured", "gpt2", ("UnsupportedLayerError", "whose channel dimension the dependency graph cannot tell")),
     ("quantize", "gpt2", "ok"),
     ("distill", "gpt2", NOT_LOGITS),
     ("pack", "llama", "ok"),

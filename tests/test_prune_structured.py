@@ -1,4 +1,6 @@
-"""Structured pruning: MACs target, dependency consistency (residual, depthwise), save/load, errors."""
+"""Structured pruning: MACs target, dependency consistency (residual, depthwise, attention heads), save/load, errors."""
+from importlib.util import find_spec
+
 import pytest
 import torch
 import torch.nn as nn
@@ -96,3 +98,26 @@ def test_bad_inputs(trained_lenet5, digits_task):
     with pytest.raises(SelectorError, match="classifier"):
         sk.prune(trained_lenet5, StructuredPruneConfig(selector=Selector(include=["none.*"]), recovery="none"),
                  task=digits_task)
+
+
+@pytest.mark.skipif(find_spec("timm") is None, reason="the `models` extra (timm) is not installed")
+def test_vit_attention_keeps_its_heads_each_narrower_and_reloads(tmp_path):
+    """A timm ViT: the q/k/v projection is cut head by head (every head keeps the same, smaller size), the
+    class token and position embedding lose the same channels as the residual stream, and the file reloads."""
+    from timm.layers import Attention
+
+    from slimkit.core.task import tensor_task
+
+    torch.manual_seed(0)
+    vit = sk.zoo.external("timm:test_vit", num_classes=4).eval()
+    x = torch.randn(24, 3, 160, 160)
+    task = tensor_task("random", x[:16], torch.arange(16) % 4, x[16:], torch.arange(8) % 4, input_shape=(3, 160, 160))
+    before = [(a.num_heads, a.head_dim) for a in vit.modules() if isinstance(a, Attention)]
+    pruned = sk.prune(vit, StructuredPruneConfig(target_macs=0.7, recovery="none"), task=task)
+    after = [(a.num_heads, a.head_dim, a.qkv.out_features, a.attn_dim) for a in pruned.modules() if isinstance(a, Attention)]
+    assert [h for h, *_ in after] == [h for h, _ in before]
+    assert all(d < d0 and qkv == 3 * h * d and attn == h * d for (h, d, qkv, attn), (_, d0) in zip(after, before))
+    assert pruned.cls_token.shape[-1] == pruned.pos_embed.shape[-1] == pruned.blocks[0].norm1.normalized_shape[0]
+    loaded = sk.load(sk.save(pruned, tmp_path / "vit.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:2]), pruned(x[:2]), atol=1e-5)

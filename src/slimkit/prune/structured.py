@@ -25,6 +25,28 @@ from slimkit.prune.config import StructuredPruneConfig
 # attributes that describe a layer's channel counts; restored together with the parameter shapes
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "normalized_shape", "num_parameters", "embedding_dim", "num_channels")
+# attention layers reshape their projections into (heads, head size): the sizes they read at forward
+_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "num_attention_heads", "attention_head_size", "all_head_size")
+# (head count attribute, projection children, head size attributes to set after pruning)
+_ATTENTION = [
+    ("num_heads", ("qkv",), {"head_dim": lambda m: m.qkv.out_features // (3 * m.num_heads),  # timm ViT/DeiT/...
+                             "attn_dim": lambda m: m.qkv.out_features // 3}),
+    ("num_attention_heads", ("query", "key", "value"),  # BERT, RoBERTa, ViT (transformers)
+     {"attention_head_size": lambda m: m.query.out_features // m.num_attention_heads,
+      "all_head_size": lambda m: m.query.out_features}),
+]
+
+
+def attention_layers(model: nn.Module) -> list[tuple[nn.Module, str, tuple[nn.Linear, ...], dict]]:
+    """The attention modules whose projections the dependency graph must cut head by head: (module, the name of
+    its head count, its q/k/v projections, the head-size attributes to recompute after pruning)."""
+    found = []
+    for module in model.modules():
+        for heads, names, sizes in _ATTENTION:
+            projections = tuple(getattr(module, n, None) for n in names)
+            if isinstance(getattr(module, heads, None), int) and all(isinstance(p, nn.Linear) for p in projections):
+                found.append((module, heads, projections, sizes))
+    return found
 
 
 def _importance(kind: str):
@@ -39,22 +61,42 @@ def _importance(kind: str):
     return tp.importance.GroupTaylorImportance()
 
 
-def _check_traceable(model: nn.Module) -> None:
-    """Refuse layers holding parameters torch-pruning has no pruner for: it would silently cut their
-    last dimension. Name the first such layer."""
+def _channel_dim(shape: tuple[int, ...]) -> int | None:
+    """The dimension of a free-standing parameter that is unambiguously its channel dimension: a vector in
+    any singleton-padded shape (a ConvNeXt/LayerScale gamma, an RMSNorm weight, a (1, 1, D) class token) or a
+    (1, N, D) position embedding, whose channels are last (as every ViT stores them). None otherwise."""
+    big = [i for i, n in enumerate(shape) if n != 1]
+    if len(big) == 1:
+        return big[0]
+    if len(shape) == 3 and shape[0] == 1:
+        return 2
+    return None
+
+
+def _check_traceable(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Refuse layers holding parameters torch-pruning has no pruner for when their channel dimension is
+    ambiguous (it would silently cut their last dimension); name the first such layer. Returns the others
+    (vectors, class tokens, position embeddings) with the dimension to prune, for the dependency graph."""
     import torch_pruning as tp
 
     known = set(tp.pruner.function.PrunerBox)
+    unwrapped = []
     for name, module in model.named_modules():
-        own = [p for p, _ in module.named_parameters(recurse=False)]
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
         if not own:
             continue
         op = tp.ops.module2type(module)
-        if op not in known or op == tp.ops.OPTYPE.ELEMENTWISE:
-            raise UnsupportedLayerError(
-                f"structured pruning: layer {name or '<root>'!r} ({type(module).__name__}) holds parameters "
-                f"{own} that the dependency graph cannot prune consistently; wrap them in standard layers "
-                "(Conv/Linear/BatchNorm/LayerNorm) or use unstructured pruning")
+        if op in known and op != tp.ops.OPTYPE.ELEMENTWISE:
+            continue
+        for pname, param in own:
+            dim = _channel_dim(tuple(param.shape))
+            if dim is None:
+                raise UnsupportedLayerError(
+                    f"structured pruning: layer {name or '<root>'!r} ({type(module).__name__}) holds parameter "
+                    f"{pname!r} of shape {tuple(param.shape)} whose channel dimension the dependency graph cannot "
+                    "tell; wrap it in standard layers (Conv/Linear/BatchNorm/LayerNorm) or use unstructured pruning")
+            unwrapped.append((param, dim))
+    return unwrapped
 
 
 def _ignored_layers(model: nn.Module, config: StructuredPruneConfig) -> list[nn.Module]:
@@ -85,6 +127,9 @@ def layer_shapes(model: nn.Module) -> dict[str, dict]:
     for name, module in model.named_modules():
         tensors = {k: v for k, v in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
                    if v is not None}
+        heads = {a: getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)}
+        if heads and not tensors:
+            out[name] = {"tensors": {}, "attrs": heads}
         if not tensors:
             continue
         out[name] = {
@@ -112,11 +157,20 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
     import torch_pruning as tp
 
     example = task.example_input(1, split="train")
-    _check_traceable(model)
+    unwrapped = _check_traceable(model)
     ignored = _ignored_layers(model, config)
     steps = config.max_steps if config.target_macs is not None else 1
     # with a MACs target, ratios rise in small steps up to a ceiling; stop at the first step under it
     ratio = 0.9 if config.target_macs is not None else config.ratio
+    for name, module in model.named_modules():
+        if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
+            # (torch-pruning's dependency graph does not finish on these: refused before it starts)
+            raise UnsupportedLayerError(
+                f"structured pruning: attention {name!r} ({type(module).__name__}) with separate q/k/v projections "
+                "(Llama, Mistral, OPT, BART style; grouped key/value heads) is not supported; use prune "
+                "(unstructured), factorize or quantize")
+    attention = attention_layers(model)
+    num_heads = {p: getattr(m, heads) for m, heads, projections, _ in attention for p in projections}
     model.eval()
     try:
         base_macs = count_macs(model, example)
@@ -124,7 +178,9 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(model, example, importance=_importance(config.importance),
                                           global_pruning=config.scope == "global", pruning_ratio=ratio,
-                                          iterative_steps=steps, ignored_layers=ignored, round_to=config.round_to)
+                                          iterative_steps=steps, ignored_layers=ignored, round_to=config.round_to,
+                                          unwrapped_parameters=unwrapped, num_heads=num_heads,
+                                          prune_head_dims=True, prune_num_heads=False)
     except Exception as err:  # the forward or the tracer fails inside the user's model
         raise UnsupportedLayerError(f"structured pruning: torch-pruning cannot trace {type(model).__name__} "
                                     f"({type(err).__name__}: {err})") from None
@@ -136,6 +192,9 @@ def prune_channels(model: nn.Module, config: StructuredPruneConfig, task: Task) 
             _taylor_grads(model, task, config.taylor_batches)
         try:
             pruner.step()
+            for module, _, _, sizes in attention:  # heads keep their count, each head is narrower
+                for attr, size in sizes.items():
+                    setattr(module, attr, size(module))
             model.zero_grad(set_to_none=True)
             macs = count_macs(model, example)
             with torch.no_grad():
