@@ -113,3 +113,29 @@ def test_hf_from_a_local_config_directory_and_errors(tmp_path):
     # a file names a model type, never a directory to read
     with pytest.raises(ModelError, match="no model type"):
         build_source({"kind": "hf", "ref": str(tmp_path / "cfg"), "kwargs": {}})
+
+
+def test_timm_batchnorm_act_folds_into_its_conv_and_keeps_its_activation(tmp_path):
+    """timm's BatchNormAct2d (BN + activation in one module) folds into the preceding convolution like a
+    plain BatchNorm: no float BatchNormalization is left in the int8 file, the activation still runs, and the
+    file and the reloaded model agree with the simulation."""
+    from slimkit.core.task import tensor_task
+    from slimkit.export.runtimes import check_parity
+    from slimkit.quantize.export import onnx_op_counts
+
+    torch.manual_seed(0)
+    model = sk.zoo.external("timm:test_efficientnet", num_classes=10).eval()
+    shape = model.default_cfg["input_size"]
+    x = torch.randn(48, *shape)
+    task = tensor_task("random", x[:32], torch.arange(32) % 10, x[32:], torch.arange(16) % 10, input_shape=shape)
+    q = sk.quantize(model, sk.QuantConfig(speed_check=False, calibration_samples=32), task=task)
+    with torch.no_grad():
+        assert sk.sqnr_db(model(x), q(x)) > 15  # the activations survived the fold
+    path = sk.export(q, tmp_path / "q.onnx", example_input=x[:1])
+    ops = onnx_op_counts(path)
+    assert "BatchNormalization" not in ops and ops.get("QLinearConv", 0) >= 10
+    parity = check_parity(q, path, x)
+    assert parity["mean_abs_diff"] < 0.1 * parity["output_std"]
+    loaded = sk.load(sk.save(q, tmp_path / "q.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:4]), q(x[:4]), atol=1e-5)

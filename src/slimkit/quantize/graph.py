@@ -37,8 +37,10 @@ _ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZABLE + (ActQuant, QuantWeightLayer, QuantEmbedding)) or \
-            super().is_leaf_module(m, qualname)
+        # batch norms are leaves even when a library subclasses them (timm's BatchNormAct2d: BN + drop + act),
+        # so `fold_batchnorm` sees them after their convolution
+        return isinstance(m, QUANTIZABLE + (ActQuant, QuantWeightLayer, QuantEmbedding, nn.modules.batchnorm._BatchNorm)) \
+            or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule | None:
@@ -56,6 +58,18 @@ def _module(gm: nn.Module, node: fx.Node) -> nn.Module | None:
     return None
 
 
+def _after_norm(bn: nn.Module) -> nn.Module | None | bool:
+    """What a batch norm computes after normalizing: None for a plain one; for a subclass that adds an
+    activation (timm's BatchNormAct: `drop` then `act`), that activation (eval mode: dropout is the identity);
+    False for a subclass whose forward does something else (left unfolded)."""
+    if type(bn).forward in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward):
+        return None
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if isinstance(act, nn.Module) and isinstance(drop, (nn.Identity, nn.Dropout, type(None))):
+        return act
+    return False
+
+
 def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     """Fold BatchNorm into the preceding Conv (its sole consumer); returns the folded BN names."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -69,12 +83,18 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         conv = _module(gm, prev) if isinstance(prev, fx.Node) else None
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or len(prev.users) != 1:
             continue
+        after = _after_norm(bn)
+        if after is False:
+            continue
         w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                     bn.weight, bn.bias)
         conv.weight, conv.bias = w, b
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        set_submodule(gm, node.target, nn.Identity())
+        if after is None:
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+            set_submodule(gm, node.target, nn.Identity())
+        else:  # the norm's own activation stays where it was, as a module of its own
+            set_submodule(gm, node.target, after)
         folded.append(node.target)
     gm.graph.lint()
     gm.recompile()
