@@ -16,6 +16,8 @@ typed refusal with its reason), fail (an exception that is not a typed refusal, 
 timeout. Peers on the same model: ONNX Runtime `quantize_static` (QDQ, MinMax, per-channel) on the fp32 ONNX
 export, and Torch-Pruning's MetaPruner at 50% channels. For int8 rows, `int8_share` is the fraction of the
 conv/matmul nodes ONNX Runtime runs on integer kernels after its fusions (a node count, not MACs).
+`extra_memory_x_model`: the process's peak resident memory during the row (technique and the contract's
+save/reload checks) above what it held before, over the fp32 model's bytes (Linux VmHWM, reset per row).
 
 `--budget` stops starting new models once that much time has passed (ResNet-50 first, then the smallest
 models first); models not reached are listed. Rows and checks go to the JSON; the table prints per model and per technique.
@@ -153,6 +155,24 @@ def _peer(name, model, task, directory):
     raise ValueError(name)
 
 
+def _memory_kb(field: str) -> int | None:
+    """VmRSS / VmHWM (peak) of this process in kB (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def _worker(spec, todo, size, queue):
     """Run `todo` (technique / peer names) on one model, one JSON result per item on `queue`."""
     os.environ.setdefault("SLIMKIT_PROGRESS", "0")
@@ -171,6 +191,8 @@ def _worker(spec, todo, size, queue):
         queue.put({"start": name})
         row = {"model": spec["model"], "technique": name, "params": params, "input": list(task.input_shape)}
         t0 = time.perf_counter()
+        _reset_peak()
+        rss = _memory_kb("VmRSS")
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 if name in PEERS:
@@ -189,6 +211,9 @@ def _worker(spec, todo, size, queue):
                 row.update(status="fail", reason=f"{type(err).__name__}: {str(err)[:300]}",
                            where=traceback.format_exc().strip().splitlines()[-3][:200])
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        peak = _memory_kb("VmHWM")
+        if rss is not None and peak is not None:  # what the technique (and the contract's checks) added at peak
+            row["extra_memory_x_model"] = round((peak - rss) * 1024 / (4 * params), 2)
         queue.put(row)
 
 
@@ -261,6 +286,11 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
                             f"{len(cnn_int8) - len(low)}/{len(cnn_int8)}" + (f"; below: {', '.join(low[:8])}" if low else ""),
                             "all", not low))
     r50 = [r for r in rows if r["model"] == "torchvision:resnet50" and r["technique"] in TECHNIQUES]
+    if r50 and all("extra_memory_x_model" in r for r in r50 if r["status"] == "ok"):
+        big = [f"{r['technique']} {r['extra_memory_x_model']}x" for r in r50
+               if r["status"] == "ok" and r["extra_memory_x_model"] >= 3]
+        checks.append(check("ResNet-50: peak memory a technique adds < 3x the fp32 model", ", ".join(big) or "all < 3x",
+                            "< 3x", not big))
     if r50:
         slow = [f"{r['technique']} {r.get('seconds_apply', r['seconds'])}s" for r in r50
                 if r["status"] in ("ok", "timeout") and (r.get("seconds_apply") or r["seconds"]) >= 60]
