@@ -71,6 +71,15 @@ def test_dynamic_int8_linear(trained_mlp, tmp_path):
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-2 * parity["output_std"]
     ops = onnx_op_counts(path)
     assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 3
+    assert not any("dynamic mode:" in n for n in q.slimkit_notes)  # no convolution: nothing to warn about
+
+
+def test_dynamic_mode_says_its_convolutions_run_in_float(trained_lenet5, digits_task, tmp_path):
+    q = sk.quantize(trained_lenet5, QuantConfig(mode="dynamic", speed_check=False))
+    assert any("dynamic mode: 2 convolution(s) store int8 weights but run as dequantize + float" in n
+               for n in q.slimkit_notes)
+    ops = onnx_op_counts(export_quantized(q, tmp_path / "dyn.onnx", digits_task.example_input(1)))
+    assert ops.get("DequantizeLinear", 0) == 2 and "ConvInteger" not in ops and "QLinearConv" not in ops
 
 
 class _ThreeProjections(nn.Module):

@@ -26,7 +26,7 @@ from slimkit.quantize.gptq import gptq
 from slimkit.quantize.blame import blame, float_layer_weights, format_blame
 from slimkit.quantize.config import QuantConfig
 from slimkit.quantize.embedding import QuantEmbedding
-from slimkit.quantize.modules import ActQuant, QuantWeightLayer, deployable, nbits_exportable
+from slimkit.quantize.modules import ActQuant, QuantConv, QuantWeightLayer, deployable, nbits_exportable
 from slimkit.quantize.report import blame_section
 
 
@@ -128,6 +128,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
         notes.append("kept in float (not quantizable or excluded): " + ", ".join(kept))
     if structure["folded_bn"]:
         notes.append(f"folded {len(structure['folded_bn'])} BatchNorm layers into the preceding convolutions")
+    convs = [n for n, m in layers.items() if isinstance(m, QuantConv)]
+    if config.mode == "dynamic" and convs:
+        notes.append(f"dynamic mode: {len(convs)} convolution(s) store int8 weights but run as dequantize + float "
+                     "convolution (ONNX Runtime has no dynamically quantized convolution kernel): the file is "
+                     "smaller, those layers are not faster; mode='static' runs them on int8 kernels")
     if structure["mode"] == "module" and config.mode == "static":
         notes.append("the model could not be traced with torch.fx: activations are quantized at each layer's input "
                      "only, so ONNX Runtime may run some layers in float")
