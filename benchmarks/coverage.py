@@ -15,7 +15,8 @@ new one goes on with the next technique, so a hang or a crash costs only its own
 typed refusal with its reason), fail (an exception that is not a typed refusal, or a broken contract) and
 timeout. Peers on the same model: ONNX Runtime `quantize_static` (QDQ, MinMax, per-channel) on the fp32 ONNX
 export, and Torch-Pruning's MetaPruner at 50% channels. For int8 rows, `int8_share` is the fraction of the
-conv/matmul nodes ONNX Runtime runs on integer kernels after its fusions (a node count, not MACs).
+conv/linear nodes (those with a weight tensor) ONNX Runtime runs on integer kernels after its fusions (a node
+count, not MACs; attention's activation x activation matmuls are not counted).
 `extra_memory_x_model`: the process's peak resident memory during the row (technique and the contract's
 save/reload checks) above what it held before, over the fp32 model's bytes (Linux VmHWM, reset per row).
 
@@ -62,10 +63,21 @@ FLOAT_OPS = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", 
 
 
 def int8_share(path) -> float | None:
-    from slimkit.quantize.export import onnx_op_counts
+    """Of the conv/linear nodes (a weight tensor among their inputs) ONNX Runtime runs after its fusions, the
+    fraction on integer kernels. Attention's activation x activation matmuls are not counted (no weights)."""
+    import onnx
+    import onnxruntime as ort
 
-    ops = onnx_op_counts(path)
-    int8, fp = sum(ops.get(o, 0) for o in INT8_OPS), sum(ops.get(o, 0) for o in FLOAT_OPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    weights = {t.name for t in graph.initializer}
+    int8 = sum(n.op_type in INT8_OPS for n in graph.node)
+    fp = sum(n.op_type in FLOAT_OPS and any(i in weights for i in n.input) for n in graph.node)
     return int8 / (int8 + fp) if int8 + fp else None
 
 
