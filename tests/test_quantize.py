@@ -609,3 +609,39 @@ def test_cli_quantize_blame(tmp_path, trained_lenet5):
     assert {r["kind"] for r in json.loads((tmp_path / "w" / "blame.json").read_text())["rows"]} == {"weights"}
     assert main(["quantize", str(model), "--weight-type", "int99", "--blame", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()  # a bad option: one line, exit 2, nothing written
+
+
+class _Untraceable(nn.Module):
+    """fx cannot trace the shape-dependent branch: quantization falls back to wrapping layers in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.shape[0] > 0:
+            x = self.b(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_cnn_runs_its_convolutions_on_int8_kernels(digits_task, tmp_path):
+    """Without an fx graph each convolution also quantizes its own output, so ONNX Runtime fuses every one
+    into QLinearConv (with input quantizers only they all ran in float); file and reload match the simulation."""
+    from slimkit.core.state import set_source
+
+    torch.manual_seed(0)
+    model = set_source(_Untraceable().eval(), "factory", f"{__name__}:_Untraceable")
+    q = sk.quantize(model, QuantConfig(speed_check=False, calibration_samples=64), task=digits_task)
+    assert any("could not be traced" in n for n in q.slimkit_notes)
+    x = digits_task.example_input(64)
+    path = export_quantized(q, tmp_path / "q.onnx", x[:1])
+    ops = onnx_op_counts(path)
+    assert ops.get("QLinearConv", 0) == 2 and "Conv" not in ops
+    parity = check_parity(q, path, x)
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-3 * parity["output_std"]
+    loaded = sk.load(sk.save(q, tmp_path / "q.safetensors"), trust_factory=True)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), q(x), atol=1e-6)

@@ -135,7 +135,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, task=None, 
                      "smaller, those layers are not faster; mode='static' runs them on int8 kernels")
     if structure["mode"] == "module" and config.mode == "static":
         notes.append("the model could not be traced with torch.fx: activations are quantized at each layer's input "
-                     "only, so ONNX Runtime may run some layers in float")
+                     "and each convolution's output (no BatchNorm folding, no quantizer shared between layers), so "
+                     "ONNX Runtime runs the layers on int8 kernels with extra quantize/dequantize steps between them")
     simulated = False
     act = config.activation_spec()
     nbits = [n for n, m in layers.items() if nbits_exportable(m)]

@@ -44,7 +44,9 @@ def _where(model: nn.Module) -> dict[str, str]:
                 out[node.target] = f"{_node_name(node.args[0])} -> {users}"
     for name, m in model.named_modules():
         if isinstance(m, ActQuant) and name not in out:
-            out[name] = f"input of {name.rsplit('.', 1)[0]}" if name.endswith(".input_owned") else name
+            owner = name.rsplit(".", 1)[0]
+            out[name] = f"input of {owner}" if name.endswith(".input_owned") else \
+                f"output of {owner}" if name.endswith(".output_owned") else name
     return out
 
 

@@ -9,7 +9,8 @@
    (max-pool, flatten, reshape, dropout) so the quantizer sits on the tensor those ops propagate.
 
 Models fx cannot trace (e.g. Hugging Face transformers) fall back to wrapping layers in place;
-static activations are then quantized at each layer's input only (noted in the result).
+static activations are then quantized at each layer's input, and at each convolution's output too (ONNX
+Runtime fuses a convolution into its int8 kernel only between quantize nodes), noted in the result.
 The same function rebuilds the architecture on load (`restore`), so it must stay deterministic.
 """
 from __future__ import annotations
@@ -218,11 +219,14 @@ def prepare(model: nn.Module, *, weight_specs: dict[str, nq.QuantSpec], act_spec
             gm.recompile()
             structure["activations"] = _insert_act_quant(gm, wrapped, act_spec, quantize_output)
         else:
-            for name, q in wrapped.items():  # fallback: each layer quantizes its own input
+            for name, q in wrapped.items():  # fallback: each layer quantizes its own input (and a conv its output)
                 aq = ActQuant(act_spec, name + ".input")
                 q.input_owned = aq
                 q.link_input(aq)
                 structure["activations"].append(name + ".input_owned")
+                if isinstance(q, QuantConv):
+                    q.output_owned = ActQuant(act_spec, name + ".output")
+                    structure["activations"].append(name + ".output_owned")
     return root, structure
 
 

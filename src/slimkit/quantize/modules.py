@@ -257,6 +257,8 @@ class QuantWeightLayer(nn.Module):
         self.enabled = True
         self.round_offset: torch.Tensor | None = None  # AdaRound: soft rounding while learning
         self.input_owned: ActQuant | None = None  # input quantizer when the graph could not be traced
+        # and (convolutions) the output quantizer then: without one after it, ONNX Runtime runs the conv in float
+        self.output_owned: ActQuant | None = None
         self.pt2_weight_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point) while frozen
         self.pt2_float_output = False  # see freeze_for_pt2
 
@@ -465,8 +467,10 @@ class QuantConv(QuantWeightLayer):
         if self.input_owned is not None:
             x = self.input_owned(x)
         if (_EXPORTING or _PT2) and self.enabled and deployable(self.spec):
-            return conv_forward(self.layer, self._input_for_export(x), self._weight_for_export(), self._export_bias())
-        return conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
+            y = conv_forward(self.layer, self._input_for_export(x), self._weight_for_export(), self._export_bias())
+        else:
+            y = conv_forward(self.layer, x, self.quantized_weight(), self.quantized_bias())
+        return self.output_owned(y) if self.output_owned is not None else y
 
 
 class QuantLinear(QuantWeightLayer):
