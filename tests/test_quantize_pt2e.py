@@ -85,3 +85,36 @@ def test_cli_backend_pt2e(tmp_path, capsys):
     code = main(["quantize", "zoo:lenet5", "--backend", "tflite", "--out", str(out)])
     printed = capsys.readouterr()
     assert code != 0 and "--backend" in printed.err and "Traceback" not in printed.err
+
+
+class _SharedRelu(torch.nn.Module):
+    """A residual block that calls one ReLU module twice, as torchvision's ResNet blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.relu(self.conv1(x))
+        y = self.relu(self.conv2(y) + y)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_module_called_twice_is_quantized_and_reloads(digits_task, tmp_path):
+    """Each call of the shared ReLU is its own source for the quantizer's pattern matcher (else torchao
+    refuses: "Input partition has more than one output node"); both convolutions run int8 kernels."""
+    from slimkit.core.state import set_source
+    from slimkit.quantize import quantize_pt2e
+
+    torch.manual_seed(0)
+    model = set_source(_SharedRelu().eval(), "factory", f"{__name__}:_SharedRelu")
+    q = quantize_pt2e(model, task=digits_task, calibration_samples=32)
+    kernels = q.kernels()
+    assert sum(v for k, v in kernels.items() if "qconv" in k) == 2
+    x = digits_task.example_input(8)
+    with torch.no_grad():
+        assert slimkit.sqnr_db(model(x), q(x)) > 20
+        loaded = slimkit.load(slimkit.save(q, tmp_path / "q.safetensors"), trust_factory=True)
+        assert torch.allclose(loaded(x), q(x), atol=1e-5)

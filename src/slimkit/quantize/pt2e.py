@@ -62,6 +62,45 @@ def _torchao():
     return prepare_pt2e, convert_pt2e, quantizer
 
 
+def _split_repeated_calls(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """A module called more than once (torchvision's Bottleneck calls one `self.relu` three times) leaves its
+    calls under one module path, and the quantizer's pattern matcher (`get_source_partitions`, which groups
+    nodes by that path) then sees one "partition" with several outputs and gives up. Each call is a connected
+    group of nodes: record each as a source of its own (`source_fn_stack`, which the matcher reads first)."""
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or node.meta.get("source_fn_stack") or not stack:
+            continue
+        fqn = list(stack.values())[-1][0]
+        groups.setdefault(fqn, []).append(node)
+    for fqn, nodes in groups.items():
+        parent = {n: n for n in nodes}
+
+        def root(n):
+            while parent[n] is not n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for n in nodes:
+            for inp in n.all_input_nodes:
+                if inp in parent:
+                    parent[root(n)] = root(inp)
+        calls: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for n in nodes:
+            calls.setdefault(root(n), []).append(n)
+        if len(calls) < 2:
+            continue
+        try:
+            cls = type(model.get_submodule(fqn))
+        except AttributeError:
+            continue
+        for i, call in enumerate(calls.values()):
+            for n in call:
+                n.meta["source_fn_stack"] = [(f"{fqn}__call{i}", cls)]
+
+
 def _capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """The model with torchao's observers inserted (not yet calibrated)."""
     prepare_pt2e, _, quantizer = _torchao()
@@ -70,6 +109,7 @@ def _capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
             warnings.simplefilter("ignore")
             exported = torch.export.export(model.eval(), (example,),
                                            dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+        _split_repeated_calls(exported, model)
     except Exception as err:
         raise ModelError(f"torch.export cannot capture {type(model).__name__} for PT2E quantization: "
                          f"{str(err).splitlines()[0]}") from None
