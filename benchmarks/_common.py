@@ -95,11 +95,12 @@ def run_parts(parts: dict[str, Callable[[], None]], requested: list[str], checks
 
 
 def write_result(out: str | Path, benchmark: str, env: dict[str, Any], rows: list[dict[str, Any]],
-                 checks: list[dict[str, Any]]) -> Path:
-    """Write the benchmark JSON atomically and print the checks."""
+                 checks: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write the benchmark JSON atomically and print the checks. `extra`: more top-level keys (e.g. the
+    detailed rows a summary table was made from)."""
     from slimkit.core.io import write_text
 
-    result = {"benchmark": benchmark, "environment": env, "rows": rows, "checks": checks}
+    result = {"benchmark": benchmark, "environment": env, "rows": rows, "checks": checks, **extra}
     path = write_text(out, json.dumps(result, indent=2, default=str))
     print_table(checks, ["name", "value", "target", "ok"], title="checks")
     print(f"\nwrote {path}")

@@ -52,6 +52,7 @@ CURRENT = [
      "by nas-final15.json and nas-latency-table.json above; its workers, resume and bad-input checks are current."),
     ("nas", "nas-80trials.json", None, "nas.json's search with 80 trials (session 4 protocol)."),
     ("auto", "auto.json", f"{PY}auto.py --out benchmarks/results/auto.json"),
+    ("coverage", "coverage.json", f"{PY}coverage.py --budget 55m --cap 90 --out benchmarks/results/coverage.json"),
     ("auto", "auto-glyphs.json", f"{PY}auto.py --data glyphs:10000 --time-budget 10m --presets '' --out benchmarks/results/auto-glyphs.json"),
 ]
 
