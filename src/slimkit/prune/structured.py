@@ -26,7 +26,8 @@ from slimkit.prune.config import StructuredPruneConfig
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "normalized_shape", "num_parameters", "embedding_dim", "num_channels")
 # attention layers reshape their projections into (heads, head size): the sizes they read at forward
-_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "num_attention_heads", "attention_head_size", "all_head_size")
+_HEAD_ATTRS = ("num_heads", "head_dim", "attn_dim", "num_attention_heads", "attention_head_size", "all_head_size",
+               "n_heads", "dim")
 # (head count attribute, projection children, head size attributes to set after pruning)
 _ATTENTION = [
     ("num_heads", ("qkv",), {"head_dim": lambda m: m.qkv.out_features // (3 * m.num_heads),  # timm ViT/DeiT/...
@@ -34,6 +35,8 @@ _ATTENTION = [
     ("num_attention_heads", ("query", "key", "value"),  # BERT, RoBERTa, ViT (transformers)
      {"attention_head_size": lambda m: m.query.out_features // m.num_attention_heads,
       "all_head_size": lambda m: m.query.out_features}),
+    ("n_heads", ("q_lin", "k_lin", "v_lin"),  # DistilBERT
+     {"attention_head_size": lambda m: m.q_lin.out_features // m.n_heads, "dim": lambda m: m.q_lin.out_features}),
 ]
 
 
