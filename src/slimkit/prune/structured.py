@@ -138,8 +138,8 @@ def layer_shapes(model: nn.Module) -> dict[str, dict]:
         out[name] = {
             "tensors": {k: [list(v.shape), str(v.dtype).replace("torch.", ""), isinstance(v, nn.Parameter)]
                         for k, v in tensors.items()},
-            "attrs": {a: (list(getattr(module, a)) if isinstance(getattr(module, a), tuple) else getattr(module, a))
-                      for a in _SHAPE_ATTRS if hasattr(module, a)},
+            "attrs": {**{a: (list(getattr(module, a)) if isinstance(getattr(module, a), tuple) else getattr(module, a))
+                         for a in _SHAPE_ATTRS if hasattr(module, a)}, **heads},
         }
     return out
 
