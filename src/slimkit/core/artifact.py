@@ -269,8 +269,9 @@ def load(path: str | Path, *, map_location: str = "cpu", trust_factory: bool = F
     aliases = manifest.get("aliases") or {}
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise ArtifactError(f"{path}: the manifest's aliases are not a mapping of tensor names")
+    expected = model.state_dict()
     for name, stored in aliases.items():  # tensors the saved model shared; the rebuilt one may not
-        if name not in tensors and stored in tensors:
+        if name in expected and name not in tensors and stored in tensors:
             tensors[name] = tensors[stored]
     load_weights(model, tensors, origin=str(path))
     return model.eval()
