@@ -73,6 +73,32 @@ def test_factory_model_round_trip(tmp_path):
     assert torch.allclose(model(x), loaded(x))
 
 
+def test_weights_tied_after_building_reload(tmp_path):
+    """Tensors the saved model shares (tied after it was built, so the factory's model does not share them) are
+    stored once, recorded as aliases, and both names are filled on load."""
+    from tests.helpers_factory import tiny_net
+
+    model = tiny_net(hidden=10)
+    shared = torch.nn.Linear(10, 10)
+    model.insert(3, shared)
+    model.insert(4, shared)  # the same layer twice: its tensors appear under two names
+    path = slimkit.save(model, tmp_path / "t.safetensors", factory=_tied_factory, factory_kwargs={})
+    assert slimkit.core.artifact.read_manifest(path)["aliases"] == {"4.weight": "3.weight", "4.bias": "3.bias"}
+    loaded = slimkit.load(path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x))
+
+
+def _tied_factory():
+    from tests.helpers_factory import tiny_net
+
+    net = tiny_net(hidden=10)
+    net.insert(3, torch.nn.Linear(10, 10))
+    net.insert(4, torch.nn.Linear(10, 10))  # built untied
+    return net
+
+
 def test_save_unknown_architecture_asks_for_factory(tmp_path):
     with pytest.raises(ModelError, match="factory="):
         slimkit.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
