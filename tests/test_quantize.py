@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import slimkit as sk
 from slimkit.core.trainer import accuracy
@@ -645,3 +646,28 @@ def test_untraceable_cnn_runs_its_convolutions_on_int8_kernels(digits_task, tmp_
     loaded = sk.load(sk.save(q, tmp_path / "q.safetensors"), trust_factory=True)
     with torch.no_grad():
         assert torch.allclose(loaded(x), q(x), atol=1e-6)
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout as a function of `self.training`, as timm's classifiers do (fx bakes the flag in when tracing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+def test_a_traced_model_reloads_in_eval_mode(digits_task, tmp_path):
+    """The reloaded architecture is built (in training mode) and traced again: it must trace as evaluated, or
+    the file's dropout would be on."""
+    from slimkit.core.state import set_source
+
+    model = set_source(_FunctionalDropout().eval(), "factory", f"{__name__}:_FunctionalDropout")
+    q = sk.quantize(model, QuantConfig(speed_check=False, calibration_samples=32), task=digits_task)
+    loaded = sk.load(sk.save(q, tmp_path / "q.safetensors"), trust_factory=True)
+    x = digits_task.example_input(16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x)) and torch.equal(loaded(x), loaded(x))

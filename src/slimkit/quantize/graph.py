@@ -45,7 +45,10 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule | None:
-    """fx GraphModule of `model`, or None when it cannot be traced symbolically."""
+    """fx GraphModule of `model` in eval mode, or None when it cannot be traced symbolically. (fx bakes
+    `self.training` into functional calls such as `F.dropout(training=...)`: a model rebuilt for loading is
+    in training mode, and tracing it so would give a file that reloads with dropout on.)"""
+    model.eval()
     try:
         graph = _Tracer().trace(model)
     except Exception:  # data-dependent control flow, unsupported builtins, ...
