@@ -65,16 +65,9 @@ FLOAT_OPS = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", 
 def int8_share(path) -> float | None:
     """Of the conv/linear nodes (a weight tensor among their inputs) ONNX Runtime runs after its fusions, the
     fraction on integer kernels. Attention's activation x activation matmuls are not counted (no weights)."""
-    import onnx
-    import onnxruntime as ort
+    from slimkit.quantize.export import optimized_graph
 
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opts.optimized_model_filepath).graph
+    graph = optimized_graph(path)
     weights = {t.name for t in graph.initializer}
     int8 = sum(n.op_type in INT8_OPS for n in graph.node)
     fp = sum(n.op_type in FLOAT_OPS and any(i in weights for i in n.input) for n in graph.node)

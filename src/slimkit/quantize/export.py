@@ -40,20 +40,27 @@ def check_parity(model: nn.Module, path: str | Path, example_input: Any, threads
     return runtime_parity(model, path, example_input, threads)
 
 
-def onnx_op_counts(path: str | Path, *, optimized: bool = True) -> dict[str, int]:
-    """Node types of the graph ONNX Runtime actually runs (after its QDQ fusions) or of the file."""
-    import collections
+def optimized_graph(path: str | Path):
+    """The onnx GraphProto ONNX Runtime actually runs for `path` (after its fusions, e.g. QDQ into int8 kernels)."""
     import tempfile
 
     import onnx
     import onnxruntime as ort
 
-    if not optimized:
-        return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         opts.log_severity_level = 3
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return dict(collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node))
+        return onnx.load(opts.optimized_model_filepath).graph
+
+
+def onnx_op_counts(path: str | Path, *, optimized: bool = True) -> dict[str, int]:
+    """Node types of the graph ONNX Runtime actually runs (after its QDQ fusions) or of the file."""
+    import collections
+
+    import onnx
+
+    graph = optimized_graph(path) if optimized else onnx.load(str(path)).graph
+    return dict(collections.Counter(n.op_type for n in graph.node))
